@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make demo` (the end-to-end demo on the real model) and
+# `make test` (the test suite). Both create .venv and install what they need.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+.PHONY: setup services demo test lint bench
+
+setup:
+	@scripts/bootstrap.sh
+
+services:
+	@scripts/services.sh
+
+demo: setup
+	@. $(VENV)/bin/activate && HF_HUB_OFFLINE=1 layerwatch demo
+
+test: setup services
+	@. $(VENV)/bin/activate && HF_HUB_OFFLINE=1 PATH="$$PWD/.tools:$$PATH" python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: setup
+	@. $(VENV)/bin/activate && ruff check monitor tests benchmarks && mypy monitor
+
+bench: setup services
+	@. $(VENV)/bin/activate && HF_HUB_OFFLINE=1 python -m benchmarks.run_all
