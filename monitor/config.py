@@ -1,0 +1,76 @@
+"""Configuration: pydantic settings are the only place the environment is read.
+
+* :class:`TapSettings`: ``LAYERWATCH_TAP_*`` (inside the inference server).
+* Sidecar settings live in :mod:`monitor.sidecar.config` (``LAYERWATCH_*``), built on the
+  helpers here.
+
+Errors are raised as :class:`~monitor.errors.ConfigError` with the field named, at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from monitor.errors import ConfigError
+
+PositionsMode = Literal["last", "all", "mean", "generated"]
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the field (with its env-var spelling when given)."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        env = f" (env {prefix}{loc.upper().replace('.', '__')})" if prefix and err["loc"] else ""
+        lines.append(f"{loc}{env}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def build_settings(cls: type[S], prefix: str, **overrides: Any) -> S:
+    """Instantiate a settings class, turning validation errors into a ConfigError naming fields."""
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, prefix)) from None
+
+
+class TapSettings(BaseSettings):
+    """How the tap samples and ships hidden states. Env: ``LAYERWATCH_TAP_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LAYERWATCH_TAP_", extra="forbid")
+
+    sample_rate: float = Field(0.01, ge=0.0, le=1.0, description="Fraction of requests sampled (deterministic by request id).")
+    transport: str = Field("memory://default", description="memory://NAME, redis://HOST:PORT/DB or rediss://...")
+    stream: str = Field("layerwatch:samples", min_length=1, description="Stream (Redis key) samples are published to.")
+    stream_maxlen: int = Field(10_000, ge=100, description="Approximate bound of the stream (older entries are trimmed).")
+    model_name: str | None = Field(None, description="Model label in metrics and records (default: the model's name_or_path).")
+    layers: Literal["all"] | list[int] = Field("all", description="States to capture: 'all' or a list of indices (state N is always added).")
+    positions: PositionsMode = Field("last", description="last prompt token | all prompt tokens (up to max_positions) | mean over them | each generated token (up to max_positions).")
+    max_positions: int = Field(32, ge=1, le=4096, description="Cap on positions per sample for 'all' and 'generated'.")
+    max_samples_per_s: float | None = Field(None, gt=0, description="Per-process budget of sampled requests per second (token bucket); None = unlimited.")
+    queue_max_items: int = Field(256, ge=1, description="Bound of the export queue in samples.")
+    queue_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Bound of the export queue in bytes of captured tensors.")
+    export_batch: int = Field(32, ge=1, description="Samples per publish call.")
+    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest encoded sample; bigger ones are dropped (encode_error).")
+    final_topk: int = Field(5, ge=1, le=100, description="How many of the model's own top tokens ride in each header.")
+    backoff_initial_s: float = Field(0.5, gt=0, description="First wait after a transport failure; doubles up to backoff_max_s.")
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between reconnection attempts.")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve the tap's /metrics on this port (for servers without their own /metrics).")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_non_negative(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> TapSettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        return self
