@@ -1,0 +1,457 @@
+"""Baselines: what normal layer narratives look like, as a versioned, JSON-serialisable object.
+
+A baseline is built from the readings of normal traffic (a window of live samples, or a text
+corpus run through the model). The samples are split once, at random with a fixed seed:
+
+* the *fit* split estimates the compact feature vector's mean and Ledoit-Wolf shrunk covariance;
+* the held-out *calibration* split gives the anomaly scores that turn a new sample's score into a
+  conformal p-value (``p < alpha`` then means a false-positive rate of at most ``alpha``);
+* all samples give the descriptive statistics: per-layer quantiles of entropy, KL to final, lens
+  confidence and final-top-1 rank, the prediction-depth histogram, probe label shares per layer,
+  and the reference bin counts of the window tests.
+
+Identity: ``id`` is a hash of the content (everything but ``id`` and ``created_at``), so the same
+samples give the same id. A baseline names the lens bundle and the model fingerprint it was built
+for and :meth:`Baseline.check_compatible` refuses any other.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from monitor.drift.features import (
+    GLOBAL_FEATURES,
+    READINGS,
+    FeatureLayout,
+    ReadingArrays,
+    feature_layout,
+    feature_matrix,
+)
+from monitor.drift.stats import Mahalanobis, bin_counts
+from monitor.errors import BaselineError
+
+SCHEMA_VERSION = 1
+MIN_SAMPLES = 400  # fit split large enough for a stable covariance, >= 120 calibration scores
+QUANTILE_LEVELS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
+WINDOW_BIN_LEVELS = tuple(i / 10 for i in range(1, 10))  # decile bins for the window tests
+
+
+def _enc(a: np.ndarray, dtype: str = "float64") -> dict[str, Any]:
+    """A numpy array as JSON: dtype, shape and base64 of the little-endian bytes (never pickle)."""
+    arr = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<"))
+    return {"dtype": dtype, "shape": list(arr.shape), "b64": base64.b64encode(arr.tobytes()).decode()}
+
+
+def _dec(d: dict[str, Any]) -> np.ndarray:
+    dtype = np.dtype(str(d["dtype"])).newbyteorder("<")
+    raw = base64.b64decode(d["b64"])
+    return np.frombuffer(raw, dtype=dtype).reshape(d["shape"]).astype(np.dtype(str(d["dtype"])))
+
+
+@dataclass(frozen=True)
+class WindowReference:
+    """Reference bins of one window test at one layer: interior edges and baseline counts."""
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Statistics of normal layer narratives for one model and one lens bundle."""
+
+    id: str
+    created_at: str
+    model: str
+    model_fingerprint: str
+    bundle_id: str
+    source: str
+    layers: tuple[int, ...]
+    probe_labels: dict[str, tuple[str, ...]]
+    n_samples: int
+    n_fit: int
+    n_calibration: int
+    layout: FeatureLayout
+    detector: Mahalanobis
+    calibration_scores: np.ndarray  # sorted squared distances of the calibration split
+    quantiles: dict[str, np.ndarray]  # reading -> [L, Q]; global feature -> [Q]
+    window_bins: dict[str, tuple[WindowReference, ...]]  # reading -> per layer; "prediction_depth" -> (one,)
+    depth_histogram: dict[int, int]
+    probe_counts: dict[str, np.ndarray]  # probe -> [L, C] argmax label counts
+    quantile_levels: tuple[float, ...] = QUANTILE_LEVELS
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # --- derived ----------------------------------------------------------------------------
+    def probe_shares(self, probe: str) -> np.ndarray:
+        """Argmax label shares [L, C] of one probe in the baseline."""
+        c = self.probe_counts[probe].astype(np.float64)
+        return c / np.maximum(c.sum(axis=1, keepdims=True), 1.0)
+
+    def quantile(self, reading: str, level: float) -> np.ndarray:
+        """The baseline's quantile at ``level`` (one of ``quantile_levels``) per layer, or scalar."""
+        try:
+            i = self.quantile_levels.index(level)
+        except ValueError as exc:
+            raise BaselineError(f"quantile level {level} is not stored (have {self.quantile_levels})") from exc
+        return np.asarray(self.quantiles[reading])[..., i]
+
+    def check_compatible(self, *, bundle_id: str | None = None, model_fingerprint: str | None = None) -> None:
+        """Refuse to score with a baseline built for another lens bundle or model."""
+        if model_fingerprint is not None and model_fingerprint != self.model_fingerprint:
+            raise BaselineError(
+                f"baseline {self.id} was built for model {self.model_fingerprint}, but the served "
+                f"model is {model_fingerprint}; build a baseline for this model "
+                "(`layerwatch baseline build`) or run in learning mode"
+            )
+        if bundle_id is not None and bundle_id != self.bundle_id:
+            raise BaselineError(
+                f"baseline {self.id} was built with lens bundle {self.bundle_id}, but the sidecar "
+                f"runs bundle {bundle_id}; readings of different lenses are not comparable: build "
+                "a baseline with this bundle or run in learning mode"
+            )
+
+    def check_readings(self, a: ReadingArrays) -> None:
+        """Refuse readings whose layers or probes differ from the baseline's."""
+        if a.layers != self.layers:
+            raise BaselineError(
+                f"readings cover layers {list(a.layers)}, baseline {self.id} covers {list(self.layers)}"
+            )
+        have = {k: tuple(v) for k, v in a.probe_labels.items()}
+        if set(have) != set(self.probe_labels) or any(
+            a.probes[p].shape[-1] != len(self.probe_labels[p]) for p in self.probe_labels
+        ):
+            raise BaselineError(
+                f"readings carry probes {have}, baseline {self.id} expects {dict(self.probe_labels)}"
+            )
+
+    # --- JSON -------------------------------------------------------------------------------
+    def _content(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            "bundle_id": self.bundle_id,
+            "source": self.source,
+            "layers": list(self.layers),
+            "probe_labels": {k: list(v) for k, v in sorted(self.probe_labels.items())},
+            "n_samples": self.n_samples,
+            "n_fit": self.n_fit,
+            "n_calibration": self.n_calibration,
+            "features": {
+                "names": list(self.layout.names),
+                "layer_of": list(self.layout.layer_of),
+                "reading_of": list(self.layout.reading_of),
+                "mean": self.detector.mean.tolist(),
+                "scale": self.detector.scale.tolist(),
+                "active": [bool(x) for x in self.detector.active],
+                "shrinkage": self.detector.shrinkage,
+                "precision": _enc(self.detector.precision, "float32"),
+            },
+            "calibration_scores": self.calibration_scores.tolist(),
+            "quantile_levels": list(self.quantile_levels),
+            "quantiles": {k: np.asarray(v).tolist() for k, v in sorted(self.quantiles.items())},
+            "window_bins": {
+                k: [{"edges": list(r.edges), "counts": list(r.counts)} for r in refs]
+                for k, refs in sorted(self.window_bins.items())
+            },
+            "prediction_depth_histogram": {str(k): v for k, v in sorted(self.depth_histogram.items())},
+            "probe_counts": {k: v.astype(int).tolist() for k, v in sorted(self.probe_counts.items())},
+            "extra": self.extra,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document stored in Redis and on disk."""
+        return {"id": self.id, "created_at": self.created_at, **self._content()}
+
+    def dumps(self) -> str:
+        """Compact JSON text."""
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Baseline:
+        """Parse a stored baseline; refuses unknown schema versions and tampered content."""
+        try:
+            version = int(doc.get("schema_version", -1))
+            if version != SCHEMA_VERSION:
+                raise BaselineError(
+                    f"baseline schema version {version} is not supported (this layerwatch reads "
+                    f"{SCHEMA_VERSION}); rebuild the baseline"
+                )
+            f = doc["features"]
+            layout = FeatureLayout(
+                tuple(f["names"]), tuple(int(x) for x in f["layer_of"]), tuple(f["reading_of"])
+            )
+            det = Mahalanobis(
+                mean=np.asarray(f["mean"], dtype=np.float64),
+                scale=np.asarray(f["scale"], dtype=np.float64),
+                active=np.asarray(f["active"], dtype=bool),
+                precision=_dec(f["precision"]).astype(np.float64),
+                shrinkage=float(f["shrinkage"]),
+            )
+            bl = cls(
+                id=str(doc["id"]),
+                created_at=str(doc["created_at"]),
+                model=str(doc["model"]),
+                model_fingerprint=str(doc["model_fingerprint"]),
+                bundle_id=str(doc["bundle_id"]),
+                source=str(doc.get("source", "")),
+                layers=tuple(int(x) for x in doc["layers"]),
+                probe_labels={k: tuple(v) for k, v in doc["probe_labels"].items()},
+                n_samples=int(doc["n_samples"]),
+                n_fit=int(doc["n_fit"]),
+                n_calibration=int(doc["n_calibration"]),
+                layout=layout,
+                detector=det,
+                calibration_scores=np.asarray(doc["calibration_scores"], dtype=np.float64),
+                quantiles={k: np.asarray(v, dtype=np.float64) for k, v in doc["quantiles"].items()},
+                window_bins={
+                    k: tuple(
+                        WindowReference(tuple(float(e) for e in r["edges"]), tuple(int(c) for c in r["counts"]))
+                        for r in refs
+                    )
+                    for k, refs in doc["window_bins"].items()
+                },
+                depth_histogram={int(k): int(v) for k, v in doc["prediction_depth_histogram"].items()},
+                probe_counts={k: np.asarray(v, dtype=np.int64) for k, v in doc["probe_counts"].items()},
+                quantile_levels=tuple(float(x) for x in doc["quantile_levels"]),
+                schema_version=version,
+                extra=dict(doc.get("extra", {})),
+            )
+        except BaselineError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BaselineError(f"baseline document is malformed ({type(exc).__name__}: {exc})") from exc
+        if _content_id(bl._content()) != bl.id:
+            raise BaselineError(
+                f"baseline {bl.id}: content does not match its id (edited or corrupted); rebuild it"
+            )
+        return bl
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> Baseline:
+        """Parse JSON text."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BaselineError(f"baseline is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise BaselineError("baseline JSON must be an object")
+        return cls.from_json(doc)
+
+    def summary(self) -> dict[str, Any]:
+        """A small human-oriented view (``layerwatch baseline show``)."""
+        depth_total = max(1, sum(self.depth_histogram.values()))
+        depth_sorted = sorted(self.depth_histogram.items())
+        acc = 0
+        median_depth = depth_sorted[-1][0] if depth_sorted else None
+        for k, v in depth_sorted:
+            acc += v
+            if acc >= depth_total / 2:
+                median_depth = k
+                break
+        return {
+            "id": self.id,
+            "created_at": self.created_at,
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            "bundle_id": self.bundle_id,
+            "source": self.source,
+            "n_samples": self.n_samples,
+            "n_fit": self.n_fit,
+            "n_calibration": self.n_calibration,
+            "layers": f"{self.layers[0]}..{self.layers[-1]} ({len(self.layers)})",
+            "features": f"{self.detector.n_active} active of {self.layout.size}",
+            "shrinkage": round(self.detector.shrinkage, 4),
+            "median_prediction_depth": median_depth,
+            "entropy_median_by_layer": [round(float(x), 3) for x in self.quantile("entropy", 0.5)],
+            "kl_to_final_median_by_layer": [round(float(x), 3) for x in self.quantile("kl_to_final", 0.5)],
+            "probes": {
+                p: {
+                    "labels": list(lbls),
+                    "top_label_by_layer": [lbls[int(i)] for i in self.probe_shares(p).argmax(axis=1)],
+                }
+                for p, lbls in self.probe_labels.items()
+            },
+        }
+
+
+def _content_id(content: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return "bl-" + digest[:16]
+
+
+def _window_reference(values: np.ndarray) -> WindowReference:
+    edges = np.unique(np.quantile(values, WINDOW_BIN_LEVELS))
+    return WindowReference(tuple(float(e) for e in edges), tuple(int(c) for c in bin_counts(values, edges)))
+
+
+def window_values(a: ReadingArrays, reading: str) -> np.ndarray:
+    """The values a window test bins for ``reading`` ([B, L], or [B, 1] for prediction depth)."""
+    if reading == "prediction_depth":
+        return a.depth.astype(np.float64)[:, None]
+    return a.reading(reading).astype(np.float64)
+
+
+def build_baseline(
+    a: ReadingArrays,
+    *,
+    model: str,
+    model_fingerprint: str,
+    bundle_id: str,
+    source: str = "",
+    calibration_fraction: float = 0.3,
+    min_samples: int = MIN_SAMPLES,
+    seed: int = 0,
+    created_at: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Baseline:
+    """Build a baseline from the readings of ``a.n`` normal samples.
+
+    Raises :class:`BaselineError` with the number still needed when there are too few samples.
+    """
+    if a.n < min_samples:
+        raise BaselineError(
+            f"a baseline needs at least {min_samples} samples, got {a.n}: collect "
+            f"{min_samples - a.n} more (learning mode keeps going until it has them) or pass a "
+            "larger corpus"
+        )
+    if not 0.05 <= calibration_fraction <= 0.8:
+        raise BaselineError(f"calibration_fraction must be in [0.05, 0.8], got {calibration_fraction}")
+    a.validate()
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(a.n)
+    n_cal = max(1, int(round(a.n * calibration_fraction)))
+    cal_idx, fit_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
+
+    layout = feature_layout(a.layers, a.probe_labels)
+    x = feature_matrix(a)
+    det = Mahalanobis.fit(x[fit_idx])
+    # Round the precision to what is stored (float32) before calibrating, so stored and live
+    # scores are computed with exactly the same matrix.
+    det = Mahalanobis(det.mean, det.scale, det.active, det.precision.astype(np.float32).astype(np.float64),
+                      det.shrinkage)
+    cal_scores = np.sort(det.distance2(x[cal_idx]))
+
+    levels = np.asarray(QUANTILE_LEVELS)
+    quantiles: dict[str, np.ndarray] = {}
+    for r in READINGS:
+        quantiles[r] = np.quantile(a.reading(r), levels, axis=0).T  # [L, Q]
+    for g, v in zip(GLOBAL_FEATURES, (a.depth.astype(np.float64), a.final_entropy, a.final_confidence),
+                    strict=True):
+        quantiles[g] = np.quantile(v, levels)
+
+    window_bins: dict[str, tuple[WindowReference, ...]] = {}
+    for r in READINGS + ("prediction_depth",):
+        vals = window_values(a, r)
+        window_bins[r] = tuple(_window_reference(vals[:, i]) for i in range(vals.shape[1]))
+
+    depth_hist: dict[int, int] = {}
+    for d, c in zip(*np.unique(a.depth, return_counts=True), strict=True):
+        depth_hist[int(d)] = int(c)
+
+    probe_counts: dict[str, np.ndarray] = {}
+    for p, probs in a.probes.items():
+        arg = probs.argmax(axis=2)  # [B, L]
+        n_cls = probs.shape[2]
+        probe_counts[p] = np.stack(
+            [np.bincount(arg[:, i], minlength=n_cls) for i in range(arg.shape[1])]
+        ).astype(np.int64)
+
+    bl = Baseline(
+        id="",
+        created_at=created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+        model=model,
+        model_fingerprint=model_fingerprint,
+        bundle_id=bundle_id,
+        source=source,
+        layers=a.layers,
+        probe_labels={k: tuple(v) for k, v in a.probe_labels.items()},
+        n_samples=a.n,
+        n_fit=int(fit_idx.size),
+        n_calibration=int(cal_idx.size),
+        layout=layout,
+        detector=det,
+        calibration_scores=cal_scores,
+        quantiles=quantiles,
+        window_bins=window_bins,
+        depth_histogram=depth_hist,
+        probe_counts=probe_counts,
+        extra=dict(extra or {}),
+    )
+    # Hash what is stored: round-trip through JSON so the id matches a reloaded baseline.
+    content = json.loads(json.dumps(bl._content()))
+    return Baseline.from_json({"id": _content_id(content), "created_at": bl.created_at, **content})
+
+
+class BaselineLearner:
+    """Learning mode: accumulate the first ``target`` samples of live traffic, then build.
+
+    Memory is bounded by ``target`` samples of readings. The sidecar reports :attr:`collected`
+    and :attr:`target` in ``/readyz`` and the ``layerwatch_baseline_learning*`` metrics.
+    """
+
+    def __init__(
+        self,
+        target: int,
+        *,
+        model: str,
+        model_fingerprint: str,
+        bundle_id: str,
+        source: str = "learned from live traffic",
+        **build_kwargs: Any,
+    ) -> None:
+        min_samples = int(build_kwargs.get("min_samples", MIN_SAMPLES))
+        if target < min_samples:
+            raise BaselineError(
+                f"learning target {target} is below the {min_samples} samples a baseline needs; "
+                f"set it to at least {min_samples}"
+            )
+        self.target = int(target)
+        self._meta = {"model": model, "model_fingerprint": model_fingerprint, "bundle_id": bundle_id,
+                      "source": source}
+        self._kwargs = build_kwargs
+        self._parts: list[ReadingArrays] = []
+        self._n = 0
+
+    @property
+    def collected(self) -> int:
+        """Samples collected so far (at most ``target``)."""
+        return self._n
+
+    @property
+    def done(self) -> bool:
+        """True once ``target`` samples are in."""
+        return self._n >= self.target
+
+    @property
+    def progress(self) -> float:
+        """Fraction collected, in [0, 1]."""
+        return min(1.0, self._n / self.target)
+
+    def add(self, a: ReadingArrays) -> int:
+        """Keep the samples of ``a`` that fit under the target; returns how many were taken."""
+        room = self.target - self._n
+        if room <= 0 or a.n == 0:
+            return 0
+        take = a if a.n <= room else a.subset(slice(0, room))
+        take.validate()
+        self._parts.append(take)
+        self._n += take.n
+        return take.n
+
+    def build(self) -> Baseline:
+        """Build the baseline from what was collected (refused with the number needed if short)."""
+        if self._n == 0:
+            raise BaselineError(f"no samples collected yet; a baseline needs {self.target}")
+        a = ReadingArrays.concat(self._parts)
+        kwargs = dict(self._kwargs)
+        kwargs.setdefault("extra", {"learned_samples": self._n})
+        return build_baseline(a, **self._meta, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,122 @@
+"""The drift detector the sidecar calls: per-sample scores, window tests, alert state, stats.
+
+Threading: one :class:`DriftDetector` per consumer loop; :meth:`DriftDetector.process` is called
+on that loop's thread with each micro-batch and does no I/O. It fills a plain
+:class:`DriftStats` object; :func:`publish` translates an update into the Prometheus metrics of
+:class:`monitor.metrics.SidecarMetrics`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monitor.drift.baseline import Baseline
+from monitor.drift.features import ReadingArrays
+from monitor.drift.score import AnomalyScorer, SampleScore
+from monitor.drift.window import AlertEvent, SlidingWindowMonitor, WindowResult
+from monitor.lenses.readings import BankOutput, SampleReadings
+
+
+@dataclass
+class DriftStats:
+    """Running totals for metrics and ``/readyz``."""
+
+    scored: int = 0
+    anomalies: int = 0
+    flags: Counter[str] = field(default_factory=Counter)
+    windows_tested: int = 0
+    windows_significant: int = 0
+    alerts_raised: int = 0
+    alert_active: bool = False
+    alert_sentence: str = ""
+
+
+@dataclass(frozen=True)
+class DetectorUpdate:
+    """What one call to :meth:`DriftDetector.process` found."""
+
+    scores: list[SampleScore]
+    windows: list[WindowResult]
+    events: list[AlertEvent]
+
+
+def as_arrays(
+    readings: BankOutput | ReadingArrays | Sequence[SampleReadings],
+    probe_labels: dict[str, tuple[str, ...]] | None = None,
+    depth: np.ndarray | Sequence[int] | None = None,
+) -> ReadingArrays:
+    """Accept the lens bank's batch output, per-sample readings or ready arrays."""
+    if isinstance(readings, ReadingArrays):
+        return readings
+    if isinstance(readings, BankOutput):
+        return ReadingArrays.from_bank_output(readings, probe_labels, depth)
+    return ReadingArrays.from_readings(list(readings), depth)
+
+
+class DriftDetector:
+    """Scores each sample and tests sliding windows against one baseline.
+
+    ``bundle_id``/``model_fingerprint``: what the sidecar serves; a baseline built for anything
+    else is refused here with :class:`~monitor.errors.BaselineError`.
+    """
+
+    def __init__(self, baseline: Baseline, *, alpha: float = 0.01, window: int = 200, step: int = 50,
+                 fdr: float = 0.01, raise_after: int = 2, clear_after: int = 3,
+                 bundle_id: str | None = None, model_fingerprint: str | None = None) -> None:
+        baseline.check_compatible(bundle_id=bundle_id, model_fingerprint=model_fingerprint)
+        self.baseline = baseline
+        self.scorer = AnomalyScorer(baseline, alpha=alpha)
+        self.windows = SlidingWindowMonitor(baseline, window=window, step=step, fdr=fdr, alpha=alpha,
+                                            raise_after=raise_after, clear_after=clear_after)
+        self.stats = DriftStats()
+
+    @property
+    def alert(self) -> dict[str, Any]:
+        """The alert state as JSON-able data."""
+        st = self.windows.alert
+        return {"active": st.active, "since": st.since, "sentence": st.sentence, "raised_total": st.raised_total}
+
+    def process(
+        self,
+        readings: BankOutput | ReadingArrays | Sequence[SampleReadings],
+        probe_labels: dict[str, tuple[str, ...]] | None = None,
+        depth: np.ndarray | Sequence[int] | None = None,
+    ) -> DetectorUpdate:
+        """Score a batch, feed it to the sliding windows, update the stats."""
+        a = as_arrays(readings, probe_labels, depth)
+        scores = self.scorer.score(a)
+        pv = np.array([s.p_value for s in scores])
+        windows, events = self.windows.add(a, pv)
+        st = self.stats
+        st.scored += len(scores)
+        st.anomalies += sum(s.anomalous for s in scores)
+        for s in scores:
+            st.flags.update(f.kind for f in s.flags)
+        st.windows_tested += len(windows)
+        st.windows_significant += sum(w.significant for w in windows)
+        st.alerts_raised = self.windows.alert.raised_total
+        st.alert_active = self.windows.alert.active
+        st.alert_sentence = self.windows.alert.sentence
+        return DetectorUpdate(scores, windows, events)
+
+
+def publish(metrics: Any, model: str, update: DetectorUpdate) -> None:
+    """Record one update on a :class:`monitor.metrics.SidecarMetrics` (bounded labels only)."""
+    for s in update.scores:
+        if np.isfinite(s.score):
+            metrics.anomaly_score.labels(model=model).observe(s.score)
+        if s.anomalous:
+            metrics.anomalies.labels(model=model).inc()
+        for f in s.flags:
+            metrics.flags.labels(model=model, flag=f.kind).inc()
+    for ev in update.events:
+        if ev.kind == "raised":
+            metrics.drift_alerts.labels(model=model).inc()
+            metrics.drift_alert_active.labels(model=model).set(1)
+        else:
+            metrics.drift_alert_active.labels(model=model).set(0)

@@ -1,0 +1,224 @@
+"""Per-sample anomaly score against a baseline, calibrated into a conformal p-value.
+
+The score is the squared Mahalanobis distance of the sample's compact feature vector (see
+:mod:`monitor.drift.features`) under the baseline's shrunk covariance. It is reported as
+``score = sqrt(d^2 / F)`` (about 1 for a typical normal sample, F = active features), with the
+exact decomposition of ``d^2`` into per-layer contributions, and as a conformal p-value against
+the baseline's held-out calibration split: ``p < alpha`` means a false-positive rate of at most
+``alpha`` on traffic like the baseline's.
+
+Flags (only on anomalous samples, so a flag always means "this is why it was flagged") name the
+layers and readings that moved: runs of layers where a reading is beyond the baseline's 1st/99th
+percentile at that layer, probes whose label is one normal traffic (almost) never shows there,
+an unusual prediction depth or final distribution, or, when no single reading is extreme, the
+layers that carry most of the distance ("unusual_pattern").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from monitor.drift.baseline import Baseline
+from monitor.drift.features import GLOBAL_LAYER, READINGS, ReadingArrays, feature_matrix
+from monitor.drift.stats import conformal_p_values
+
+READING_TITLES = {
+    "entropy": ("entropy", "nats"),
+    "kl_to_final": ("KL to final", "nats"),
+    "confidence": ("lens confidence", ""),
+    "final_top1_rank": ("rank of the final top-1", ""),
+    "prediction_depth": ("prediction depth", ""),
+    "final_entropy": ("final entropy", "nats"),
+    "final_confidence": ("final confidence", ""),
+}
+RARE_LABEL_SHARE = 0.01  # a probe label this rare at a layer in the baseline is "unusual" there
+
+
+@dataclass(frozen=True)
+class Flag:
+    """Why a sample was flagged: which reading moved, at which layers, and how."""
+
+    kind: str  # bounded set: "<reading>_high|low", "probe_<name>_unusual_label", "unusual_pattern"
+    layers: tuple[int, ...]
+    reading: str
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "layers": list(self.layers), "reading": self.reading, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class SampleScore:
+    """The verdict on one sample."""
+
+    score: float  # sqrt(d^2 / active features); ~1 for typical normal samples
+    distance2: float  # squared Mahalanobis distance
+    p_value: float  # conformal p-value on the baseline's calibration split
+    anomalous: bool  # p_value < alpha
+    layer_contributions: dict[int, float]  # layer -> share of d^2 (sums to 1; -1 = global features)
+    flags: tuple[Flag, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "distance2": self.distance2,
+            "p_value": self.p_value,
+            "anomalous": self.anomalous,
+            "layer_contributions": {str(k): v for k, v in self.layer_contributions.items()},
+            "flags": [f.to_dict() for f in self.flags],
+        }
+
+
+def layer_runs(layers: Sequence[int], all_layers: Sequence[int], max_gap: int = 1) -> list[list[int]]:
+    """Group ``layers`` into runs of neighbours in ``all_layers`` (gaps of ``max_gap`` allowed)."""
+    pos = {layer: i for i, layer in enumerate(all_layers)}
+    idx = sorted(pos[layer] for layer in layers)
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and i - pos[runs[-1][-1]] <= max_gap + 1:
+            runs[-1].append(all_layers[i])
+        else:
+            runs.append([all_layers[i]])
+    return runs
+
+
+def layer_span(layers: Sequence[int]) -> str:
+    """'layer 7' or 'layers 10-18'."""
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+
+
+def _fmt(v: float, unit: str) -> str:
+    s = f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return f"{s} {unit}".rstrip()
+
+
+class AnomalyScorer:
+    """Scores samples against one baseline. Stateless apart from the baseline; thread-safe."""
+
+    def __init__(self, baseline: Baseline, alpha: float = 0.01, min_flag_run: int = 2) -> None:
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        self.baseline = baseline
+        self.alpha = alpha
+        self.min_flag_run = min_flag_run
+        layout = baseline.layout
+        groups = sorted(set(layout.layer_of))
+        self._groups = groups
+        gi = {g: i for i, g in enumerate(groups)}
+        self._group_matrix = np.zeros((layout.size, len(groups)))
+        for f, g in enumerate(layout.layer_of):
+            self._group_matrix[f, gi[g]] = 1.0
+        self._n_active = max(1, baseline.detector.n_active)
+        self._lo = {r: baseline.quantile(r, 0.01) for r in READINGS}
+        self._hi = {r: baseline.quantile(r, 0.99) for r in READINGS}
+        self._med = {r: baseline.quantile(r, 0.5) for r in READINGS}
+        self._shares = {p: baseline.probe_shares(p) for p in baseline.probe_labels}
+
+    def score_arrays(self, a: ReadingArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Vector form: squared distances [B], p-values [B], per-layer contributions [B, G].
+
+        Columns of the contributions follow :attr:`contribution_layers` (global features last
+        is ``-1`` first, as sorted). Non-finite readings give an infinite distance and p-value
+        ``1/(n_cal+1)`` rather than NaN.
+        """
+        self.baseline.check_readings(a)
+        x = feature_matrix(a)
+        bad = ~np.all(np.isfinite(x), axis=1)
+        contrib = self.baseline.detector.contributions(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
+        per_layer = contrib @ self._group_matrix
+        d2 = contrib.sum(axis=1)
+        d2 = np.where(bad, np.inf, np.maximum(d2, 0.0))
+        p = conformal_p_values(d2, self.baseline.calibration_scores)
+        return d2, p, per_layer
+
+    @property
+    def contribution_layers(self) -> list[int]:
+        """Layer of each contribution column (``-1`` = global features)."""
+        return list(self._groups)
+
+    def score(self, a: ReadingArrays) -> list[SampleScore]:
+        """Score every sample of ``a``."""
+        d2, p, per_layer = self.score_arrays(a)
+        out: list[SampleScore] = []
+        for b in range(a.n):
+            total = float(d2[b])
+            denom = float(per_layer[b].sum())
+            shares = {
+                g: (float(per_layer[b, i]) / denom if denom > 0 else 0.0) for i, g in enumerate(self._groups)
+            }
+            anomalous = bool(p[b] < self.alpha)
+            flags = tuple(self._flags(a, b, shares)) if anomalous else ()
+            out.append(
+                SampleScore(
+                    score=float(np.sqrt(total / self._n_active)) if np.isfinite(total) else float("inf"),
+                    distance2=total,
+                    p_value=float(p[b]),
+                    anomalous=anomalous,
+                    layer_contributions=shares,
+                    flags=flags,
+                )
+            )
+        return out
+
+    # --- flags --------------------------------------------------------------------------------
+    def _flags(self, a: ReadingArrays, b: int, shares: dict[int, float]) -> list[Flag]:
+        bl = self.baseline
+        flags: list[Flag] = []
+        layers = a.layers
+        for r in READINGS:
+            v = a.reading(r)[b]
+            title, unit = READING_TITLES[r]
+            for direction, mask in (("high", v > self._hi[r]), ("low", v < self._lo[r])):
+                idx = np.nonzero(mask)[0]
+                for run in layer_runs([layers[i] for i in idx], layers):
+                    if len(run) < self.min_flag_run:
+                        continue
+                    sel = [layers.index(x) for x in run]
+                    pct = "99th" if direction == "high" else "1st"
+                    detail = (
+                        f"{title} {_fmt(float(np.median(v[sel])), unit)} at {layer_span(run)}, "
+                        f"{direction}er than the baseline's {pct} percentile there "
+                        f"(normal median {_fmt(float(np.median(self._med[r][sel])), unit)})"
+                    )
+                    flags.append(Flag(f"{r}_{direction}", tuple(run), r, detail))
+        for p, probs in a.probes.items():
+            labels = bl.probe_labels[p]
+            arg = probs[b].argmax(axis=1)  # [L]
+            share_of_arg = self._shares[p][np.arange(len(layers)), arg]
+            idx = np.nonzero(share_of_arg < RARE_LABEL_SHARE)[0]
+            for run in layer_runs([layers[i] for i in idx], layers):
+                if len(run) < self.min_flag_run:
+                    continue
+                sel = [layers.index(x) for x in run]
+                lab_ids, counts = np.unique(arg[sel], return_counts=True)
+                lab = int(lab_ids[np.argmax(counts)])
+                detail = (
+                    f"{p} probe reads {labels[lab]!r} ({float(np.mean(probs[b][sel, lab])):.2f}) at "
+                    f"{layer_span(run)}, a label normal traffic shows there in "
+                    f"{100 * float(np.mean(self._shares[p][sel, lab])):.1f}% of samples"
+                )
+                flags.append(Flag(f"probe_{p}_unusual_label", tuple(run), f"probe:{p}", detail))
+        for g, v in (("prediction_depth", float(a.depth[b])), ("final_entropy", float(a.final_entropy[b])),
+                     ("final_confidence", float(a.final_confidence[b]))):
+            lo, hi = float(bl.quantile(g, 0.01)), float(bl.quantile(g, 0.99))
+            med = float(bl.quantile(g, 0.5))
+            title, unit = READING_TITLES[g]
+            if v > hi or v < lo:
+                direction = "high" if v > hi else "low"
+                lay = (int(a.depth[b]),) if g == "prediction_depth" else (layers[-1],)
+                detail = f"{title} {_fmt(v, unit)} (normal median {_fmt(med, unit)}, 98% range {_fmt(lo, unit)}-{_fmt(hi, unit)})"
+                flags.append(Flag(f"{g}_{direction}", lay, g, detail))
+        if not flags:
+            top = sorted(((s, g) for g, s in shares.items() if g != GLOBAL_LAYER), reverse=True)[:3]
+            lays = tuple(sorted(g for _, g in top))
+            total = sum(s for s, _ in top)
+            detail = (
+                "no single reading is beyond its normal range; the combination of readings at "
+                f"layers {', '.join(str(x) for x in lays)} is unusual ({100 * total:.0f}% of the score)"
+            )
+            flags.append(Flag("unusual_pattern", lays, "pattern", detail))
+        return flags

@@ -1,0 +1,260 @@
+"""Small, dependency-free statistics used by the drift detector (numpy and the standard library).
+
+* :func:`ledoit_wolf` shrunk covariance (Ledoit & Wolf 2004) and :class:`Mahalanobis`, a squared
+  distance with per-feature contributions that add up to the total;
+* :func:`conformal_p_values`: split-conformal p-values against held-out calibration scores;
+* :func:`chi2_sf` (regularised upper incomplete gamma), :func:`g_test` (two-sample G-test on a
+  2 x K contingency table), :func:`binom_sf` (exact binomial upper tail);
+* :func:`benjamini_hochberg` and :func:`holm` multiple-testing control.
+
+scipy would do all of this, but the sidecar image stays smaller without it and each piece here is
+a few lines that the tests check against textbook values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# covariance and Mahalanobis distance
+# ---------------------------------------------------------------------------------------------
+
+
+def ledoit_wolf(z: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit-Wolf shrunk covariance of centred data ``z`` [n, p] and the shrinkage used.
+
+    The target is the scaled identity ``mu * I``. The estimator stays well conditioned when
+    p is close to or above n, which is our case (hundreds of per-layer features, a few thousand
+    baseline samples).
+    """
+    n, p = z.shape
+    s = (z.T @ z) / n
+    mu = float(np.trace(s)) / p
+    z2 = z * z
+    # beta_: sum_ij sum_k z_ki^2 z_kj^2 ; delta_: ||S||_F^2 (sklearn's ledoit_wolf_shrinkage)
+    beta_ = float(np.sum(z2.T @ z2))
+    delta_ = float(np.sum(s * s))
+    beta = (beta_ / n - delta_) / (p * n)
+    delta = (delta_ - 2.0 * mu * float(np.trace(s)) + p * mu * mu) / p
+    beta = min(beta, delta)
+    shrinkage = 0.0 if delta <= 0 else float(max(0.0, beta / delta))
+    shrunk = (1.0 - shrinkage) * s
+    shrunk[np.diag_indices(p)] += shrinkage * mu
+    return shrunk, shrinkage
+
+
+@dataclass(frozen=True)
+class Mahalanobis:
+    """Squared Mahalanobis distance on standardised features with a shrunk covariance.
+
+    ``mean``/``scale`` standardise each feature; features whose baseline spread is zero
+    (constant readings) are left out (``active`` False), so they cannot divide by zero.
+    """
+
+    mean: np.ndarray  # [F]
+    scale: np.ndarray  # [F] (1.0 where inactive)
+    active: np.ndarray  # bool [F]
+    precision: np.ndarray  # [Fa, Fa] inverse shrunk covariance of the active standardised features
+    shrinkage: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, ridge: float = 1e-6) -> Mahalanobis:
+        """Fit mean, scale and a Ledoit-Wolf shrunk precision matrix to ``x`` [n, F]."""
+        x = np.asarray(x, dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("features contain NaN or Inf")
+        mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        active = std > 1e-9 * (1.0 + np.abs(mean))
+        scale = np.where(active, std, 1.0)
+        z = ((x - mean) / scale)[:, active]
+        if z.shape[1] == 0:
+            return cls(mean, scale, active, np.zeros((0, 0)), 1.0)
+        cov, shrinkage = ledoit_wolf(z)
+        cov[np.diag_indices_from(cov)] += ridge
+        # eigh is stable for symmetric PSD matrices; clip tiny eigenvalues before inverting.
+        w, v = np.linalg.eigh(cov)
+        w = np.maximum(w, ridge)
+        precision = (v / w) @ v.T
+        return cls(mean, scale, active, precision, shrinkage)
+
+    @property
+    def n_active(self) -> int:
+        return int(self.active.sum())
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        """Active standardised features [n, Fa]."""
+        z = (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+        return z[:, self.active]
+
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """Per-feature terms ``z_i (P z)_i`` [n, F] (zero for inactive features); rows sum to d^2."""
+        x = np.atleast_2d(x)
+        out = np.zeros((x.shape[0], self.mean.shape[0]))
+        if self.n_active == 0:
+            return out
+        z = self.standardise(x)
+        z = np.nan_to_num(z, nan=0.0, posinf=1e6, neginf=-1e6)
+        out[:, self.active] = z * (z @ self.precision)
+        return out
+
+    def distance2(self, x: np.ndarray) -> np.ndarray:
+        """Squared distances [n]."""
+        return self.contributions(x).sum(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# conformal calibration
+# ---------------------------------------------------------------------------------------------
+
+
+def conformal_p_values(scores: np.ndarray, calibration_sorted: np.ndarray) -> np.ndarray:
+    """Split-conformal p-values: ``(1 + #{cal >= s}) / (n_cal + 1)``.
+
+    With exchangeable normal samples, ``P(p <= alpha) <= alpha``: a threshold on p is a
+    false-positive rate.
+    """
+    cal = np.asarray(calibration_sorted, dtype=np.float64)
+    n = cal.shape[0]
+    s = np.asarray(scores, dtype=np.float64)
+    n_ge = n - np.searchsorted(cal, s, side="left")
+    return (1.0 + n_ge) / (n + 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------
+
+
+def _gammainc_lower_series(a: float, x: float) -> float:
+    term = 1.0 / a
+    total = term
+    ap = a
+    for _ in range(10_000):
+        ap += 1.0
+        term *= x / ap
+        total += term
+        if abs(term) < abs(total) * 1e-15:
+            break
+    return total * math.exp(-x + a * math.log(x) - math.lgamma(a))
+
+
+def _gammainc_upper_cf(a: float, x: float) -> float:
+    # Lentz's continued fraction (Numerical Recipes, gcf)
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c = 1.0 / tiny
+    d = 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return math.exp(-x + a * math.log(x) - math.lgamma(a)) * h
+
+
+def chi2_sf(stat: float, df: int) -> float:
+    """Survival function of the chi-square distribution, ``P(X >= stat)`` for ``X ~ chi2(df)``."""
+    if df <= 0:
+        return 1.0
+    if not math.isfinite(stat):
+        return 0.0 if stat > 0 else 1.0
+    if stat <= 0:
+        return 1.0
+    a, x = df / 2.0, stat / 2.0
+    if x < a + 1.0:
+        return max(0.0, 1.0 - _gammainc_lower_series(a, x))
+    return min(1.0, _gammainc_upper_cf(a, x))
+
+
+def g_test(reference_counts: np.ndarray, window_counts: np.ndarray) -> tuple[float, int, float]:
+    """Two-sample G-test of homogeneity on a 2 x K table; returns (G, df, p-value).
+
+    Categories empty in both samples are dropped (they carry no information). G is the
+    log-likelihood ratio statistic, chi-square with K-1 degrees of freedom under the null.
+    """
+    ref = np.asarray(reference_counts, dtype=np.float64)
+    win = np.asarray(window_counts, dtype=np.float64)
+    keep = (ref + win) > 0
+    ref, win = ref[keep], win[keep]
+    k = ref.shape[0]
+    n_ref, n_win = ref.sum(), win.sum()
+    if k < 2 or n_ref <= 0 or n_win <= 0:
+        return 0.0, 0, 1.0
+    table = np.stack([ref, win])
+    col = table.sum(axis=0)
+    expected = np.outer([n_ref, n_win], col) / (n_ref + n_win)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(table > 0, table * np.log(table / expected), 0.0)
+    g = float(2.0 * terms.sum())
+    df = k - 1
+    return g, df, chi2_sf(g, df)
+
+
+def binom_sf(k: int, n: int, p: float) -> float:
+    """Exact ``P(X >= k)`` for ``X ~ Binomial(n, p)``."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+        for i in range(k, n + 1)
+    ]
+    m = max(logs)
+    return min(1.0, math.exp(m) * sum(math.exp(v - m) for v in logs))
+
+
+def benjamini_hochberg(p_values: np.ndarray, q: float) -> np.ndarray:
+    """Boolean mask of hypotheses rejected by the Benjamini-Hochberg procedure at FDR ``q``.
+
+    Under the global null (no drift anywhere), BH also controls the family-wise error, so a
+    window raises with probability at most ``q`` when nothing moved.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.shape[0]
+    reject = np.zeros(m, dtype=bool)
+    if m == 0:
+        return reject
+    order = np.argsort(p, kind="stable")
+    thresh = q * np.arange(1, m + 1) / m
+    below = p[order] <= thresh
+    if below.any():
+        last = int(np.max(np.nonzero(below)[0]))
+        reject[order[: last + 1]] = True
+    return reject
+
+
+def holm(p_values: np.ndarray, alpha: float) -> np.ndarray:
+    """Boolean mask of hypotheses rejected by Holm's step-down procedure (FWER ``alpha``)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.shape[0]
+    reject = np.zeros(m, dtype=bool)
+    for rank, i in enumerate(np.argsort(p, kind="stable")):
+        if p[i] <= alpha / (m - rank):
+            reject[i] = True
+        else:
+            break
+    return reject
+
+
+def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts of ``values`` in the bins cut by interior ``edges`` (len(edges) + 1 bins)."""
+    idx = np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(values, dtype=np.float64), side="right")
+    return np.bincount(idx, minlength=len(edges) + 1)
