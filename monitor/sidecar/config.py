@@ -1,0 +1,107 @@
+"""Sidecar configuration: ``LAYERWATCH_*`` environment variables and an optional YAML file.
+
+Precedence: explicit arguments > environment > YAML file > defaults. Nested sections use
+``__`` in environment names (``LAYERWATCH_AUDIT__DIRECTORY``). Everything is validated at
+start-up; an error names the field and its environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from monitor.config import build_settings
+from monitor.errors import ConfigError
+
+
+class AuditSettings(BaseModel):
+    """Where and how the audit trail is written."""
+
+    directory: Path = Field(Path("layerwatch-audit"), description="Directory of this replica's trail (one writer per directory).")
+    hmac_key_file: Path | None = Field(None, description="File holding the HMAC key (a mounted secret); records are then signed.")
+    hmac_key_env: str = Field("LAYERWATCH_AUDIT_HMAC_KEY", description="Environment variable holding the HMAC key (used if set and no file is given).")
+    fsync: Literal["every_record", "every_n", "interval"] = Field("every_record", description="When records are fsynced. The sidecar acks a batch only after the fsync covering it.")
+    fsync_every_n: int = Field(100, ge=1, description="Records per fsync with fsync=every_n.")
+    fsync_interval_s: float = Field(1.0, gt=0, description="Seconds between fsyncs with fsync=interval.")
+    max_segment_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="Rotate a segment past this size.")
+    max_segment_age_s: float = Field(3600.0, gt=0, description="Rotate a segment older than this.")
+    store_text: Literal["none", "redacted", "full"] = Field("none", description="Prompt text in records: none (hash only), redacted, or full.")
+
+
+class BaselineSettings(BaseModel):
+    """Which baseline scores samples, and how one is learned when there is none."""
+
+    id: str | None = Field(None, description="Baseline id to load from Redis (default: the active one for this model).")
+    file: Path | None = Field(None, description="Load the baseline from this JSON file instead of Redis.")
+    learn_samples: int = Field(500, ge=20, description="Samples collected in learning mode before a baseline is built.")
+    alpha: float = Field(0.01, gt=0, lt=1, description="Per-sample false-positive rate: flag when the conformal p-value is below it.")
+    window: int = Field(200, ge=10, description="Samples per drift-test window.")
+
+
+class SidecarSettings(BaseSettings):
+    """Everything the sidecar needs. Env: ``LAYERWATCH_<FIELD>``, nested with ``__``."""
+
+    model_config = SettingsConfigDict(env_prefix="LAYERWATCH_", env_nested_delimiter="__", extra="forbid")
+
+    transport: str = Field("memory://default", description="Where samples come from: memory://NAME, redis://..., rediss://...")
+    stream: str = Field("layerwatch:samples", min_length=1, description="Stream key (must match the tap's).")
+    group: str = Field("layerwatch", min_length=1, description="Consumer group shared by all replicas.")
+    consumer: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="This replica's consumer name (default: hostname-pid).")
+    model_name: str | None = Field(None, description="Model label in metrics (default: the label in each sample).")
+    bundle: Path | None = Field(None, description="Lens bundle directory (manifest.json + ONNX files).")
+    http_host: str = Field("0.0.0.0", description="Bind address of /metrics, /healthz, /readyz, /narratives.")
+    http_port: int = Field(9400, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
+    batch_max: int = Field(16, ge=1, le=1024, description="Largest micro-batch.")
+    batch_wait_ms: int = Field(50, ge=0, description="Longest wait to fill a micro-batch.")
+    claim_idle_ms: int = Field(30_000, ge=100, description="Reclaim entries pending longer than this (their replica died).")
+    claim_interval_s: float = Field(5.0, gt=0, description="How often to look for stale entries.")
+    max_deliveries: int = Field(5, ge=1, description="A sample that failed this many deliveries is dead-lettered (processing_error).")
+    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Bigger samples are dead-lettered (oversized).")
+    stream_maxlen: int = Field(10_000, ge=100, description="Stream bound (for the memory transport; the tap sets it for Redis).")
+    ledger_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long the idempotency ledger remembers a sample id.")
+    ort_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads (0 = all cores).")
+    expect_gpu: bool = Field(False, description="The lens bank should run on CUDA; exported so an alert fires on CPU fallback.")
+    recent_narratives: int = Field(1000, ge=0, le=100_000, description="Narratives kept for /narratives/{sample_id}.")
+    shutdown_timeout_s: float = Field(10.0, gt=0, description="SIGTERM deadline: finish the batch, flush the audit, ack, exit.")
+    stats_interval_s: float = Field(2.0, gt=0, description="How often lag/pending are read and readiness is re-checked.")
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    baseline: BaselineSettings = Field(default_factory=BaselineSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> SidecarSettings:
+        if self.transport.split("://", 1)[0] not in ("memory", "redis", "rediss", "unix"):
+            raise ValueError(f"transport: unsupported URL {self.transport!r}")
+        return self
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> SidecarSettings:
+    """Settings from (explicit overrides >) environment > YAML file > defaults."""
+    path = config_file or os.environ.get("LAYERWATCH_CONFIG")
+    file_values: dict[str, Any] = {}
+    if path:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        file_values = loaded
+
+    class _FromFile(SidecarSettings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,  # type: ignore[override]
+                                       file_secret_settings):  # noqa: ANN001, ANN206
+            from pydantic_settings import InitSettingsSource
+
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+    return build_settings(_FromFile, "LAYERWATCH_", **overrides)
