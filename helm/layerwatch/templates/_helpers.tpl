@@ -1,0 +1,104 @@
+{{/* Chart name, truncated to the 63 characters Kubernetes names allow. */}}
+{{- define "layerwatch.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: <release>-layerwatch unless the release name already has it. */}}
+{{- define "layerwatch.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "layerwatch.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "layerwatch.labels" -}}
+helm.sh/chart: {{ include "layerwatch.chart" . }}
+{{ include "layerwatch.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: layerwatch
+{{- end }}
+
+{{- define "layerwatch.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "layerwatch.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "layerwatch.sidecarSelectorLabels" -}}
+{{ include "layerwatch.selectorLabels" . }}
+app.kubernetes.io/component: sidecar
+{{- end }}
+
+{{- define "layerwatch.redisSelectorLabels" -}}
+{{ include "layerwatch.selectorLabels" . }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "layerwatch.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "layerwatch.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "layerwatch.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "layerwatch.modelName" -}}
+{{- required "model.name is required: the served model's name, equal to the tap's LAYERWATCH_TAP_MODEL_NAME" .Values.model.name }}
+{{- end }}
+
+{{/* The Redis URL Secret (name and key) the sidecars and the tap env read. */}}
+{{- define "layerwatch.redisSecretName" -}}
+{{- if and .Values.redis.existingSecret (not .Values.redis.bundled.enabled) }}
+{{- .Values.redis.existingSecret }}
+{{- else }}
+{{- printf "%s-redis-url" (include "layerwatch.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "layerwatch.redisSecretKey" -}}
+{{- if and .Values.redis.existingSecret (not .Values.redis.bundled.enabled) }}
+{{- .Values.redis.existingSecretKey }}
+{{- else }}
+{{- print "url" }}
+{{- end }}
+{{- end }}
+
+{{/* The Redis URL when the chart knows it (bundled or given); fails when there is none. */}}
+{{- define "layerwatch.redisUrl" -}}
+{{- if .Values.redis.bundled.enabled }}
+{{- printf "redis://%s-redis.%s.svc:6379/0" (include "layerwatch.fullname" .) .Release.Namespace }}
+{{- else if .Values.redis.url }}
+{{- if not (regexMatch "^rediss?://" .Values.redis.url) }}
+{{- fail (printf "redis.url must start with redis:// or rediss://, got %q" .Values.redis.url) }}
+{{- end }}
+{{- .Values.redis.url }}
+{{- else if not .Values.redis.existingSecret }}
+{{- fail "no Redis: set redis.url, redis.existingSecret, or redis.bundled.enabled=true" }}
+{{- end }}
+{{- end }}
+
+{{/* Exactly one lens bundle source. */}}
+{{- define "layerwatch.bundleSource" -}}
+{{- $sources := list }}
+{{- if .Values.bundle.existingClaim }}{{ $sources = append $sources "existingClaim" }}{{ end }}
+{{- if .Values.bundle.image.repository }}{{ $sources = append $sources "image" }}{{ end }}
+{{- if .Values.bundle.configMap }}{{ $sources = append $sources "configMap" }}{{ end }}
+{{- if ne (len $sources) 1 }}
+{{- fail (printf "set exactly one lens bundle source (bundle.existingClaim, bundle.image.repository or bundle.configMap); got %d: %v" (len $sources) $sources) }}
+{{- end }}
+{{- first $sources }}
+{{- end }}
