@@ -14,7 +14,9 @@ monitor/metrics.py and the recording rules of deploy/prometheus/rules/recording.
 from __future__ import annotations
 
 import json
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +412,69 @@ DASHBOARDS = {
 def render() -> dict[str, str]:
     """File name -> JSON text of every dashboard."""
     return {name: json.dumps(build(), indent=2, sort_keys=False) + "\n" for name, build in DASHBOARDS.items()}
+
+
+# --- reading dashboards back (used by the tests) ------------------------------------------------
+
+# Grafana's own interval variables, with the values the tests substitute.
+GRAFANA_INTERVALS = {"__rate_interval": "1m", "__interval": "1m", "__range": "1h"}
+# ($1 in a label_replace replacement is a regex group, not a variable: names start with a letter.)
+_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_]\w*)(?::\w+)?\}|([A-Za-z_]\w*))")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One PromQL expression of a dashboard and where it sits."""
+
+    dashboard: str
+    where: str  # "panel 7 'Throughput' target B", "annotation 'Drift alerts'", "variable model"
+    expr: str
+    instant: bool = False
+
+
+def _all_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for p in panels:
+        out.append(p)
+        out.extend(_all_panels(p.get("panels", [])))
+    return out
+
+
+def all_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel of a dashboard, including those nested in rows."""
+    return _all_panels(dash.get("panels", []))
+
+
+def queries(dash: dict[str, Any]) -> list[Query]:
+    """Every PromQL expression of a dashboard: panel targets, annotations, and the series
+    selectors inside ``label_values(...)`` variable queries."""
+    uid = dash["uid"]
+    out = []
+    for p in all_panels(dash):
+        for t in p.get("targets", []):
+            out.append(Query(uid, f"panel {p['id']} {p['title']!r} target {t['refId']}", t["expr"],
+                             bool(t.get("instant"))))
+    for a in dash.get("annotations", {}).get("list", []):
+        if a.get("expr"):
+            out.append(Query(uid, f"annotation {a['name']!r}", a["expr"]))
+    for v in dash.get("templating", {}).get("list", []):
+        if v.get("type") == "query":
+            m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", v["query"]["query"].strip())
+            if m is None:
+                raise ValueError(f"{uid}: variable {v['name']}: expected label_values(selector, label)")
+            out.append(Query(uid, f"variable {v['name']}", m.group(1), True))
+    return out
+
+
+def variables_used(expr: str) -> set[str]:
+    """Names of the ``$var`` / ``${var}`` references in an expression."""
+    return {a or b for a, b in _VARIABLE.findall(expr)}
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    """Replace dashboard and Grafana variables by concrete values (KeyError on an unknown one)."""
+    merged = {**GRAFANA_INTERVALS, **values}
+    return _VARIABLE.sub(lambda m: merged[m.group(1) or m.group(2)], expr)
 
 
 def main() -> int:
