@@ -59,7 +59,8 @@ class TapSettings(BaseSettings):
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest encoded sample; bigger ones are dropped (encode_error).")
     final_topk: int = Field(5, ge=1, le=100, description="How many of the model's own top tokens ride in each header.")
     backoff_initial_s: float = Field(0.5, gt=0, description="First wait after a transport failure; doubles up to backoff_max_s.")
-    backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between reconnection attempts.")
+    backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between reconnection attempts (samples are dropped, as transport_down, meanwhile).")
+    transport_timeout_s: float = Field(1.0, gt=0, le=60, description="Socket connect/read timeout of the exporter's Redis connection (a hung Redis costs the exporter thread at most this per attempt; never the serving thread).")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve the tap's /metrics on this port (for servers without their own /metrics).")
 
     @field_validator("layers")

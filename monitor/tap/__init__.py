@@ -13,18 +13,34 @@ Usage::
         model(**batch_inputs)
 
 Threading contract: the hooks run synchronously on the serving thread; they never block or
-raise. An unsampled request costs a flag check per hook. A sampled one slices the sampled
-rows/positions, casts them to float16 and copies them off the device inside the hook (on CUDA a
-non-blocking copy into pinned memory plus an event the exporter thread waits on), so the queue
-never keeps a full activation alive.
+raise. The request context lives in a :class:`contextvars.ContextVar`, so the model must run in
+the thread (or the ``asyncio.to_thread`` context) that entered ``tap.request()``.
+
+* An unsampled request costs a flag check per hook (a ContextVar read).
+* A sampled one: the model's pre-hook plans the forward once (which rows and positions, as
+  index tensors built on the device with no host synchronisation); each block hook copies its
+  ``[P, d]`` slice, cast to float16, into a small per-forward buffer; the model's post-hook
+  takes that buffer off the device (CPU: nothing to do; CUDA: one non-blocking copy into
+  pinned memory plus an event the exporter thread waits on). So the queue never keeps a full
+  activation alive and the serving thread never waits for the GPU.
+* At the end of the request one item is offered to the exporter; splitting it per request,
+  encoding and I/O run on the exporter thread.
+
+Position semantics (header ``position_index``): the index of the captured token in the row's
+own token sequence, padding excluded (so a left-padded and a right-padded batch give the same
+indices). ``positions="generated"`` captures, at each generation step, the state of the token
+that step consumes: the last prompt token, then each generated token fed back, i.e. the states
+that produced generated tokens 1..N (``final_topk`` row i is the distribution of token i).
 """
 
 from __future__ import annotations
 
 import contextvars
+import itertools
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,10 +50,11 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from monitor.adapters import ModelParts, block_input, block_output, find_parts, model_fingerprint
+from monitor.adapters import ModelParts, find_parts, model_fingerprint
 from monitor.config import TapSettings, build_settings
+from monitor.errors import ConfigError
 from monitor.metrics import TapMetrics
-from monitor.tap.exporter import CapturedSample, Exporter
+from monitor.tap.exporter import CapturedRequest, CapturedStep, Counts, Exporter
 from monitor.tap.sampler import Sampler, hash_unit
 from monitor.transport import Transport, open_transport
 from monitor.wire import SCHEMA_VERSION, sanitize_metadata
@@ -45,44 +62,73 @@ from monitor.wire import SCHEMA_VERSION, sanitize_metadata
 __all__ = ["Tap", "attach", "RequestHandle", "hash_unit"]
 
 
-@dataclass
 class RequestHandle:
-    """What ``tap.request()`` yields: the request id (generated if none) and the decision."""
+    """What ``tap.request()`` (and each row of ``tap.batch()``) yields.
 
-    request_id: str
-    sampled: bool
-    sample_ids: tuple[str, ...] = ()
+    ``request_id`` (generated when none was given), ``sampled`` (the decision) and
+    ``sample_ids`` (the ids the exported samples carry; one per batch row of the request, known
+    once the model has run).
+    """
+
+    __slots__ = ("request_id", "sampled", "_ids")
+
+    def __init__(self, request_id: str, sampled: bool, sample_ids: Sequence[str] = ()) -> None:
+        self.request_id = request_id
+        self.sampled = sampled
+        self._ids: Sequence[str] = sample_ids
+
+    @property
+    def sample_ids(self) -> tuple[str, ...]:
+        return tuple(self._ids)
+
+    def __repr__(self) -> str:
+        return f"RequestHandle({self.request_id!r}, sampled={self.sampled}, sample_ids={self.sample_ids})"
 
 
-@dataclass
+@dataclass(slots=True)
+class _Plan:
+    """Which rows/positions every hook of one forward takes (built once, in the model pre-hook)."""
+
+    mode: str  # "gather" or "mean"
+    device: torch.device
+    seq: int
+    per_slot: int
+    n_out: int  # P: rows of the step buffer
+    rows: torch.Tensor  # [P] batch row of each captured vector (gather) / [S] sampled rows (mean)
+    pos: torch.Tensor | None  # [P] padded position of each captured vector (gather)
+    weights: torch.Tensor | None  # [S, 1, T] float32 (mean)
+    positions: torch.Tensor | None  # [P] position in the row's own tokens (None: fixed_positions)
+    fixed_positions: list[int] | None
+    valid: torch.Tensor | None  # [P] bool, None = all valid
+    all_rows: bool  # rows == every batch row in order (mean: skip the gather)
+    index: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict)
+    views: tuple[torch.Tensor, ...] = ()
+    buf: torch.Tensor | None = None
+    topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+
+@dataclass(slots=True)
 class _Capture:
     """Per-request capture state, held in a ContextVar while the request runs."""
 
     request_ids: list[str]
     sample_ids: list[str]
-    rows: list[int]  # batch rows sampled (slot i -> rows[i])
-    metadata: dict[str, Any]
+    rows: list[int] | None  # sampled batch rows (None: every row of the call, known at plan time)
+    metadata: list[dict[str, Any]]
+    batch_size: int | None  # tap.batch(): the batch size the caller announced
+    started: float
     step: int = 0
     failed: bool = False
-    implicit: bool = False
-    # per step: gather plan computed once in the model pre-hook
-    gather_rows: torch.Tensor | None = None
-    gather_pos: torch.Tensor | None = None
-    owners: list[int] = field(default_factory=list)
-    mean_weights: torch.Tensor | None = None  # [S, T] for positions="mean"
-    logits_pos: torch.Tensor | None = None
-    seq_len: int = 0
-    prompt_len: int = 0
-    dev_index: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
-    # captured data: per watched-layer index, per step -> tensor [R', d]
-    chunks: list[list[torch.Tensor]] = field(default_factory=list)
-    step_owners: list[list[int]] = field(default_factory=list)
-    final_ids: list[torch.Tensor] = field(default_factory=list)
-    final_logprobs: list[torch.Tensor] = field(default_factory=list)
+    plan: _Plan | None = None
+    rows_dev: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    lengths: torch.Tensor | list[int] | None = None  # tokens per sampled row at step 0
+    steps: list[CapturedStep] = field(default_factory=list)
     events: list[Any] = field(default_factory=list)
-    positions_per_slot: list[list[int]] = field(default_factory=list)
     nbytes: int = 0
-    started: float = 0.0
+
+
+_HOST = torch.device("cpu")
 
 
 class Tap:
@@ -106,8 +152,6 @@ class Tap:
         else:
             bad = [i for i in settings.layers if i > n]
             if bad:
-                from monitor.errors import ConfigError
-
                 raise ConfigError(f"layers: indices {bad} out of range 0..{n} for a {n}-block model")
             layers = sorted(set(settings.layers) | {n})  # state N is always captured
         self.layers: tuple[int, ...] = tuple(layers)
@@ -123,25 +167,29 @@ class Tap:
         self._var: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
             f"layerwatch_tap_{id(self)}", default=None
         )
-        self.instance = uuid.uuid4().hex[:16]
-        self._pid = os.getpid()
-        self.sampled = 0
-        self.skipped: dict[str, int] = {"rate": 0, "budget": 0}
-        self.hook_errors = 0
-        self._counters_cache: dict[str, Any] = {}
-        options = {"stream": settings.stream, "maxlen": settings.stream_maxlen}
-        self._transport_override = transport
+        self._counts = Counts(("sampled", "skipped_rate", "skipped_budget", "hook_errors"))
+        self._new_instance()
+        self._base_header = {
+            "schema": SCHEMA_VERSION, "model": self.model_name, "model_fingerprint": self.fingerprint,
+            "layers": list(self.layers), "n_states": self.parts.n_states, "positions": settings.positions,
+        }
+        options: dict[str, Any] = {"stream": settings.stream, "maxlen": settings.stream_maxlen}
+        if settings.transport.split("://", 1)[0] in ("redis", "rediss", "unix"):
+            options.update(socket_timeout=settings.transport_timeout_s,
+                           connect_timeout=settings.transport_timeout_s)
         self.exporter = Exporter(
             (lambda: transport) if transport is not None else (lambda: open_transport(settings.transport, **options)),
             self.metrics, self.model_name,
             max_items=settings.queue_max_items, max_bytes=settings.queue_max_bytes,
             batch_size=settings.export_batch, max_payload_bytes=settings.max_payload_bytes,
             backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s,
-            counters=self._tap_counters,
+            counters=self._tap_counters, owns_transport=transport is None,
         )
+        ref = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
         self._handles: list[Any] = []
-        self._install_hooks()
         self._closed = False
+        self._install_hooks()
         self._metrics_server: Any = None
         if settings.metrics_port:
             self.serve_metrics(settings.metrics_port)
@@ -151,24 +199,29 @@ class Tap:
     def request(
         self, request_id: str | None = None, metadata: dict[str, Any] | None = None, force: bool = False
     ) -> Iterator[RequestHandle]:
-        """Run one request under the tap. All batch rows of the call belong to this request."""
+        """Run one request under the tap. Every batch row of the call belongs to this request
+        (each row becomes one sample with this request id and ``metadata["row"]``).
+
+        ``force=True`` samples regardless of rate and budget. Nested requests are not sampled.
+        """
         rid = request_id or uuid.uuid4().hex
-        if self._var.get() is not None or self._closed:
+        if self._closed or self._var.get() is not None:
             yield RequestHandle(rid, False)
             return
         reason = self.sampler.decide(rid, force)
         if reason is not None:
-            self.skipped[reason] += 1
-            self._m_skipped[reason].inc()
+            self._skip(reason)
             yield RequestHandle(rid, False)
             return
-        cap = self._new_capture([rid], None, metadata)
+        cap = self._new_capture([rid], None, [sanitize_metadata(metadata)], None)
         token = self._var.set(cap)
+        ok = False
         try:
-            yield RequestHandle(rid, True, tuple(cap.sample_ids))
+            yield RequestHandle(rid, True, cap.sample_ids)
+            ok = True
         finally:
             self._var.reset(token)
-            self._finish(cap)
+            self._finish(cap, ok)
 
     @contextmanager
     def batch(
@@ -177,52 +230,82 @@ class Tap:
         metadata: Sequence[dict[str, Any] | None] | dict[str, Any] | None = None,
         force: Sequence[bool] | bool = False,
     ) -> Iterator[list[RequestHandle]]:
-        """Batched serving: batch row ``i`` belongs to ``request_ids[i]`` (None: generate one)."""
+        """Batched serving: batch row ``i`` belongs to ``request_ids[i]`` (None: generate one).
+
+        Each row is sampled on its own (by its id); only sampled rows are captured and each
+        becomes one sample with its request id and its metadata (``metadata`` is one dict for
+        all rows or one per row). The model's batch size must equal ``len(request_ids)``.
+        """
         rids = [r or uuid.uuid4().hex for r in request_ids]
         forces = list(force) if isinstance(force, (list, tuple)) else [bool(force)] * len(rids)
         metas = list(metadata) if isinstance(metadata, (list, tuple)) else [metadata] * len(rids)
+        if len(forces) != len(rids) or len(metas) != len(rids):
+            raise ValueError("tap.batch(): force and metadata need one entry per request id")
+        nested = self._closed or self._var.get() is not None
         handles, rows = [], []
-        nested = self._var.get() is not None or self._closed
         for i, rid in enumerate(rids):
             reason = "nested" if nested else self.sampler.decide(rid, forces[i])
             if reason is None:
                 rows.append(i)
             elif reason != "nested":
-                self.skipped[reason] += 1
-                self._m_skipped[reason].inc()
+                self._skip(reason)
             handles.append(RequestHandle(rid, reason is None))
         if not rows:
             yield handles
             return
-        cap = self._new_capture([rids[i] for i in rows], rows, None, [metas[i] for i in rows])
+        many = len(rids) > 1
+        meta = [{**sanitize_metadata(metas[i]), "row": i} if many else sanitize_metadata(metas[i]) for i in rows]
+        cap = self._new_capture([rids[i] for i in rows], rows, meta, len(rids))
         for slot, row in enumerate(rows):
-            handles[row].sample_ids = (cap.sample_ids[slot],)
+            handles[row]._ids = cap.sample_ids[slot : slot + 1]
         token = self._var.set(cap)
+        ok = False
         try:
             yield handles
+            ok = True
         finally:
             self._var.reset(token)
-            self._finish(cap)
+            self._finish(cap, ok)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait up to ``timeout`` s until every queued sample has been published or dropped."""
         return self.exporter.flush(timeout)
 
+    @property
+    def sampled(self) -> int:
+        """Requests (batch rows for ``tap.batch``) sampled by this process."""
+        return self._counts.get("sampled")
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Requests not sampled, by reason (rate, budget)."""
+        return {"rate": self._counts.get("skipped_rate"), "budget": self._counts.get("skipped_budget")}
+
+    @property
+    def hook_errors(self) -> int:
+        """Requests whose capture failed inside a hook (each also counted as a drop)."""
+        return self._counts.get("hook_errors")
+
     def stats(self) -> dict[str, Any]:
-        """Counters of this process's tap (also sent in every sample header)."""
+        """Counters of this process's tap (the same numbers ride in every sample header)."""
         return {
             "model": self.model_name,
+            "instance": self.instance,
             "sampled": self.sampled,
-            "skipped": dict(self.skipped),
+            "skipped": self.skipped,
+            "hook_errors": self.hook_errors,
             "exported": self.exporter.exported,
-            "drops": dict(self.exporter.drops),
+            "drops": self.exporter.drops,
             "queue_depth": self.exporter.queue_depth,
             "queue_bytes": self.exporter.queued_bytes,
             "layers": list(self.layers),
         }
 
     def close(self, timeout: float = 5.0) -> bool:
-        """Remove the hooks, flush within ``timeout`` and stop the exporter. Idempotent."""
+        """Remove the hooks, flush within ``timeout`` and stop the exporter. Idempotent.
+
+        Returns False when something was still queued at the deadline (dropped as ``closed``).
+        """
         if self._closed:
             return True
         self._closed = True
@@ -230,6 +313,7 @@ class Tap:
         ok = self.exporter.close(timeout)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server = None
         return ok
 
     def detach(self) -> None:
@@ -239,39 +323,69 @@ class Tap:
         self._handles.clear()
 
     def serve_metrics(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Serve this tap's registry on ``http://addr:port/metrics`` (for servers without /metrics)."""
+        """Serve this tap's registry on ``http://addr:port/metrics`` (for servers without /metrics).
+
+        A server with its own /metrics should mount ``tap.registry`` instead, e.g.
+        ``generate_latest(tap.registry)`` or ``make_asgi_app(registry=tap.registry)``.
+        """
         from prometheus_client import start_http_server
 
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         self._metrics_server = server
 
-    # ------------------------------------------------------------------------- internals
+    # ------------------------------------------------------------------------- bookkeeping
+    def _new_instance(self) -> None:
+        self.instance = uuid.uuid4().hex[:16]
+        self._pid = os.getpid()
+        self._seq = itertools.count()
+
+    def _after_fork_in_child(self) -> None:
+        # A forked worker is a new tap instance: fresh id, counters and locks.
+        self._new_instance()
+        self._counts.reset()
+        self.sampler.after_fork()
+
+    def _skip(self, reason: str) -> None:
+        self._counts.add("skipped_" + reason)
+        self._m_skipped[reason].inc()
+
     def _tap_counters(self) -> dict[str, Any]:
-        if self._pid != os.getpid():  # forked child: a new tap instance in the fleet
-            self._pid = os.getpid()
-            self.instance = uuid.uuid4().hex[:16]
         return {
             "instance": self.instance, "pid": self._pid, "sampled": self.sampled,
-            "exported": self.exporter.exported, "drops": dict(self.exporter.drops),
+            "skipped": self.skipped, "exported": self.exporter.exported, "drops": self.exporter.drops,
         }
 
+    def _sample_id(self) -> str:
+        # Unique across the fleet: a random per-process instance id plus a sequence number.
+        return f"{self.instance}-{next(self._seq):x}"
+
     def _new_capture(
-        self, rids: list[str], rows: list[int] | None, metadata: dict[str, Any] | None,
-        metas: list[dict[str, Any] | None] | None = None,
+        self, rids: list[str], rows: list[int] | None, metas: list[dict[str, Any]], batch_size: int | None
     ) -> _Capture:
         n = len(rids)
-        self.sampled += n
+        self._counts.add("sampled", n)
         self._m_sampled.inc(n)
-        meta = sanitize_metadata(metadata)
-        cap = _Capture(
-            request_ids=rids, sample_ids=[uuid.uuid4().hex for _ in rids],
-            rows=rows if rows is not None else [], metadata=meta, started=time.time(),
-        )
-        cap.chunks = [[] for _ in self.layers]
-        if metas is not None:
-            cap.metadata = {"_per_row": [sanitize_metadata(m) for m in metas]}
-        return cap
+        return _Capture(rids, [self._sample_id() for _ in rids], rows, metas, batch_size, time.time())
 
+    def _finish(self, cap: _Capture, ok: bool) -> None:
+        """Offer the request's captures to the exporter. Never raises; O(1) Python work."""
+        try:
+            n = len(cap.sample_ids)
+            if cap.failed:
+                self.exporter.drop("hook_error", n)
+            elif not ok:
+                self.exporter.drop("request_error", n)  # the request raised: partial capture
+            elif cap.plan is not None:  # a forward started and never finished
+                self.exporter.drop("request_error", n)
+            elif cap.steps:
+                self.exporter.offer(CapturedRequest(
+                    self._base_header, cap.sample_ids, cap.request_ids, cap.metadata, cap.steps,
+                    cap.events, cap.nbytes, cap.started))
+            # else: the model never ran inside the request; nothing was captured.
+        except Exception:
+            self.exporter.drop("hook_error", len(cap.sample_ids) or 1)
+
+    # ------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
         p = self.parts
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
@@ -281,226 +395,252 @@ class Tap:
         for i, blk in enumerate(p.blocks):
             if i + 1 in self._slot:
                 self._handles.append(blk.register_forward_hook(self._make_block_hook(self._slot[i + 1])))
-        if p.unembed is not None and self.settings.positions in ("last", "generated"):
+        if p.unembed is not None and self.settings.positions != "mean":
             self._handles.append(p.unembed.register_forward_hook(self._unembed_post))
 
     def _hook_failed(self, cap: _Capture) -> None:
+        cap.plan = None
         if not cap.failed:
             cap.failed = True
-            self.hook_errors += 1
+            self._counts.add("hook_errors")
 
     # Each hook's first line is the flag check: an unsampled request returns right there.
     def _model_pre(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cap = self._var.get()
-        if cap is None:
+        if cap is None or cap.failed:
             return
         try:
-            self._plan_step(cap, args, kwargs)
+            # (a plan left by a forward that raised is simply replaced)
+            cap.plan = self._plan_step(cap, args, kwargs)
         except Exception:
             self._hook_failed(cap)
 
     def _model_post(self, _m: nn.Module, _a: Any, _o: Any) -> None:
         cap = self._var.get()
-        if cap is None:
+        if cap is None or cap.failed:
             return
+        plan = cap.plan
+        cap.plan = None
         cap.step += 1
-        cap.gather_rows = None
-        cap.mean_weights = None
+        if plan is None:
+            return
+        try:
+            self._seal(cap, plan)
+        except Exception:
+            self._hook_failed(cap)
 
     def _embed_pre(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cap = self._var.get()
-        if cap is None or cap.failed or (cap.gather_rows is None and cap.mean_weights is None):
+        if cap is None or cap.plan is None:
             return
         try:
-            self._take(cap, 0, block_input(args, kwargs))
+            h = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
+            self._take(cap, cap.plan, 0, h)
         except Exception:
             self._hook_failed(cap)
 
     def _make_block_hook(self, slot: int) -> Any:
+        take = self._take
+        failed = self._hook_failed
+        var = self._var
+
         def hook(_m: nn.Module, _a: Any, out: Any) -> None:
-            cap = self._var.get()
-            if cap is None or cap.failed or (cap.gather_rows is None and cap.mean_weights is None):
+            cap = var.get()
+            if cap is None or cap.plan is None:
                 return
             try:
-                self._take(cap, slot, block_output(out))
+                take(cap, cap.plan, slot, out if isinstance(out, torch.Tensor) else out[0])
             except Exception:
-                self._hook_failed(cap)
+                failed(cap)
 
         return hook
 
     def _unembed_post(self, _m: nn.Module, _a: Any, out: Any) -> None:
         cap = self._var.get()
-        if cap is None or cap.failed or cap.gather_rows is None or cap.logits_pos is None:
+        if cap is None or cap.plan is None:
             return
+        plan = cap.plan
         try:
-            logits = out if isinstance(out, torch.Tensor) else out[0]
-            with torch.no_grad():
-                rows, pos = self._device_index(cap, logits.device)
-                if logits.shape[1] != cap.seq_len:  # logits_to_keep: only the last position(s)
-                    shift = cap.seq_len - logits.shape[1]
-                    if int(cap.logits_pos.min()) < shift:
-                        return
-                    pos = pos - shift
-                lp = logits[rows, pos].float().log_softmax(-1)
-                vals, ids = lp.topk(self.settings.final_topk, dim=-1)
-                cap.final_ids.append(self._off_device(cap, ids))
-                cap.final_logprobs.append(self._off_device(cap, vals))
+            if plan.mode != "gather":
+                return
+            logits = (out if isinstance(out, torch.Tensor) else out[0]).detach()
+            if logits.dim() != 3:
+                return
+            rows, pos, _ = self._index_on(cap, plan, logits.device)
+            assert pos is not None
+            kept = int(logits.shape[1])
+            valid = None
+            if kept != plan.seq:  # logits_to_keep: only the last `kept` positions have logits
+                shift = plan.seq - kept
+                if plan.fixed_positions is None or plan.valid is not None or plan.per_slot > kept:
+                    valid = pos >= shift
+                pos = (pos - shift).clamp(min=0)
+            lp = logits[rows, pos].float().log_softmax(-1)
+            vals, ids = lp.topk(min(self.settings.final_topk, int(lp.shape[-1])), dim=-1)
+            plan.topk = (ids, vals, valid)
         except Exception:
             self._hook_failed(cap)
 
-    def _plan_step(self, cap: _Capture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Decide, once per forward, which rows and positions every hook of this step takes."""
+    # ------------------------------------------------------------------------- capture
+    def _plan_step(self, cap: _Capture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Plan | None:
+        """Decide, once per forward, which rows and positions every hook of this step takes.
+
+        Everything is built with torch ops on the inputs' device: no ``.tolist()``/``int()`` of a
+        device tensor, so there is no host synchronisation on CUDA.
+        """
         mode = self.settings.positions
-        cap.gather_rows = None
-        cap.mean_weights = None
-        cap.logits_pos = None
-        if cap.step > 0 and mode != "generated":
-            return
+        step = cap.step
+        if step > 0 and (mode != "generated" or step >= self.settings.max_positions):
+            return None
         ids = kwargs.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor):
             ids = args[0]
         if ids is None:
             ids = kwargs.get("inputs_embeds")
-        if ids is None:
-            raise ValueError("cannot find input_ids or inputs_embeds")
+        if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+            raise ValueError("cannot find input_ids or inputs_embeds of shape [batch, seq, ...]")
         bsz, seq = int(ids.shape[0]), int(ids.shape[1])
-        cap.seq_len = seq
-        cap.dev_index = None
-        if cap.step == 0:
-            cap.prompt_len = seq
-        if not cap.rows:  # tap.request(): every row of the call belongs to the request
+        dev = ids.device
+        if cap.rows is None:  # tap.request(): every row of the call belongs to the request
             cap.rows = list(range(bsz))
-            cap.sample_ids = cap.sample_ids + [uuid.uuid4().hex for _ in range(bsz - len(cap.sample_ids))]
-            cap.request_ids = cap.request_ids * bsz if len(cap.request_ids) == 1 else cap.request_ids
-        if not cap.positions_per_slot:
-            cap.positions_per_slot = [[] for _ in cap.rows]
-        if max(cap.rows) >= bsz:
-            raise ValueError(f"batch rows {cap.rows} but the batch has {bsz} rows")
+            while len(cap.sample_ids) < bsz:
+                cap.sample_ids.append(self._sample_id())
+            if bsz > 1:
+                base_meta = cap.metadata[0]
+                cap.request_ids = cap.request_ids * bsz
+                cap.metadata = [{**base_meta, "row": r} for r in range(bsz)]
+        elif cap.batch_size is not None and bsz != cap.batch_size:
+            raise ValueError(f"tap.batch() got {cap.batch_size} request ids but the model ran {bsz} rows")
+        n_slots = len(cap.rows)
+        all_rows = n_slots == bsz
+        rows = cap.rows_dev.get(dev)
+        if rows is None:
+            rows = torch.arange(bsz, device=dev) if all_rows else _to_device(torch.tensor(cap.rows), dev)
+            cap.rows_dev[dev] = rows
         mask = kwargs.get("attention_mask")
-        if cap.step == 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == seq:
-            valid = [torch.nonzero(mask[r] > 0).flatten().tolist() or [seq - 1] for r in cap.rows]
-        else:
-            valid = [list(range(seq)) for _ in cap.rows]
-        rows, pos, owners = [], [], []
+        if step > 0 or not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == seq):
+            mask = None
+        if mask is not None:
+            m = (mask if all_rows else mask.index_select(0, rows.to(mask.device))).to(dev) != 0
         if mode == "mean":
-            w = torch.zeros(len(cap.rows), seq)
-            for s, v in enumerate(valid):
-                w[s, v] = 1.0 / len(v)
-                cap.positions_per_slot[s] = [-1]
-            cap.mean_weights = w
-            cap.owners = list(range(len(cap.rows)))
-            cap.step_owners.append(cap.owners)
-            return
-        for s, v in enumerate(valid):
-            if mode == "all":
-                take = v[-self.settings.max_positions:]
-            elif mode == "generated":
-                if len(cap.positions_per_slot[s]) >= self.settings.max_positions:
-                    continue
-                take = [v[-1]]
-            else:  # last
-                take = [v[-1]]
-            for t in take:
-                rows.append(cap.rows[s])
-                pos.append(t)
-                owners.append(s)
-                # absolute position: prompt positions at step 0, then one per generated token
-                cap.positions_per_slot[s].append(t if cap.step == 0 else cap.prompt_len + cap.step - 1)
-        if not rows:
-            return
-        cap.gather_rows = torch.tensor(rows)
-        cap.gather_pos = torch.tensor(pos)
-        cap.logits_pos = cap.gather_pos
-        cap.owners = owners
-        cap.step_owners.append(owners)
-
-    def _off_device(self, cap: _Capture, t: torch.Tensor) -> torch.Tensor:
-        """Small tensor -> host memory. CUDA: non-blocking copy into pinned memory + an event."""
-        if t.device.type == "cuda":
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            cap.events.append(ev)
-            return host
-        return t if t.device.type == "cpu" else t.to("cpu")
+            if mask is None:
+                weights = torch.full((n_slots, 1, seq), 1.0 / seq, device=dev)
+            else:
+                w = m.float()
+                weights = (w / w.sum(-1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
+            return _Plan("mean", dev, seq, 1, n_slots, rows, None, weights, None, [], None, all_rows)
+        if mode == "all":
+            k = min(self.settings.max_positions, seq)
+            ar = torch.arange(k, device=dev)
+            if mask is None:
+                pos = torch.arange(seq - k, seq, device=dev).repeat(n_slots)
+                return _Plan("gather", dev, seq, k, n_slots * k, rows.repeat_interleave(k), pos, None, None,
+                             list(range(seq - k, seq)) * n_slots, None, all_rows)
+            last = _last_valid(m)
+            idx = last.unsqueeze(1) - (k - 1) + ar  # [S, k]: a window ending at each row's last token
+            idxc = idx.clamp(min=0)
+            valid = (idx >= 0) & m.gather(1, idxc)
+            real = m.long().cumsum(-1).gather(1, idxc) - 1
+            return _Plan("gather", dev, seq, k, n_slots * k, rows.repeat_interleave(k), idxc.reshape(-1), None,
+                         real.reshape(-1), None, valid.reshape(-1), all_rows)
+        # "last", or "generated" (step 0: the last prompt token; then each token fed back)
+        if step == 0:
+            if mask is None:
+                cap.lengths = [seq] * n_slots
+                pos = torch.full((n_slots,), seq - 1, device=dev)
+                return _Plan("gather", dev, seq, 1, n_slots, rows, pos, None, None, [seq - 1] * n_slots, None,
+                             all_rows)
+            lengths = m.sum(-1)
+            cap.lengths = lengths
+            return _Plan("gather", dev, seq, 1, n_slots, rows, _last_valid(m), None, (lengths - 1).clamp(min=0),
+                         None, None, all_rows)
+        pos = torch.full((n_slots,), seq - 1, device=dev)
+        lengths = cap.lengths
+        if isinstance(lengths, torch.Tensor):
+            return _Plan("gather", dev, seq, 1, n_slots, rows, pos, None, lengths + (step - 1), None, None,
+                         all_rows)
+        fixed = [n + step - 1 for n in lengths or [seq] * n_slots]
+        return _Plan("gather", dev, seq, 1, n_slots, rows, pos, None, None, fixed, None, all_rows)
 
     @staticmethod
-    def _device_index(cap: _Capture, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's gather indices on ``dev``, copied there once per step (not once per layer)."""
-        if cap.dev_index is None or cap.dev_index[0] != dev:
-            assert cap.gather_rows is not None and cap.gather_pos is not None
-            if dev.type == "cpu":
-                cap.dev_index = (dev, cap.gather_rows, cap.gather_pos)
+    def _index_on(
+        cap: _Capture, plan: _Plan, dev: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The plan's index tensors on ``dev`` (a model split over devices), moved once per step."""
+        got = plan.index.get(dev)
+        if got is None:
+            if dev == plan.device:
+                got = (plan.rows, plan.pos, plan.weights)
             else:
-                both = torch.stack([cap.gather_rows, cap.gather_pos]).pin_memory().to(dev, non_blocking=True)
-                cap.dev_index = (dev, both[0], both[1])
-        return cap.dev_index[1], cap.dev_index[2]
+                got = (_to_device(plan.rows, dev), None if plan.pos is None else _to_device(plan.pos, dev),
+                       None if plan.weights is None else _to_device(plan.weights, dev))
+            plan.index[dev] = got
+        return got
 
-    def _take(self, cap: _Capture, slot: int, hidden: torch.Tensor) -> None:
-        with torch.no_grad():
-            if cap.mean_weights is not None:
-                w = cap.mean_weights.to(hidden.device, torch.float32)
-                rows = torch.tensor(cap.rows, device=hidden.device)
-                small = torch.einsum("st,std->sd", w, hidden[rows].float()).to(torch.float16)
-            else:
-                rows_i, pos_i = self._device_index(cap, hidden.device)
-                small = hidden[rows_i, pos_i].to(torch.float16)
-            host = self._off_device(cap, small)
-            cap.chunks[slot].append(host)
-            cap.nbytes += host.numel() * 2
+    def _take(self, cap: _Capture, plan: _Plan, slot: int, hidden: torch.Tensor) -> None:
+        """Copy this layer's sampled vectors, as float16, into the step buffer."""
+        h = hidden.detach()
+        if plan.buf is None:  # first hook of the step: allocate on the device the model runs on
+            plan.buf = torch.empty((len(self.layers), plan.n_out, int(h.shape[-1])), dtype=torch.float16,
+                                   device=h.device)
+            plan.views = plan.buf.unbind(0)
+        rows, pos, weights = plan.index.get(h.device) or self._index_on(cap, plan, h.device)
+        if pos is not None:
+            plan.views[slot].copy_(h[rows, pos])
+        else:
+            assert weights is not None
+            sel = h if plan.all_rows else h.index_select(0, rows)
+            plan.views[slot].copy_(torch.bmm(weights, sel.float()).squeeze(1))
 
-    def _finish(self, cap: _Capture) -> None:
-        """Hand the captures to the exporter, one CapturedSample per sampled row. Never raises."""
-        try:
-            if cap.failed:
-                self.exporter.drop("hook_error", len(cap.sample_ids) or 1)
-                return
-            if not cap.step_owners or not cap.chunks or not cap.chunks[-1]:
-                return  # the model never ran inside the request
-            per_row_meta = cap.metadata.get("_per_row")
-            n_slots = len(cap.rows)
-            for s in range(n_slots):
-                chunks: list[list[torch.Tensor]] = []
-                fids: list[torch.Tensor] = []
-                flps: list[torch.Tensor] = []
-                for slot_chunks in cap.chunks:
-                    steps = []
-                    for step, owners in enumerate(cap.step_owners):
-                        if step >= len(slot_chunks):
-                            break
-                        idx = [i for i, o in enumerate(owners) if o == s]
-                        if idx:
-                            t = slot_chunks[step]
-                            steps.append(t[idx[0]: idx[-1] + 1] if idx == list(range(idx[0], idx[-1] + 1)) else t[idx])
-                    chunks.append(steps)
-                for step, owners in enumerate(cap.step_owners):
-                    if step < len(cap.final_ids):
-                        idx = [i for i, o in enumerate(owners) if o == s]
-                        if idx:
-                            fids.append(cap.final_ids[step][idx])
-                            flps.append(cap.final_logprobs[step][idx])
-                if not chunks or not chunks[0]:
-                    continue
-                meta = per_row_meta[s] if per_row_meta is not None else cap.metadata
-                header = {
-                    "schema": SCHEMA_VERSION,
-                    "sample_id": cap.sample_ids[s],
-                    "request_id": cap.request_ids[s],
-                    "model": self.model_name,
-                    "model_fingerprint": self.fingerprint,
-                    "layers": list(self.layers),
-                    "n_states": self.parts.n_states,
-                    "positions": self.settings.positions,
-                    "position_index": cap.positions_per_slot[s] if cap.positions_per_slot else [],
-                    "created_at": cap.started,
-                    "metadata": {**meta, "row": cap.rows[s]} if len(cap.rows) > 1 else meta,
-                }
-                nbytes = sum(int(t.numel()) * 2 for steps in chunks for t in steps)
-                item = CapturedSample(header, chunks, fids, flps, list(cap.events), nbytes, cap.started)
-                self.exporter.offer(item)
-        except Exception:
-            self.exporter.drop("hook_error")
+    def _seal(self, cap: _Capture, plan: _Plan) -> None:
+        """End of a forward: take the step buffer and its small index tensors off the device."""
+        if plan.buf is None:
+            return
+        events: dict[torch.device, Any] = {}
+        topk = plan.topk
+        st = CapturedStep(
+            hidden=_to_host(plan.buf, events), per_slot=plan.per_slot,
+            positions=None if plan.positions is None else _to_host(plan.positions, events),
+            fixed_positions=plan.fixed_positions,
+            valid=None if plan.valid is None else _to_host(plan.valid, events),
+            topk_ids=None if topk is None else _to_host(topk[0], events),
+            topk_logprobs=None if topk is None else _to_host(topk[1], events),
+            topk_valid=None if topk is None or topk[2] is None else _to_host(topk[2], events),
+        )
+        for dev in events:  # one event per device, recorded after every copy was enqueued
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dev))
+            cap.events.append(ev)
+        cap.steps.append(st)
+        cap.nbytes += plan.buf.numel() * 2
+
+
+def _last_valid(m: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last non-padding position ([S, T] bool -> [S]; 0 for an empty row)."""
+    ar = torch.arange(m.shape[1], device=m.device)
+    return torch.where(m, ar, 0).amax(-1)
+
+
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Move a small tensor without a host synchronisation (pinned + non-blocking from the CPU)."""
+    if t.device == dev:
+        return t
+    if t.device.type == "cpu" and dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev, non_blocking=True)
+
+
+def _to_host(t: torch.Tensor, events: dict[torch.device, Any]) -> torch.Tensor:
+    """Small tensor -> host memory. CUDA: a non-blocking copy into pinned memory (an event per
+    device is recorded by the caller after all copies); the serving thread never waits."""
+    if t.device.type == "cpu":
+        return t
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        events.setdefault(t.device, None)
+        return host
+    return t.to(_HOST)  # other accelerators: a plain copy
 
 
 def attach(
@@ -521,7 +661,8 @@ def attach(
     Arguments override ``LAYERWATCH_TAP_*`` environment variables; see :class:`TapSettings`
     for every option (``max_samples_per_s``, ``queue_max_items``, ``model_name``, ...).
     ``blocks``/``final_norm``/``unembed`` are dotted module paths for architectures the adapter
-    ladder does not know. ``transport`` may also be a :class:`Transport` instance.
+    ladder does not know. ``transport`` may also be a :class:`Transport` instance (the caller
+    keeps owning it: ``tap.close()`` does not close it).
     """
     transport_obj = transport if isinstance(transport, Transport) else None
     cfg = build_settings(
@@ -529,5 +670,8 @@ def attach(
         transport=transport_obj.url if transport_obj is not None else transport,
         layers=layers, positions=positions, **settings,
     )
-    parts = find_parts(model, blocks=blocks, final_norm=final_norm, unembed=unembed) if blocks else None
+    manual = blocks is not None or final_norm is not None or unembed is not None
+    if manual and blocks is None:
+        raise ConfigError("attach(): final_norm/unembed paths need blocks='path.to.layers' as well")
+    parts = find_parts(model, blocks=blocks, final_norm=final_norm, unembed=unembed) if manual else None
     return Tap(model, cfg, parts=parts, registry=registry, transport=transport_obj)

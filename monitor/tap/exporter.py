@@ -1,11 +1,17 @@
 """The tap's exporter: a bounded queue drained by a daemon thread that encodes and publishes.
 
-Threading contract: :meth:`Exporter.offer` is called synchronously on the serving thread, so it
-must not block or raise: it checks shutdown and the pid (fork), checks the item and byte bounds,
-appends to a ``deque`` and wakes the worker. A full queue drops the item and counts the reason;
-nothing is logged per drop. Everything else (waiting for device copies, assembling the
-``[L, P, d]`` array, JSON encoding, transport I/O, reconnection with backoff) runs on the
-worker thread.
+Threading contract: :meth:`Exporter.offer` and :meth:`Exporter.drop` are called synchronously
+on the serving thread, so they must not block or raise. ``offer`` checks shutdown and the item
+and byte bounds under a short, uncontended lock (the worker holds it only to pop and account),
+appends to a ``deque`` and wakes the worker if it sleeps. A full queue drops the item and counts
+the reason; nothing is logged per drop. Everything else (waiting for device copies, splitting a
+batch into per-request ``[L, P, d]`` arrays, JSON encoding, transport I/O, reconnection with
+backoff) runs on the worker thread.
+
+Accounting: a queued item is one sampled forward batch holding ``n_samples`` samples; the item
+bound counts samples and the byte bound counts the host bytes of captured tensors. Both stay
+charged until the item's publish has finished, so the bound is a bound on the tap's memory.
+Every sample offered ends in exactly one of ``exported`` or a drop reason.
 
 Fork safety: ``os.register_at_fork`` (through a weak reference) gives a forked child (e.g. a
 gunicorn worker) a fresh queue, lock, worker thread and transport, so the child keeps sampling.
@@ -19,51 +25,154 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from monitor.errors import LayerwatchError, TransportError, WireError
 from monitor.metrics import TapMetrics
 from monitor.transport import Transport
 from monitor.wire import encode
 
+DROP_REASONS = (
+    "queue_full", "queue_bytes", "transport_error", "transport_down", "hook_error",
+    "request_error", "encode_error", "closed",
+)
+
+
+class Counts:
+    """Thread-safe integer counters by name (serving threads and the worker both count)."""
+
+    def __init__(self, names: tuple[str, ...] = ()) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, int] = dict.fromkeys(names, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] = self._values.get(name, 0) + n
+
+    def get(self, name: str) -> int:
+        return self._values.get(name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+    def reset(self) -> None:
+        """Zero every counter with a new lock (a forked child is a new tap instance)."""
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self._values, 0)
+
 
 @dataclass
-class CapturedSample:
-    """One sampled request's captures, as handed from the serving thread to the exporter.
+class CapturedStep:
+    """What one forward pass captured for the sampled rows, already in host memory.
 
-    ``chunks[i]`` holds, per step, the captured vectors of watched layer ``i`` ([P_step, d]
-    tensors, already float16 and off the device, or pinned copies with ``events`` to wait on).
+    ``hidden`` is ``[L, P, d]`` float16 with the rows of slot ``s`` (the s-th sampled batch row)
+    at ``[s*k, (s+1)*k)`` where ``k = per_slot``. ``positions``/``valid`` are ``[P]`` (or None:
+    the positions are the Python list ``fixed_positions``, all valid). ``topk_*`` are ``[P, K]``
+    with ``topk_valid`` ``[P]`` (None: all valid).
     """
 
-    header: dict[str, Any]
-    chunks: list[list[Any]]
-    final_ids: list[Any] = field(default_factory=list)
-    final_logprobs: list[Any] = field(default_factory=list)
+    hidden: Any
+    per_slot: int
+    positions: Any = None
+    fixed_positions: list[int] | None = None
+    valid: Any = None
+    topk_ids: Any = None
+    topk_logprobs: Any = None
+    topk_valid: Any = None
+
+
+@dataclass
+class CapturedRequest:
+    """One sampled forward batch (one request, or the sampled rows of a batch), as queued."""
+
+    base_header: dict[str, Any]
+    sample_ids: list[str]
+    request_ids: list[str]
+    metadata: list[dict[str, Any]]
+    steps: list[CapturedStep]
     events: list[Any] = field(default_factory=list)
     nbytes: int = 0
     captured_at: float = 0.0
 
-    def assemble(self) -> np.ndarray:
-        """Wait for device copies, then build the ``[L, P, d]`` float16 array."""
+    @property
+    def n_samples(self) -> int:
+        return len(self.sample_ids)
+
+    def samples(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+        """Wait for device copies, then yield ``(header, hidden[L, P, d])`` per sampled row.
+
+        Runs on the exporter thread. A row with no valid position (an all-padding row) yields
+        nothing; the caller counts it as an encode error.
+        """
         for ev in self.events:
             ev.synchronize()  # waits on the exporter thread, never on the serving thread
-        import torch
+        steps = [_StepArrays.of(st) for st in self.steps]
+        for s, sample_id in enumerate(self.sample_ids):
+            parts, pos, tk_ids, tk_lp = [], [], [], []
+            topk_ok = True
+            for st in steps:
+                sl = slice(s * st.k, (s + 1) * st.k)
+                keep = st.valid[sl] if st.valid is not None else None
+                h = st.hidden[:, sl]
+                p = st.positions[sl]
+                if keep is not None and not keep.all():
+                    h, p = h[:, keep], p[keep]
+                parts.append(h)
+                pos.extend(int(x) for x in p)
+                if st.topk_ids is None:
+                    topk_ok = False
+                    continue
+                ids, lp = st.topk_ids[sl], st.topk_lp[sl]
+                tv = st.topk_valid[sl] if st.topk_valid is not None else None
+                if keep is not None:
+                    ids, lp = ids[keep], lp[keep]
+                    tv = tv[keep] if tv is not None else None
+                if tv is not None and not tv.all():
+                    topk_ok = False  # all-or-nothing: rows of final_topk align with positions
+                tk_ids.append(ids)
+                tk_lp.append(lp)
+            hidden = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            if hidden.shape[1] == 0:
+                continue
+            header = dict(self.base_header)
+            header["sample_id"] = sample_id
+            header["request_id"] = self.request_ids[s]
+            header["metadata"] = self.metadata[s]
+            header["created_at"] = self.captured_at
+            header["position_index"] = pos if header.get("positions") != "mean" else []
+            header["final_topk"] = None
+            if topk_ok and tk_ids:
+                ids = np.concatenate(tk_ids) if len(tk_ids) > 1 else tk_ids[0]
+                lp = np.concatenate(tk_lp) if len(tk_lp) > 1 else tk_lp[0]
+                header["final_topk"] = {
+                    "ids": ids.astype(np.int64).tolist(),
+                    "logprobs": np.round(lp.astype(np.float64), 6).tolist(),
+                }
+            yield header, np.ascontiguousarray(hidden)
 
-        layers = [torch.cat(steps, dim=0) if len(steps) > 1 else steps[0] for steps in self.chunks]
-        return torch.stack(layers).numpy()
 
-    def final_topk(self) -> dict[str, list[list[float]]] | None:
-        if not self.final_ids:
-            return None
-        import torch
+@dataclass
+class _StepArrays:
+    hidden: np.ndarray
+    k: int
+    positions: np.ndarray
+    valid: np.ndarray | None
+    topk_ids: np.ndarray | None
+    topk_lp: np.ndarray | None
+    topk_valid: np.ndarray | None
 
-        ids = torch.cat(self.final_ids, dim=0) if len(self.final_ids) > 1 else self.final_ids[0]
-        lp = torch.cat(self.final_logprobs, dim=0) if len(self.final_logprobs) > 1 else self.final_logprobs[0]
-        return {"ids": ids.tolist(), "logprobs": [[round(float(x), 6) for x in row] for row in lp.tolist()]}
+    @staticmethod
+    def of(st: CapturedStep) -> _StepArrays:
+        def arr(t: Any) -> np.ndarray | None:
+            return None if t is None else t.numpy() if hasattr(t, "numpy") else np.asarray(t)
+
+        positions = arr(st.positions) if st.positions is not None else np.asarray(st.fixed_positions or [])
+        return _StepArrays(arr(st.hidden), st.per_slot, positions, arr(st.valid),  # type: ignore[arg-type]
+                           arr(st.topk_ids), arr(st.topk_logprobs), arr(st.topk_valid))
 
 
 class Exporter:
@@ -82,10 +191,10 @@ class Exporter:
         backoff_initial_s: float,
         backoff_max_s: float,
         counters: Callable[[], dict[str, Any]],
+        owns_transport: bool = True,
     ) -> None:
         self._factory = transport_factory
-        self._metrics = metrics
-        self._label = model_label
+        self._owns_transport = owns_transport
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.batch_size = batch_size
@@ -93,29 +202,30 @@ class Exporter:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self._counters = counters
-        self._m_drops = {r: metrics.drops.labels(model_label, r) for r in (
-            "queue_full", "queue_bytes", "transport_error", "transport_down", "hook_error", "encode_error", "closed")}
+        self._m_drops = {r: metrics.drops.labels(model_label, r) for r in DROP_REASONS}
         self._m_exported = metrics.samples_exported.labels(model_label)
         self._m_depth = metrics.queue_depth.labels(model_label)
         self._m_bytes = metrics.queue_bytes.labels(model_label)
         self._m_latency = metrics.export_latency.labels(model_label)
         self._m_terr = metrics.transport_errors.labels(model_label)
-        self.drops: dict[str, int] = dict.fromkeys(self._m_drops, 0)
-        self.exported = 0
+        self._drops = Counts(DROP_REASONS)
+        self._exported = Counts(("samples",))
         self._init_state()
         ref = weakref.WeakMethod(self._after_fork_in_child)
         os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
-        self._atexit = weakref.WeakMethod(self._atexit_close)
-        atexit.register(lambda: (m := self._atexit()) is not None and m())
+        close_ref = weakref.WeakMethod(self._atexit_close)
+        atexit.register(lambda: (m := close_ref()) is not None and m())
 
     # --- state (re)initialisation -------------------------------------------------------------
     def _init_state(self) -> None:
         self._pid = os.getpid()
-        self._queue: deque[CapturedSample] = deque()
-        self._queued_bytes = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._queue: deque[CapturedRequest] = deque()
+        self._items = 0  # samples queued or in flight
+        self._bytes = 0  # their host bytes
         self._in_flight = 0
         self._wake = threading.Event()
-        self._idle = threading.Condition(threading.Lock())
         self._shutdown = False
         self._transport: Transport | None = None
         self._down_until = 0.0
@@ -123,8 +233,11 @@ class Exporter:
         self._worker: threading.Thread | None = None
 
     def _after_fork_in_child(self) -> None:
-        # Locks and threads do not survive fork: start afresh (queued items belong to the parent).
+        # Locks and threads do not survive fork: start afresh. Queued items belong to the
+        # parent, which exports them; the child is a new tap instance with zeroed counters.
         self._init_state()
+        self._drops.reset()
+        self._exported.reset()
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -134,137 +247,170 @@ class Exporter:
     # --- serving thread -----------------------------------------------------------------------
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` dropped samples (no logging: drops can be frequent)."""
-        self.drops[reason] = self.drops.get(reason, 0) + n
-        self._m_drops[reason].inc(n)
+        if n <= 0:
+            return
+        self._drops.add(reason, n)
+        m = self._m_drops.get(reason)
+        if m is not None:
+            m.inc(n)
 
-    def offer(self, item: CapturedSample) -> bool:
-        """Queue a captured sample; never blocks or raises. False when dropped."""
-        if self._pid != os.getpid():
-            self._init_state()
+    def offer(self, item: CapturedRequest) -> bool:
+        """Queue a captured batch; never blocks or raises. False when dropped (and counted)."""
+        n = item.n_samples
         if self._shutdown:
-            self.drop("closed")
+            self.drop("closed", n)
             return False
-        if len(self._queue) >= self.max_items:
-            self.drop("queue_full")
+        reason = None
+        with self._lock:
+            if self._items + n > self.max_items:
+                reason = "queue_full"
+            elif self._bytes + item.nbytes > self.max_bytes:
+                reason = "queue_bytes"
+            else:
+                self._items += n
+                self._bytes += item.nbytes
+                self._queue.append(item)
+        if reason is not None:
+            self.drop(reason, n)
             return False
-        if self._queued_bytes + item.nbytes > self.max_bytes:
-            self.drop("queue_bytes")
-            return False
-        self._queued_bytes += item.nbytes
-        self._queue.append(item)
         if self._worker is None:
             self._ensure_worker()
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
         return True
 
     # --- worker thread --------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._wake.wait(timeout=0.25)
+            self._wake.wait(timeout=1.0)
             self._wake.clear()
-            while self._queue:
-                batch = []
-                with self._idle:
-                    while self._queue and len(batch) < self.batch_size:
+            while True:
+                with self._lock:
+                    batch: list[CapturedRequest] = []
+                    n = 0
+                    while self._queue and n < self.batch_size:
                         item = self._queue.popleft()
-                        self._queued_bytes -= item.nbytes
                         batch.append(item)
+                        n += item.n_samples
                     self._in_flight = len(batch)
+                if not batch:
+                    break
                 try:
                     self._export(batch)
-                except Exception:  # the worker must survive anything
-                    self.drop("encode_error", len(batch))
+                except Exception:  # the worker must survive anything; every sample is counted
+                    pass
                 finally:
-                    with self._idle:
+                    with self._lock:
                         self._in_flight = 0
+                        self._items -= n
+                        self._bytes -= sum(it.nbytes for it in batch)
+                        depth, size = self._items, self._bytes
                         self._idle.notify_all()
-            self._m_depth.set(len(self._queue))
-            self._m_bytes.set(max(0, self._queued_bytes))
-            with self._idle:
+                    self._m_depth.set(depth)
+                    self._m_bytes.set(size)
+            with self._lock:
                 self._idle.notify_all()
-            if self._shutdown and not self._queue:
-                return
+                if self._shutdown and not self._queue:
+                    return
 
-    def _export(self, batch: list[CapturedSample]) -> None:
-        self._m_depth.set(len(self._queue))
-        self._m_bytes.set(max(0, self._queued_bytes))
+    def _export(self, batch: list[CapturedRequest]) -> None:
+        total = sum(it.n_samples for it in batch)
         if time.monotonic() < self._down_until:
-            self.drop("transport_down", len(batch))
+            self.drop("transport_down", total)
             return
         counters = self._counters()
-        payloads, stamps = [], []
+        payloads: list[bytes] = []
+        stamps: list[float] = []
         for item in batch:
+            done = 0
             try:
-                hidden = item.assemble()
-                header = dict(item.header)
-                header["final_topk"] = item.final_topk()
-                header["tap"] = counters
-                payloads.append(encode(header, hidden, max_bytes=self.max_payload_bytes))
-                stamps.append(item.captured_at)
-            except (WireError, ValueError, RuntimeError):
-                self.drop("encode_error")
+                for header, hidden in item.samples():
+                    done += 1
+                    try:
+                        header["tap"] = counters
+                        payloads.append(encode(header, hidden, max_bytes=self.max_payload_bytes))
+                        stamps.append(item.captured_at)
+                    except Exception:
+                        self.drop("encode_error")
+                self.drop("encode_error", item.n_samples - done)  # rows with no valid position
+            except Exception:
+                self.drop("encode_error", item.n_samples - done)
         if not payloads:
             return
         try:
             if self._transport is None:
                 self._transport = self._factory()
             self._transport.publish(payloads)
-        except (TransportError, LayerwatchError, OSError):
+        except Exception:  # TransportError, a missing redis package, anything: count and back off
             self._m_terr.inc()
             self.drop("transport_error", len(payloads))
             self._down_until = time.monotonic() + self._backoff
             self._backoff = min(self.backoff_max_s, self._backoff * 2)
             return
         self._backoff = self.backoff_initial_s
-        now = time.time()
-        self.exported += len(payloads)
+        self._exported.add("samples", len(payloads))
         self._m_exported.inc(len(payloads))
+        now = time.time()
         for t in stamps:
             self._m_latency.observe(max(0.0, now - t))
 
     # --- control ----------------------------------------------------------------------------
     @property
+    def exported(self) -> int:
+        """Samples published successfully (by this process)."""
+        return self._exported.get("samples")
+
+    @property
+    def drops(self) -> dict[str, int]:
+        """Dropped samples by reason (by this process)."""
+        return self._drops.snapshot()
+
+    @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Samples queued or being published."""
+        return self._items
 
     @property
     def queued_bytes(self) -> int:
-        return max(0, self._queued_bytes)
+        """Host bytes of captured tensors queued or being published (bounded by ``max_bytes``)."""
+        return self._bytes
 
     def flush(self, timeout: float) -> bool:
-        """Wait until everything queued has been handed to the transport (or dropped)."""
-        if self._pid != os.getpid():
-            self._init_state()
+        """Wait up to ``timeout`` s until everything queued was published or dropped."""
         deadline = time.monotonic() + max(0.0, timeout)
-        if self._queue:
-            self._ensure_worker()
-        with self._idle:
-            while self._queue or self._in_flight:
+        with self._lock:
+            if self._queue:
+                self._ensure_worker()
+            while self._items:
                 self._wake.set()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._idle.wait(min(left, 0.1))
+                self._idle.wait(min(left, 0.5))
         return True
 
     def close(self, timeout: float) -> bool:
-        """Flush within ``timeout``, then stop; whatever is left is dropped as ``closed``."""
+        """Flush and stop within ``timeout`` s in all; whatever is left is dropped as ``closed``."""
+        deadline = time.monotonic() + max(0.0, timeout)
         drained = self.flush(timeout)
-        self._shutdown = True
-        self._wake.set()
-        left = len(self._queue)
-        if left:
+        with self._lock:
+            self._shutdown = True
+            left = sum(it.n_samples for it in self._queue)
+            for it in self._queue:
+                self._items -= it.n_samples
+                self._bytes -= it.nbytes
             self._queue.clear()
-            self._queued_bytes = 0
-            self.drop("closed", left)
-        if self._worker is not None:
-            self._worker.join(timeout=max(0.1, timeout))
-        if self._transport is not None:
+        self.drop("closed", left)
+        self._wake.set()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._transport is not None and self._owns_transport and (worker is None or not worker.is_alive()):
             try:
                 self._transport.close()
-            except LayerwatchError:
+            except Exception:
                 pass
-        return drained
+        return drained and not left
 
     def _atexit_close(self) -> None:
         if not self._shutdown:

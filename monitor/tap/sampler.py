@@ -31,6 +31,12 @@ class TokenBucket:
         self._last = time.monotonic()
         self._lock = threading.Lock()
 
+    def after_fork(self) -> None:
+        """A forked child starts with a full bucket and a fresh lock (the parent's may be held)."""
+        self._lock = threading.Lock()
+        self._tokens = self.capacity
+        self._last = time.monotonic()
+
     def try_acquire(self) -> bool:
         with self._lock:
             now = time.monotonic()
@@ -48,6 +54,11 @@ class Sampler:
     def __init__(self, rate: float, max_per_s: float | None = None) -> None:
         self.rate = rate
         self.budget = TokenBucket(max_per_s) if max_per_s else None
+
+    def after_fork(self) -> None:
+        """Reset per-process state in a forked child (the budget is per process)."""
+        if self.budget is not None:
+            self.budget.after_fork()
 
     def decide(self, request_id: str, force: bool = False) -> str | None:
         """``force`` samples regardless of rate and budget (an operator asked for this one)."""
