@@ -15,7 +15,7 @@ ARG TORCH_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/layerwatch
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README* ./
 COPY monitor ./monitor
 # The tap needs no onnxruntime: the server installs only the demo, redis and model-loading extras.
 RUN /opt/layerwatch/bin/pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \

@@ -23,7 +23,7 @@ RUN python3 -m venv --help >/dev/null 2>&1 || (apt-get update \
  && rm -rf /var/lib/apt/lists/*)
 RUN python3 -m venv /opt/layerwatch
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README* ./
 COPY monitor ./monitor
 RUN /opt/layerwatch/bin/pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
  && /opt/layerwatch/bin/pip install ".[${EXTRA}]"
