@@ -18,10 +18,14 @@ file system) are mapped into this tree with ``raise X(msg) from exc``::
     │   └── BundlePathError         a manifest path leaves the bundle directory
     ├── BaselineError               a baseline cannot be built or used
     └── AuditError                  the audit trail cannot be written or read
-        └── AuditIntegrityError     verification found a break
+        ├── AuditIntegrityError     verification found a break
+        ├── AuditLockedError        another writer holds the trail's lock
+        └── AuditWriteError         a write or fsync failed (carries the records already written)
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class LayerwatchError(Exception):
@@ -93,3 +97,17 @@ class AuditError(LayerwatchError):
 
 class AuditIntegrityError(AuditError):
     """Verification of the audit trail found a break."""
+
+
+class AuditLockedError(AuditError):
+    """Another writer (process or object) holds the trail's lock: one writer per trail."""
+
+
+class AuditWriteError(AuditError):
+    """An append or fsync failed. ``written`` holds the records of the failing call that
+    were written before the failure (they are valid and stay in the trail, but are not durable
+    until a later sync succeeds)."""
+
+    def __init__(self, message: str, written: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.written = list(written)

@@ -1,0 +1,36 @@
+"""The tamper-evident audit trail and the tools to review it.
+
+Writing (the sidecar)::
+
+    from monitor.audit import AuditConfig, AuditWriter, sample_fields
+    writer = AuditWriter(AuditConfig(directory="/var/lib/layerwatch/audit", writer_id="replica-a"))
+    records = writer.append_many([("sample", sample_fields(sample_id=..., narrative=..., score=..., flags=...))])
+    writer.sync()          # durable: now acknowledge the stream entries of these records
+    writer.close()
+
+Reviewing: :func:`verify_trail`, :func:`search`, :func:`render_report`, or the CLI
+``layerwatch audit verify|search|show|report|prune``. The record format is in
+:mod:`monitor.audit.records`, the break kinds in :mod:`monitor.audit.verify`, the
+on-disk layout in :mod:`monitor.audit.segments`; docs/audit.md walks through all of it.
+"""
+
+from monitor.audit.config import AuditConfig
+from monitor.audit.heads import FileHeadStore, Head, HeadStore, RedisHeadStore
+from monitor.audit.reader import Entry, Query, iter_entries, search
+from monitor.audit.records import (
+    GENESIS_HASH,
+    SCHEMA_VERSION,
+    AuditRecord,
+    KeyRing,
+    RecordKind,
+    sample_fields,
+)
+from monitor.audit.report import render_report
+from monitor.audit.verify import Break, TrailReport, verify_trail
+from monitor.audit.writer import AuditWriter, PruneResult
+
+__all__ = [
+    "GENESIS_HASH", "SCHEMA_VERSION", "AuditConfig", "AuditRecord", "AuditWriter", "Break", "Entry",
+    "FileHeadStore", "Head", "HeadStore", "KeyRing", "PruneResult", "Query", "RecordKind", "RedisHeadStore",
+    "TrailReport", "iter_entries", "render_report", "sample_fields", "search", "verify_trail",
+]

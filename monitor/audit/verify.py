@@ -1,0 +1,533 @@
+"""Verification of a trail: every record, every link, the segment boundaries, and the head.
+
+:func:`verify_trail` reads a trail oldest segment first and stops at the first break, which it
+reports with its kind and exact location (segment file, line, byte offset, seq). Kinds:
+
+=========================  =========================================================================
+``malformed_record``       a line is not a canonical audit record (not JSON, bytes changed, a field
+                           missing, an unterminated line inside the trail)
+``hash_mismatch``          a record's content does not match its ``hash`` (edited after writing)
+``hmac_missing``           with a key: a record carries no signature
+``hmac_invalid``           with a key: a signature is wrong or made with an unknown key
+``foreign_record``         a record of another writer
+``duplicate_record``       a line repeats the line before it
+``sequence_gap``           records are missing inside a segment (deleted lines)
+``sequence_order``         seq goes backwards (lines inserted, duplicated or swapped)
+``chain_break``            ``prev_hash`` is not the hash of the record before (a record replaced)
+``segment_misnamed``       a segment's file name promises another first seq than it holds
+``segment_start_invalid``  a segment does not start with a checkpoint continuing from the one before
+``empty_segment``          a segment other than the newest holds no record
+``dropped_segment``        whole segments are missing between two segments
+``dropped_oldest_segment`` the trail starts after seq 1 and no prune record covers the gap
+``cut_tail``               the head says records were durable that are no longer there
+``dropped_newest_segment`` the head is in a segment that no longer exists
+``head_mismatch``          the head's hash differs from the record at its seq (records rewritten)
+``head_invalid``           the head is damaged, of another writer, or its signature is wrong
+``head_missing``           the trail declares a head file that is missing (or --require-head)
+``records_lost``           a recovery record: at start-up the writer found durable records missing
+``torn_write``             (status ``torn``, not ``broken``) the newest segment ends in a partial
+                           record *not* covered by the head: a crash, which the writer quarantines
+                           at its next start-up
+=========================  =========================================================================
+
+Exit codes (:meth:`TrailReport.exit_code`): 0 intact, 1 broken, 3 torn write only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from monitor.audit.heads import HEAD_FILE, FileHeadStore, Head, HeadStore
+from monitor.audit.records import (
+    GENESIS_HASH,
+    KeyRing,
+    RecordFormatError,
+    RecordKind,
+    parse_record,
+    record_hash,
+)
+from monitor.audit.segments import Line, list_segments, segment_first_seq, split_lines, torn_suffix_start
+from monitor.errors import AuditError, AuditIntegrityError
+
+AUTO: Any = object()
+_START_REASONS = ("open", "rotate")
+
+
+@dataclass(frozen=True)
+class Break:
+    """The first place verification failed."""
+
+    kind: str
+    message: str
+    segment: str | None = None
+    line: int | None = None
+    offset: int | None = None
+    seq: int | None = None
+
+    def location(self) -> str:
+        """``segment-….jsonl line 17 (byte 8123)``, or what is known of it."""
+        if self.segment is None:
+            return "trail"
+        where = self.segment
+        if self.line is not None:
+            where += f" line {self.line}"
+        if self.offset is not None:
+            where += f" (byte {self.offset})"
+        return where
+
+    def describe(self) -> str:
+        """One line: kind, location, seq, message."""
+        seq = f", seq {self.seq}" if self.seq is not None else ""
+        return f"{self.kind} at {self.location()}{seq}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"kind": self.kind, "message": self.message, "segment": self.segment, "line": self.line,
+                "offset": self.offset, "seq": self.seq}
+
+
+@dataclass
+class TrailReport:
+    """Result of verifying one trail."""
+
+    trail: Path
+    writer: str | None = None
+    status: Literal["intact", "torn", "broken"] = "intact"
+    first_break: Break | None = None
+    segments: int = 0
+    records: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    head: str = "not checked"
+    signatures: str = "unsigned"
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 intact, 1 broken, 3 torn write only."""
+        return {"intact": 0, "broken": 1, "torn": 3}[self.status]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "trail": str(self.trail), "writer": self.writer, "status": self.status,
+            "first_break": self.first_break.to_dict() if self.first_break else None,
+            "segments": self.segments, "records": self.records, "first_seq": self.first_seq,
+            "last_seq": self.last_seq, "head": self.head, "signatures": self.signatures,
+            "notes": self.notes, "warnings": self.warnings,
+        }
+
+
+class _Scanner:
+    """Walks records in order and remembers the first break and what later checks need."""
+
+    def __init__(self, keys: KeyRing | None, want_seq: int | None = None, check_start: bool = True) -> None:
+        self.keys = keys
+        self.want_seq = want_seq
+        self.want_hash: str | None = None
+        self.want_loc: tuple[str, int, int] | None = None
+        self.check_start = check_start
+        self.brk: Break | None = None
+        self.expected_seq: int | None = None
+        self.expected_prev: str | None = None
+        self.prev_line: bytes | None = None
+        self.prev_loc: str = ""
+        self.writer: str | None = None
+        self.records = 0
+        self.first_seq: int | None = None
+        self.last_seq: int | None = None
+        self.start_gap: tuple[int, str, str, int, int] | None = None  # (seq, prev_hash, segment, line, offset)
+        self.prune_through: dict[str, Any] | None = None
+        self.prunes: list[dict[str, Any]] = []
+        self.head_store_declared: str | None = None
+        self.key_ids: set[str] = set()
+        self.signed = 0
+        self.notes: list[str] = []
+        self.last_kind: str | None = None
+        self.last_reason: str | None = None
+
+    def fail(self, kind: str, message: str, seg: str | None, line: Line | None, seq: int | None = None) -> None:
+        if self.brk is None:
+            self.brk = Break(kind, message, seg, line.number if line else None, line.offset if line else None, seq)
+
+    def empty_segment(self, seg: str, newest: bool) -> None:
+        if self.brk is not None:
+            return
+        name_seq = segment_first_seq(seg)
+        if not newest:
+            self.fail("empty_segment", "the segment holds no record", seg, None, name_seq)
+        elif self.expected_seq is not None and name_seq != self.expected_seq:
+            self.fail("segment_misnamed", f"the file name says seq {name_seq} but the chain is at seq {self.expected_seq}",
+                      seg, None, name_seq)
+
+    def feed(self, seg: str, lines: Sequence[Line], newest: bool) -> None:
+        for index, line in enumerate(lines):
+            if self.brk is not None:
+                self._light(line)
+                continue
+            self._check(seg, index, line, newest and index == len(lines) - 1)
+
+    def _light(self, line: Line) -> None:
+        # After the first break, still collect prune checkpoints (they decide whether the trail's
+        # start is legitimate, which would be an earlier break).
+        try:
+            rec = parse_record(line.data)
+        except RecordFormatError:
+            return
+        if rec["kind"] == RecordKind.CHECKPOINT and record_hash(rec) == rec["hash"]:
+            self._note_checkpoint(rec)
+
+    def _note_checkpoint(self, rec: dict[str, Any]) -> None:
+        body = rec.get("checkpoint")
+        if not isinstance(body, dict):
+            return
+        if isinstance(body.get("head_store"), str):
+            self.head_store_declared = body["head_store"]
+        if body.get("reason") == "prune":
+            through = body.get("pruned_through")
+            if isinstance(through, dict) and type(through.get("seq")) is int:
+                self.prunes.append(through)
+                if self.prune_through is None or through["seq"] > self.prune_through["seq"]:
+                    self.prune_through = through
+
+    def _check(self, seg: str, index: int, line: Line, last_line: bool) -> None:
+        if not line.terminated:
+            self.fail("malformed_record", "the line has no terminating newline (cut inside the trail)", seg, line)
+            return
+        try:
+            rec = parse_record(line.data)
+        except RecordFormatError as exc:
+            self.fail("malformed_record", exc.reason, seg, line)
+            return
+        seq = rec["seq"]
+        if record_hash(rec) != rec["hash"]:
+            self.fail("hash_mismatch", "the record's content does not match its hash (edited after it was written)",
+                      seg, line, seq)
+            return
+        if self.keys:
+            sig = rec.get("hmac")
+            if sig is None:
+                self.fail("hmac_missing", "the record is not signed (written without a key, or its signature removed)",
+                          seg, line, seq)
+                return
+            problem = self.keys.check(rec["hash"], sig)
+            if problem:
+                self.fail("hmac_invalid", problem, seg, line, seq)
+                return
+        if "hmac" in rec:
+            self.signed += 1
+            self.key_ids.add(rec["hmac"].partition(":")[0])
+        if self.writer is None:
+            self.writer = rec["writer"]
+        elif rec["writer"] != self.writer:
+            self.fail("foreign_record", f"written by {rec['writer']!r}, but this is the trail of {self.writer!r}",
+                      seg, line, seq)
+            return
+        if self.expected_seq is not None and index > 0:
+            if seq != self.expected_seq:
+                if line.data == self.prev_line:
+                    self.fail("duplicate_record", "the line repeats the line before it", seg, line, seq)
+                elif seq > self.expected_seq:
+                    self.fail("sequence_gap", f"records {self.expected_seq}..{seq - 1} are missing before this one",
+                              seg, line, seq)
+                else:
+                    self.fail("sequence_order", f"seq {seq} after seq {self.expected_seq - 1}: lines were inserted, "
+                              "duplicated or reordered", seg, line, seq)
+                return
+            if rec["prev_hash"] != self.expected_prev:
+                self.fail("chain_break", f"prev_hash is not the hash of the record before ({self.prev_loc}): "
+                          "that record or this one was replaced", seg, line, seq)
+                return
+        if index == 0 and not self._check_segment_start(seg, line, rec):
+            return
+        body = rec.get("checkpoint")
+        if rec["kind"] == RecordKind.CHECKPOINT:
+            if not isinstance(body, dict) or body.get("segment") != seg:
+                self.fail("segment_start_invalid" if index == 0 else "malformed_record",
+                          f"checkpoint names segment {body.get('segment') if isinstance(body, dict) else None!r}, "
+                          f"but it is in {seg}", seg, line, seq)
+                return
+            if index > 0 and body.get("reason") in _START_REASONS:
+                self.fail("segment_start_invalid", "a segment-start checkpoint in the middle of a segment", seg, line, seq)
+                return
+            self._note_checkpoint(rec)
+        if rec["kind"] == RecordKind.RECOVERY:
+            self._check_recovery(seg, line, rec)
+            if self.brk is not None:
+                return
+        if self.first_seq is None:
+            self.first_seq = seq
+        self.records += 1
+        self.last_seq = seq
+        self.expected_seq = seq + 1
+        self.expected_prev = rec["hash"]
+        self.prev_line = line.data
+        self.prev_loc = f"{seg} line {line.number}"
+        self.last_kind = rec["kind"]
+        self.last_reason = body.get("reason") if isinstance(body, dict) else None
+        if seq == self.want_seq:
+            self.want_hash = rec["hash"]
+            self.want_loc = (seg, line.number, line.offset)
+
+    def _check_segment_start(self, seg: str, line: Line, rec: dict[str, Any]) -> bool:
+        seq = rec["seq"]
+        name_seq = segment_first_seq(seg)
+        if seq != name_seq:
+            self.fail("segment_misnamed", f"the file name says the segment starts at seq {name_seq}, its first "
+                      f"record is seq {seq}", seg, line, seq)
+            return False
+        body = rec.get("checkpoint")
+        cont = body.get("continues_from") if isinstance(body, dict) else None
+        if (rec["kind"] != RecordKind.CHECKPOINT or not isinstance(body, dict) or body.get("reason") not in _START_REASONS
+                or not isinstance(cont, dict)):
+            self.fail("segment_start_invalid", "the segment does not start with its checkpoint record", seg, line, seq)
+            return False
+        if cont.get("seq") != seq - 1 or cont.get("hash") != rec["prev_hash"]:
+            self.fail("segment_start_invalid", "the checkpoint's continues_from disagrees with its seq/prev_hash",
+                      seg, line, seq)
+            return False
+        if self.expected_seq is None:
+            if seq == 1 and rec["prev_hash"] == GENESIS_HASH:
+                return True
+            if self.check_start:
+                self.start_gap = (seq, rec["prev_hash"], seg, line.number, line.offset)
+            return True
+        if seq > self.expected_seq:
+            self.fail("dropped_segment", f"records {self.expected_seq}..{seq - 1} are missing: the segment(s) "
+                      f"between {self.prev_loc.split(' ')[0]} and {seg} were removed or cut", seg, line, seq)
+            return False
+        if seq < self.expected_seq:
+            self.fail("sequence_order", f"the segment starts at seq {seq} but the one before ends at seq "
+                      f"{self.expected_seq - 1}", seg, line, seq)
+            return False
+        if rec["prev_hash"] != self.expected_prev:
+            self.fail("chain_break", f"prev_hash is not the hash of the last record of the segment before "
+                      f"({self.prev_loc})", seg, line, seq)
+            return False
+        return True
+
+    def _check_recovery(self, seg: str, line: Line, rec: dict[str, Any]) -> None:
+        body = rec.get("recovery")
+        if not isinstance(body, dict):
+            self.fail("malformed_record", "recovery record without a 'recovery' object", seg, line, rec["seq"])
+            return
+        reason = body.get("reason")
+        if reason == "torn_write":
+            self.notes.append(
+                f"recovered from a torn write at start-up: {body.get('bytes')} byte(s) of {body.get('segment')} "
+                f"(from byte {body.get('offset')}) moved to {body.get('quarantined_to')} (seq {rec['seq']})")
+        elif reason in ("tail_lost", "head_mismatch"):
+            self.fail("records_lost", f"at start-up the writer found durable records missing or changed: "
+                      f"{body.get('detail', reason)} (records {body.get('from_seq')}..{body.get('to_seq')})",
+                      seg, line, rec["seq"])
+        else:
+            self.notes.append(f"recovery record ({reason}) at seq {rec['seq']}")
+
+
+def first_record(path: Path) -> dict[str, Any]:
+    """The parsed first record of a segment; AuditIntegrityError when it has none."""
+    with path.open("rb") as f:
+        line = f.readline()
+    if not line.endswith(b"\n"):
+        raise AuditIntegrityError(f"{path} has no complete first record")
+    try:
+        return parse_record(line[:-1])
+    except RecordFormatError as exc:
+        raise AuditIntegrityError(f"{path} line 1: {exc.reason}") from exc
+
+
+def verify_segments(paths: Sequence[Path], *, keys: KeyRing | None = None, first_line_of_last: bool = False) -> Break | None:
+    """Check the records and links of consecutive segments (not the trail's start or head).
+    With ``first_line_of_last`` only the first record of the last segment is read (it must
+    continue the chain). Used before pruning, so tampering is never pruned away unseen."""
+    scanner = _Scanner(keys, check_start=False)
+    for i, path in enumerate(paths):
+        lines = split_lines(path.read_bytes())
+        if first_line_of_last and i == len(paths) - 1:
+            lines = lines[:1]
+        if not lines:
+            scanner.empty_segment(path.name, newest=False)
+        scanner.feed(path.name, lines, newest=False)
+        if scanner.brk is not None:
+            return scanner.brk
+    return None
+
+
+def _load_head(store: HeadStore, writer: str, report: TrailReport) -> tuple[Head | None, Break | None]:
+    try:
+        return store.load(writer), None
+    except AuditIntegrityError as exc:
+        return None, Break("head_invalid", f"{store.describe()}: {exc}")
+    except AuditError as exc:
+        report.warnings.append(f"head not checked: {exc}")
+        return None, None
+
+
+def verify_trail(
+    trail: str | Path,
+    *,
+    keys: KeyRing | None = None,
+    head_store: HeadStore | None = AUTO,
+    require_head: bool = False,
+) -> TrailReport:
+    """Verify one trail folder. ``head_store``: where to read the head (default: the trail's
+    ``HEAD.json`` if present; pass a RedisHeadStore for trails that publish there, None to skip).
+    ``require_head``: a head that cannot be checked is a break (``head_missing``)."""
+    trail = Path(trail)
+    report = TrailReport(trail=trail)
+    segments = list_segments(trail)
+    report.segments = len(segments)
+    if head_store is AUTO:
+        head_file = trail / HEAD_FILE
+        head_store = FileHeadStore(head_file) if head_file.exists() else None
+        auto_head = True
+    else:
+        auto_head = False
+
+    # The writer id, needed to look the head up, is in every record; read it from the first one.
+    writer: str | None = None
+    for seg in segments:
+        try:
+            writer = first_record(seg)["writer"]
+            break
+        except AuditIntegrityError:
+            continue
+    head: Head | None = None
+    head_break: Break | None = None
+    if head_store is not None and writer is not None:
+        head, head_break = _load_head(head_store, writer, report)
+    elif head_store is not None and isinstance(head_store, FileHeadStore) and not head_store.per_writer:
+        try:
+            head = Head.from_json(head_store.path.read_bytes())
+        except (OSError, AuditIntegrityError) as exc:
+            head_break = Break("head_invalid", f"{head_store.describe()}: {exc}")
+
+    scanner = _Scanner(keys, want_seq=head.seq if head is not None else None)
+    torn: tuple[str, Line, int] | None = None
+    end_loc: tuple[str, int, int] | None = None
+    for i, seg in enumerate(segments):
+        data = seg.read_bytes()
+        lines = split_lines(data)
+        newest = i == len(segments) - 1
+        end = torn_suffix_start(lines) if newest else len(lines)
+        if newest and end < len(lines):
+            torn = (seg.name, lines[end], len(data) - lines[end].offset)
+        if end == 0:
+            scanner.empty_segment(seg.name, newest)
+        scanner.feed(seg.name, lines[:end], newest)
+        if newest:
+            end_loc = (seg.name, end + 1, lines[end].offset if end < len(lines) else len(data))
+
+    report.writer = scanner.writer or writer
+    report.records = scanner.records
+    report.first_seq = scanner.first_seq
+    report.last_seq = scanner.last_seq
+    report.notes.extend(scanner.notes)
+    if scanner.signed:
+        kids = ", ".join(sorted(scanner.key_ids))
+        report.signatures = f"checked (key id {kids})" if keys else f"NOT checked: signed with key id {kids}, no key given"
+        if not keys:
+            report.warnings.append(f"signatures not checked: the trail is signed (key id {kids}); pass its key")
+    brk = scanner.brk
+
+    # The start of the trail: seq 1 from the genesis hash, or a prune checkpoint covering the gap.
+    if scanner.start_gap is not None:
+        seq, prev_hash, seg_name, line_no, offset = scanner.start_gap
+        through = scanner.prune_through
+        covering = [p for p in scanner.prunes if p.get("seq") == seq - 1]
+        if through is None or through["seq"] < seq - 1:
+            covered = f"the prune records cover seq 1..{through['seq']}" if through else "no prune record covers them"
+            brk = Break("dropped_oldest_segment", f"the trail starts at seq {seq}, so records 1..{seq - 1} are gone, "
+                        f"and {covered}: segments were removed other than by `layerwatch audit prune`",
+                        seg_name, line_no, offset, seq)
+        elif covering and covering[-1].get("hash") != prev_hash:
+            brk = Break("dropped_oldest_segment", f"the prune record says the chain continues from hash "
+                        f"{str(covering[-1].get('hash'))[:16]}… at seq {seq - 1}, the first record's prev_hash differs",
+                        seg_name, line_no, offset, seq)
+        else:
+            report.notes.append(f"pruned: records 1..{seq - 1} removed by `audit prune`; the chain continues from "
+                                f"{prev_hash[:16]}… (checkpoint at {seg_name} line 1)")
+
+    # The head: what was durable must still be there, unchanged.
+    status_torn = False
+    if brk is None:
+        if head_break is not None:
+            brk = head_break
+        elif head is not None:
+            brk, status_torn = _check_head(head, keys, scanner, torn, end_loc, segments, report)
+        else:
+            declared = scanner.head_store_declared
+            if require_head:
+                brk = Break("head_missing", "no head to check the tail against (--require-head)"
+                            + (f"; the trail publishes it to {declared}" if declared and declared != "file" else ""))
+            elif declared == "file" and auto_head:
+                brk = Break("head_missing", f"the trail keeps its head in {HEAD_FILE}, which is missing: "
+                            "a cut tail cannot be ruled out")
+            elif declared == "none":
+                report.warnings.append("this trail keeps no head outside its segments: a cut tail cannot be detected")
+            elif declared:
+                report.warnings.append(f"the head is kept in {declared}: pass --head to check for a cut tail")
+            if brk is None and torn is not None:
+                status_torn = True
+        if brk is None and status_torn and torn is not None:
+            seg_name, line, nbytes = torn
+            brk = Break("torn_write", f"the newest segment ends in {nbytes} byte(s) of a partial record not covered "
+                        "by the head (a crash during a write); the writer quarantines it at its next start-up",
+                        seg_name, line.number, line.offset)
+    if brk is not None:
+        report.first_break = brk
+        report.status = "torn" if brk.kind == "torn_write" else "broken"
+    elif scanner.last_kind == RecordKind.CHECKPOINT and scanner.last_reason == "close":
+        report.notes.append("the trail ends with the writer's closing checkpoint")
+    else:
+        report.notes.append("the trail does not end with a closing checkpoint (writer running, or it stopped uncleanly)")
+    return report
+
+
+def _check_head(
+    head: Head,
+    keys: KeyRing | None,
+    scanner: _Scanner,
+    torn: tuple[str, Line, int] | None,
+    end_loc: tuple[str, int, int] | None,
+    segments: Sequence[Path],
+    report: TrailReport,
+) -> tuple[Break | None, bool]:
+    if scanner.writer is not None and head.writer != scanner.writer:
+        return Break("head_invalid", f"the head belongs to writer {head.writer!r}, the trail to {scanner.writer!r}"), False
+    if keys:
+        problem = head.check_signature(keys)
+        if problem:
+            return Break("head_invalid", f"head signature: {problem}"), False
+    last = scanner.last_seq or 0
+    report.head = f"seq {head.seq} ({head.ts})"
+    if head.seq > last:
+        missing = f"records {last + 1}..{head.seq}"
+        if torn is not None:
+            seg_name, line, _ = torn
+            if not line.terminated:
+                return Break("cut_tail", f"the newest segment ends inside a record, and the head says {missing} were "
+                             f"durable: the file was cut, not torn by a crash", seg_name, line.number, line.offset,
+                             last + 1), False
+            return Break("malformed_record", f"a damaged line where the head says {missing} were durable",
+                         seg_name, line.number, line.offset, last + 1), False
+        names = {p.name for p in segments}
+        if head.segment not in names:
+            return Break("dropped_newest_segment", f"the head is seq {head.seq} in {head.segment}, which is missing: "
+                         f"{missing} are gone", head.segment, None, None, last + 1), False
+        seg_name, line_no, offset = end_loc or (head.segment, None, None)
+        return Break("cut_tail", f"the head says {missing} were durable, but the trail ends at seq {last}",
+                     seg_name, line_no, offset, last + 1), False
+    if scanner.first_seq is not None and head.seq < scanner.first_seq:
+        report.warnings.append(f"the head (seq {head.seq}) is older than the trail's first record; not compared")
+        return None, torn is not None
+    if scanner.want_hash != head.hash:
+        seg_name, line_no, offset = scanner.want_loc or (head.segment, None, None)
+        return Break("head_mismatch", f"the head's hash for seq {head.seq} differs from the record's: the trail "
+                     "was rewritten from here on", seg_name, line_no, offset, head.seq), False
+    report.head = f"seq {head.seq} matches ({head.ts})"
+    return None, torn is not None
