@@ -1,0 +1,313 @@
+"""The Helm chart (helm/layerwatch): lint, render with every ci/ values file, validate.
+
+helm is the static binary scripts/services.sh puts in .tools/ (HELM_*_HOME point into a temp
+dir); rendered manifests go through ``kubernetes-validate --strict -k 1.33.0``; the
+PrometheusRule's rules go through promtool, including the alert unit tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_prometheus import ALERT_TESTS, ROOT, RULES, needs_promtool, run_promtool
+
+CHART = ROOT / "helm" / "layerwatch"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+HELM = shutil.which("helm") or (str(ROOT / ".tools" / "helm") if (ROOT / ".tools" / "helm").exists() else None)
+HAS_KUBERNETES_VALIDATE = importlib.util.find_spec("kubernetes_validate") is not None
+KUBE_VERSION = "1.33.0"
+
+needs_helm = pytest.mark.skipif(HELM is None, reason="helm not installed (scripts/services.sh puts it in .tools/)")
+
+
+@pytest.fixture(scope="module")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for helm with its cache, config and data homes in a temp dir."""
+    home = tmp_path_factory.mktemp("helm-home")
+    env = dict(os.environ)
+    env.update(HELM_CACHE_HOME=str(home / "cache"), HELM_CONFIG_HOME=str(home / "config"),
+               HELM_DATA_HOME=str(home / "data"))
+    return env
+
+
+@cache
+def _render(values: tuple[str, ...], sets: tuple[str, ...], env_items: tuple[tuple[str, str], ...]) -> subprocess.CompletedProcess[str]:
+    assert HELM is not None
+    args = [HELM, "template", "lw", str(CHART), "--namespace", "models", "--kube-version", KUBE_VERSION]
+    for v in values:
+        args += ["-f", v]
+    for s in sets:
+        args += ["--set", s]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, env=dict(env_items))
+
+
+def render(helm_env: dict[str, str], values: Path | None = None, *sets: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    """`helm template` the chart with a values file and --set overrides (cached per arguments)."""
+    result = _render((str(values),) if values else (), sets, tuple(sorted(helm_env.items())))
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def manifests(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def sidecar_statefulset(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (sts,) = [d for d in by_kind(docs, "StatefulSet") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "sidecar"]
+    return sts
+
+
+def containers(pod_spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from pod_spec.get("initContainers", [])
+    yield from pod_spec["containers"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_chart_rules_are_identical_to_deploy_rules() -> None:
+    """The chart's rule files are byte-identical copies of deploy/prometheus/rules."""
+    for name, path in RULES.items():
+        assert (CHART / "files" / "rules" / path.name).read_bytes() == path.read_bytes(), name
+
+
+def test_chart_dashboards_are_identical_to_deploy_dashboards() -> None:
+    """The chart's dashboard files are byte-identical copies of deploy/grafana/dashboards."""
+    deploy = {p.name: p.read_bytes() for p in (ROOT / "deploy/grafana/dashboards").glob("*.json")}
+    chart = {p.name: p.read_bytes() for p in (CHART / "files/dashboards").glob("*.json")}
+    assert chart == deploy
+
+
+@needs_helm
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.name if v else "defaults")
+def test_helm_lint_strict(helm_env: dict[str, str], values: Path | None) -> None:
+    """`helm lint --strict` passes with the defaults and with each ci/ values file."""
+    assert HELM is not None
+    args = [HELM, "lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=helm_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_helm
+@pytest.mark.skipif(not HAS_KUBERNETES_VALIDATE, reason="kubernetes-validate not installed (pip install kubernetes-validate)")
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda v: v.name)
+def test_rendered_manifests_pass_kubernetes_validate_strict(helm_env: dict[str, str], values: Path) -> None:
+    """Every rendered built-in resource validates strictly against the Kubernetes 1.33 schemas."""
+    rendered = render(helm_env, values).stdout
+    result = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBE_VERSION, "-"],
+                            input=rendered, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "ERROR" not in output, output
+    builtin = [d for d in manifests(rendered) if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert output.count("passed for resource") == len(builtin), output
+
+
+# The subset of prometheus-operator's CRDs the chart fills (kubernetes-validate has no CRD schemas).
+_RELABEL = {"type": "object", "additionalProperties": False, "required": ["targetLabel", "replacement", "action"],
+            "properties": {"targetLabel": {"type": "string"}, "replacement": {"type": "string"},
+                           "action": {"const": "replace"}}}
+_ENDPOINT = {"type": "object", "required": ["port", "path", "interval", "relabelings"],
+             "properties": {"port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                            "relabelings": {"type": "array", "items": _RELABEL}},
+             "additionalProperties": False}
+CRD_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ServiceMonitor": {"type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+                       "properties": {"selector": {"type": "object", "required": ["matchLabels"]},
+                                      "namespaceSelector": {"type": "object"},
+                                      "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}},
+    "PodMonitor": {"type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False,
+                   "properties": {"selector": {"type": "object", "required": ["matchLabels"]},
+                                  "namespaceSelector": {"type": "object"},
+                                  "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}},
+    "PrometheusRule": {"type": "object", "required": ["groups"], "additionalProperties": False,
+                       "properties": {"groups": {"type": "array", "minItems": 1}}},
+}
+
+
+@needs_helm
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda v: v.name)
+def test_prometheus_operator_resources_match_their_schema(helm_env: dict[str, str], values: Path) -> None:
+    """ServiceMonitor, PodMonitor and PrometheusRule specs have the fields prometheus-operator expects."""
+    import jsonschema
+
+    for doc in manifests(render(helm_env, values).stdout):
+        if doc["kind"] in CRD_SCHEMAS:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            jsonschema.validate(doc["spec"], CRD_SCHEMAS[doc["kind"]])
+
+
+@needs_helm
+def test_prometheusrule_specs_are_the_deploy_rule_files(helm_env: dict[str, str]) -> None:
+    """The PrometheusRules carry exactly the groups of deploy/prometheus/rules (recording, then alerts)."""
+    rules = by_kind(manifests(render(helm_env).stdout), "PrometheusRule")
+    assert [r["metadata"]["name"] for r in rules] == ["lw-layerwatch-recording", "lw-layerwatch-alerts"]
+    for rule, path in zip(rules, (RULES["recording"], RULES["alerts"]), strict=True):
+        assert rule["spec"] == yaml.safe_load(path.read_text())
+
+
+@needs_helm
+def test_runbook_base_url_rewrites_only_runbook_links(helm_env: dict[str, str]) -> None:
+    """prometheusRule.runbookBaseUrl turns each relative runbook_url into an absolute one and changes nothing else."""
+    base = "https://docs.example.org/layerwatch/runbooks.md"
+    (alerts,) = [r for r in by_kind(manifests(render(helm_env, None, f"prometheusRule.runbookBaseUrl={base}").stdout),
+                                    "PrometheusRule") if r["metadata"]["name"].endswith("-alerts")]
+    original = yaml.safe_load(RULES["alerts"].read_text())
+    for got, want in zip(alerts["spec"]["groups"][0]["rules"], original["groups"][0]["rules"], strict=True):
+        assert got["annotations"].pop("runbook_url") == want["annotations"].pop("runbook_url").replace("deploy/runbooks.md", base)
+        assert got == want
+
+
+@needs_helm
+@needs_promtool
+def test_rendered_rules_pass_promtool_check_and_the_alert_unit_tests(helm_env: dict[str, str], tmp_path: Path) -> None:
+    """The rendered PrometheusRules' rules pass `promtool check rules` and the same unit tests as deploy/."""
+    rules = by_kind(manifests(render(helm_env).stdout), "PrometheusRule")
+    files = []
+    for rule in rules:
+        path = tmp_path / f"{rule['metadata']['name']}.yml"
+        path.write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
+        files.append(path.name)
+    check = run_promtool("check", "rules", *files, cwd=tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    tests = yaml.safe_load(ALERT_TESTS.read_text())
+    tests["rule_files"] = files
+    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = run_promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_helm
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda v: v.name)
+def test_every_container_is_non_root_read_only_and_bounded(helm_env: dict[str, str], values: Path) -> None:
+    """All containers run as non-root with a read-only root, no privilege escalation, no capabilities, and resources."""
+    for doc in manifests(render(helm_env, values).stdout):
+        if doc["kind"] not in {"StatefulSet", "Deployment"}:
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, doc["metadata"]["name"]
+        assert pod["automountServiceAccountToken"] is False
+        for c in containers(pod):
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, c["name"]
+            assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+            assert c["resources"]["requests"] and c["resources"]["limits"], c["name"]
+
+
+@needs_helm
+def test_sidecar_env_and_tap_env_agree(helm_env: dict[str, str]) -> None:
+    """The tap's env Secret names the stream, model and Redis URL the sidecars read."""
+    docs = manifests(render(helm_env).stdout)
+    sidecar = env_of(sidecar_statefulset(docs)["spec"]["template"]["spec"]["containers"][0])
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in by_kind(docs, "Secret")}
+    tap = secrets["lw-layerwatch-tap-env"]
+    url_ref = sidecar["LAYERWATCH_TRANSPORT"]["secretKeyRef"]
+    assert tap["LAYERWATCH_TAP_TRANSPORT"] == secrets[url_ref["name"]][url_ref["key"]] == \
+        "redis://lw-layerwatch-redis.models.svc:6379/0"
+    assert tap["LAYERWATCH_TAP_STREAM"] == sidecar["LAYERWATCH_STREAM"]
+    assert tap["LAYERWATCH_TAP_MODEL_NAME"] == sidecar["LAYERWATCH_MODEL_NAME"]
+    assert sidecar["LAYERWATCH_CONSUMER"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert sidecar["LAYERWATCH_EXPECT_GPU"] == "false"
+
+
+@needs_helm
+def test_audit_and_bundle_volumes_are_mounted_where_the_env_says(helm_env: dict[str, str]) -> None:
+    """The audit PVC template and the read-only bundle PVC are mounted at the configured paths."""
+    sts = sidecar_statefulset(manifests(render(helm_env).stdout))
+    pod = sts["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = env_of(container)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["audit"]["mountPath"] == env["LAYERWATCH_AUDIT__DIRECTORY"]
+    assert mounts["bundle"]["mountPath"] == env["LAYERWATCH_BUNDLE"] and mounts["bundle"]["readOnly"] is True
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "audit" and claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["bundle"]["persistentVolumeClaim"] == {"claimName": "layerwatch-bundle", "readOnly": True}
+    assert "audit" not in volumes
+
+
+@needs_helm
+def test_external_redis_values_use_url_secret_image_bundle_and_hmac(helm_env: dict[str, str]) -> None:
+    """With an external Redis, no Redis is deployed; the bundle image is copied by an init container;
+    the HMAC key is mounted; the audit trail falls back to an emptyDir."""
+    docs = manifests(render(helm_env, CHART / "ci" / "external-redis-values.yaml").stdout)
+    assert [d["metadata"]["name"] for d in by_kind(docs, "StatefulSet")] == ["lw-layerwatch"]
+    pod = sidecar_statefulset(docs)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["cp", "-R", "/bundle/.", "/var/lib/layerwatch/bundle/"]
+    env = env_of(pod["containers"][0])
+    assert env["LAYERWATCH_AUDIT__HMAC_KEY_FILE"] == "/run/layerwatch/hmac/hmac-key"
+    assert env["LAYERWATCH_BASELINE__ID"] == "2025-06-01-normal"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["audit"] == {"name": "audit", "emptyDir": {}}
+    assert volumes["hmac-key"]["secret"]["secretName"] == "layerwatch-audit-hmac"
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in by_kind(docs, "Secret")}
+    assert secrets["lw-layerwatch-redis-url"]["url"].startswith("rediss://")
+    assert secrets["lw-layerwatch-tap-env"]["LAYERWATCH_TAP_METRICS_PORT"] == "9401"
+    (pm,) = by_kind(docs, "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"] == {"app": "inference-server"}
+    assert {r["targetLabel"]: r["replacement"] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]} == \
+        {"job": "layerwatch-tap"}
+    assert len(by_kind(docs, "ConfigMap")) == 3
+    assert not by_kind(docs, "PodDisruptionBudget")
+
+
+@needs_helm
+def test_gpu_values_request_a_gpu_and_label_the_target(helm_env: dict[str, str]) -> None:
+    """expectGpu requests one GPU, sets LAYERWATCH_EXPECT_GPU and labels the scrape target expect_gpu="true"."""
+    docs = manifests(render(helm_env, CHART / "ci" / "gpu-values.yaml").stdout)
+    container = sidecar_statefulset(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env_of(container)["LAYERWATCH_EXPECT_GPU"] == "true"
+    assert env_of(container)["LAYERWATCH_TRANSPORT"] == {"secretKeyRef": {"name": "layerwatch-redis", "key": "redis-url"}}
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    relabel = {r["targetLabel"]: r["replacement"] for r in sm["spec"]["endpoints"][0]["relabelings"]}
+    assert relabel == {"job": "layerwatch-sidecar", "expect_gpu": "true"}
+    assert "LAYERWATCH_TAP_TRANSPORT" not in {k for s in by_kind(docs, "Secret") for k in s["stringData"]}
+
+
+@needs_helm
+def test_servicemonitor_selects_the_sidecar_service_port(helm_env: dict[str, str]) -> None:
+    """The ServiceMonitor's selector and port name match the sidecars' Service, and its job label the alerts'."""
+    docs = manifests(render(helm_env).stdout)
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    (svc,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "lw-layerwatch"]
+    labels = svc["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert 'job="layerwatch-sidecar"' in RULES["alerts"].read_text()
+    sts = sidecar_statefulset(docs)
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+
+
+@needs_helm
+@pytest.mark.parametrize(("sets", "message"), [
+    (("redis.bundled.enabled=false",), "no Redis"),
+    (("redis.bundled.enabled=false", "redis.url=http://x"), "must start with redis://"),
+    (("bundle.configMap=extra",), "exactly one lens bundle source"),
+    (("bundle.existingClaim=",), "exactly one lens bundle source"),
+    (("model.name=",), "model.name is required"),
+    (("tapPodMonitor.enabled=true",), "tapPodMonitor.podSelector is required"),
+])
+def test_invalid_values_fail_with_a_message_naming_the_setting(helm_env: dict[str, str], sets: tuple[str, ...], message: str) -> None:
+    """Missing or contradictory values stop `helm template` with an error that says what to set."""
+    result = render(helm_env, None, *sets, ok=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
