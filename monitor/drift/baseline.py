@@ -81,7 +81,7 @@ class Baseline:
     layout: FeatureLayout
     detector: Mahalanobis
     calibration_scores: np.ndarray  # sorted squared distances of the calibration split
-    quantiles: dict[str, np.ndarray]  # reading -> [L, Q]; global feature -> [Q]
+    quantiles: dict[str, np.ndarray]  # reading -> [L, Q]; global feature -> [Q]; probe:<name> -> [L, C, Q]
     window_bins: dict[str, tuple[WindowReference, ...]]  # reading -> per layer; "prediction_depth" -> (one,)
     depth_histogram: dict[int, int]
     probe_counts: dict[str, np.ndarray]  # probe -> [L, C] argmax label counts
@@ -347,6 +347,9 @@ def build_baseline(
     for g, v in zip(GLOBAL_FEATURES, (a.depth.astype(np.float64), a.final_entropy, a.final_confidence),
                     strict=True):
         quantiles[g] = np.quantile(v, levels)
+
+    for p, probs in a.probes.items():
+        quantiles[f"probe:{p}"] = np.moveaxis(np.quantile(probs, levels, axis=0), 0, -1)  # [L, C, Q]
 
     window_bins: dict[str, tuple[WindowReference, ...]] = {}
     for r in READINGS + ("prediction_depth",):

@@ -9,7 +9,7 @@ the baseline's held-out calibration split: ``p < alpha`` means a false-positive 
 
 Flags (only on anomalous samples, so a flag always means "this is why it was flagged") name the
 layers and readings that moved: runs of layers where a reading is beyond the baseline's 1st/99th
-percentile at that layer, probes whose label is one normal traffic (almost) never shows there,
+percentile at that layer, probes reading a label more strongly than 99% of normal samples there,
 an unusual prediction depth or final distribution, or, when no single reading is extreme, the
 layers that carry most of the distance ("unusual_pattern").
 """
@@ -35,7 +35,6 @@ READING_TITLES = {
     "final_entropy": ("final entropy", "nats"),
     "final_confidence": ("final confidence", ""),
 }
-RARE_LABEL_SHARE = 0.01  # a probe label this rare at a layer in the baseline is "unusual" there
 
 
 @dataclass(frozen=True)
@@ -117,12 +116,13 @@ class AnomalyScorer:
         self._hi = {r: baseline.quantile(r, 0.99) for r in READINGS}
         self._med = {r: baseline.quantile(r, 0.5) for r in READINGS}
         self._shares = {p: baseline.probe_shares(p) for p in baseline.probe_labels}
+        self._probe_hi = {p: baseline.quantile(f"probe:{p}", 0.99) for p in baseline.probe_labels}
 
     def score_arrays(self, a: ReadingArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vector form: squared distances [B], p-values [B], per-layer contributions [B, G].
 
-        Columns of the contributions follow :attr:`contribution_layers` (global features last
-        is ``-1`` first, as sorted). Non-finite readings give an infinite distance and p-value
+        Columns of the contributions follow :attr:`contribution_layers` (sorted layer numbers,
+        ``-1`` = the global features, first). Non-finite readings give an infinite distance and p-value
         ``1/(n_cal+1)`` rather than NaN.
         """
         self.baseline.check_readings(a)
@@ -188,8 +188,11 @@ class AnomalyScorer:
         for p, probs in a.probes.items():
             labels = bl.probe_labels[p]
             arg = probs[b].argmax(axis=1)  # [L]
-            share_of_arg = self._shares[p][np.arange(len(layers)), arg]
-            idx = np.nonzero(share_of_arg < RARE_LABEL_SHARE)[0]
+            rows = np.arange(len(layers))
+            # the probe reads a label, with a probability above the baseline's 99th percentile
+            # for that label at that layer
+            unusual = probs[b][rows, arg] > self._probe_hi[p][rows, arg]
+            idx = np.nonzero(unusual)[0]
             for run in layer_runs([layers[i] for i in idx], layers):
                 if len(run) < self.min_flag_run:
                     continue
@@ -198,8 +201,8 @@ class AnomalyScorer:
                 lab = int(lab_ids[np.argmax(counts)])
                 detail = (
                     f"{p} probe reads {labels[lab]!r} ({float(np.mean(probs[b][sel, lab])):.2f}) at "
-                    f"{layer_span(run)}, a label normal traffic shows there in "
-                    f"{100 * float(np.mean(self._shares[p][sel, lab])):.1f}% of samples"
+                    f"{layer_span(run)}, beyond the baseline's 99th percentile there (normal traffic "
+                    f"reads it in {100 * float(np.mean(self._shares[p][sel, lab])):.1f}% of samples)"
                 )
                 flags.append(Flag(f"probe_{p}_unusual_label", tuple(run), f"probe:{p}", detail))
         for g, v in (("prediction_depth", float(a.depth[b])), ("final_entropy", float(a.final_entropy[b])),

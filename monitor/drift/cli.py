@@ -1,0 +1,185 @@
+"""``layerwatch baseline build|show|list|promote|rollback`` and ``layerwatch score`` (backtests).
+
+Texts run through the tap, the wire format and the lens bank exactly as in the sidecar (see
+:mod:`monitor.drift.offline`). Heavy imports (torch, transformers) happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", metavar="URL", default=None,
+                   help="Redis holding the shared baselines (e.g. redis://127.0.0.1:6379/0)")
+    p.add_argument("--dir", metavar="DIR", default=None, help="directory of baseline JSON files")
+    p.add_argument("--model-name", default="SmolLM2-135M-Instruct",
+                   help="model name the baselines are filed under (default: %(default)s)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", required=True, metavar="FILE.jsonl", help='one {"text": ...} per line')
+    p.add_argument("--model", default="smollm2", help="'smollm2' (reference) or a local HF model directory")
+    p.add_argument("--bundle", default=None, help="lens bundle directory (default: the logit lens)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=128, help="truncate prompts to this many tokens")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``baseline`` and ``score`` to the ``layerwatch`` command."""
+    bl = subparsers.add_parser("baseline", help="build, inspect, promote and roll back drift baselines")
+    sub = bl.add_subparsers(dest="baseline_command", metavar="ACTION")
+
+    b = sub.add_parser("build", help="build a baseline from a JSONL corpus of normal texts")
+    _model_args(b)
+    _store_args(b)
+    b.add_argument("--out", metavar="FILE.json", default=None, help="also write the baseline here")
+    b.add_argument("--promote", action="store_true", help="make it the active baseline")
+    b.add_argument("--min-samples", type=int, default=None)
+    b.add_argument("--calibration-fraction", type=float, default=0.3)
+    b.set_defaults(handler=_build)
+
+    s = sub.add_parser("show", help="summarise a baseline (id, file, or 'active')")
+    s.add_argument("ref", nargs="?", default="active")
+    _store_args(s)
+    s.add_argument("--json", action="store_true", help="print the whole baseline document")
+    s.set_defaults(handler=_show)
+
+    ls = sub.add_parser("list", help="list stored baselines and the active one")
+    _store_args(ls)
+    ls.set_defaults(handler=_list)
+
+    pr = sub.add_parser("promote", help="make a stored baseline the active one")
+    pr.add_argument("id")
+    _store_args(pr)
+    pr.set_defaults(handler=_promote)
+
+    rb = sub.add_parser("rollback", help="re-activate the previously promoted baseline")
+    _store_args(rb)
+    rb.set_defaults(handler=_rollback)
+    bl.set_defaults(handler=lambda _a: bl.print_help() or 2)
+
+    sc = subparsers.add_parser("score", help="score a JSONL corpus against a baseline (backtest)")
+    _model_args(sc)
+    _store_args(sc)
+    sc.add_argument("--baseline", required=True, help="baseline id, JSON file, or 'active'")
+    sc.add_argument("--json", dest="json_out", required=True, metavar="OUT", help="write per-text results here")
+    sc.add_argument("--alpha", type=float, default=0.01, help="p-value threshold (false-positive rate)")
+    sc.set_defaults(handler=_score)
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from monitor.drift.store import BaselineStore
+    from monitor.errors import BaselineError
+
+    if not args.redis and not args.dir:
+        raise BaselineError("say where baselines live: --redis URL and/or --dir DIR")
+    return BaselineStore(args.model_name, redis_url=args.redis, directory=args.dir)
+
+
+def _load_ref(args: argparse.Namespace, ref: str) -> Any:
+    from pathlib import Path
+
+    from monitor.drift.baseline import Baseline
+    from monitor.errors import BaselineError
+
+    if ref.endswith(".json") and Path(ref).exists():
+        return Baseline.loads(Path(ref).read_text())
+    store = _store(args)
+    if ref == "active":
+        bl = store.active()
+        if bl is None:
+            raise BaselineError(f"no active baseline for model {args.model_name!r}")
+        return bl
+    return store.load(ref)
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"\r  {done}/{total} texts", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def _readings(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
+    from monitor.adapters import model_fingerprint
+    from monitor.drift.offline import lens_bank_for, load_model, read_corpus, readings_for_texts
+
+    texts = read_corpus(args.corpus)
+    model, tok, _name = load_model(args.model)
+    bank = lens_bank_for(model, args.bundle)
+    a = readings_for_texts(model, tok, bank, texts, args.batch_size, max_tokens=args.max_tokens,
+                           progress=_progress)
+    return a, bank, model_fingerprint(model), texts
+
+
+def _build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from monitor.drift.baseline import MIN_SAMPLES
+
+    a, bank, fp, _ = _readings(args)
+    store = _store(args) if (args.redis or args.dir) else None
+    from monitor.drift.baseline import build_baseline
+
+    bl = build_baseline(a, model=args.model_name, model_fingerprint=fp, bundle_id=bank.bundle_id,
+                        source=f"corpus {Path(args.corpus).name}", min_samples=args.min_samples or MIN_SAMPLES,
+                        calibration_fraction=args.calibration_fraction)
+    if args.out:
+        Path(args.out).write_text(bl.dumps())
+    if store is not None:
+        store.save(bl)
+        if args.promote:
+            store.promote(bl.id)
+    elif args.promote:
+        print("layerwatch: --promote needs --redis or --dir", file=sys.stderr)
+        return 2
+    print(json.dumps({"id": bl.id, "n_samples": bl.n_samples, "promoted": bool(args.promote and store),
+                      "out": args.out}, indent=2))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    bl = _load_ref(args, args.ref)
+    print(json.dumps(bl.to_json() if args.json else bl.summary(), indent=2))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    active = store.active_id()
+    for bid in store.list():
+        print(("* " if bid == active else "  ") + bid)
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    _store(args).promote(args.id)
+    print(f"active baseline for {args.model_name}: {args.id}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    bid = _store(args).rollback()
+    print(f"rolled back; active baseline for {args.model_name}: {bid}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from monitor.drift.score import AnomalyScorer
+
+    bl = _load_ref(args, args.baseline)
+    a, bank, fp, texts = _readings(args)
+    bl.check_compatible(bundle_id=bank.bundle_id, model_fingerprint=fp)
+    scorer = AnomalyScorer(bl, alpha=args.alpha)
+    scores = scorer.score(a)
+    results = [{"index": i, "text": text, **s.to_dict()} for i, (text, s) in enumerate(zip(texts, scores, strict=True))]
+    with open(args.json_out, "w", encoding="utf-8") as fh:
+        json.dump({"baseline": bl.id, "bundle_id": bank.bundle_id, "model_fingerprint": fp, "alpha": args.alpha,
+                   "results": results}, fh, indent=1)
+    p = np.array([s.p_value for s in scores])
+    print(json.dumps({"baseline": bl.id, "texts": len(texts), "anomalous": int(np.sum(p < args.alpha)),
+                      "alpha": args.alpha, "out": args.json_out}, indent=2))
+    return 0

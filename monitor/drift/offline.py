@@ -1,0 +1,192 @@
+"""Texts -> readings, exactly as the sidecar sees them: tap -> wire -> lens bank.
+
+Used by ``layerwatch baseline build --corpus`` / ``layerwatch score --corpus`` (backtests) and by
+the evaluation benchmark. Each text is one request: the real tap (:func:`monitor.attach`) captures
+the configured positions (default: the last prompt token) of every state in float16 and publishes
+wire-encoded samples to a private in-memory transport; they are decoded with
+:func:`monitor.wire.decode` and read by the lens bank. Only the shared stream and the consumer
+group of the production sidecar are missing.
+
+``bank`` is anything with the lens bank's interface: ``layers`` (watched states),
+``read_arrays(hidden[B, L, d]) -> BankOutput``, ``probe_labels`` and ``bundle_id``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from monitor.drift.features import ReadingArrays
+from monitor.errors import BaselineError
+from monitor.lenses.readings import BankOutput
+
+
+class LensBankLike(Protocol):
+    """The part of the lens bank's interface the detector needs."""
+
+    layers: tuple[int, ...]
+    probe_labels: dict[str, tuple[str, ...]]
+    bundle_id: str
+
+    def read_arrays(self, hidden: np.ndarray) -> BankOutput: ...
+
+
+def capture_states(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_tokens: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, tuple[int, ...], str]:
+    """Run ``texts`` through ``model`` under the real tap; returns (states, layers, fingerprint).
+
+    ``states`` is float16 [n, L, d] in the order of ``texts`` (the wire payload of each sample at
+    its last prompt token), ``layers`` the captured state indices.
+    """
+    import torch
+
+    import monitor
+    from monitor import wire
+    from monitor.transport import open_transport
+
+    url = f"memory://offline-{uuid.uuid4().hex[:12]}"
+    transport = open_transport(url)
+    group = "offline"
+    transport.ensure_group(group)
+    tap = monitor.attach(model, sample_rate=1.0, transport=transport, positions="last",
+                         queue_max_items=max(256, 2 * batch_size))
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # causal models: real tokens never attend to right padding
+    order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths batch together
+    out: np.ndarray | None = None
+    layers: tuple[int, ...] = ()
+    fingerprint = ""
+    try:
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_tokens)
+            rids = [f"text-{int(i)}" for i in idx]
+            with torch.no_grad(), tap.batch(rids, force=True):
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+            if not tap.flush(timeout=60.0):
+                raise BaselineError("the tap did not publish a batch within 60 s")
+            got = 0
+            while got < len(idx):
+                entries = transport.read(group, "offline", count=len(idx), block_ms=1000)
+                if not entries:
+                    raise BaselineError(
+                        f"the tap published {got} of {len(idx)} samples (dropped: {tap.stats().get('drops')})"
+                    )
+                for e in entries:
+                    s = wire.decode(e.data)
+                    i = int(s.request_id.split("-", 1)[1])
+                    if out is None:
+                        layers = s.layers
+                        fingerprint = s.model_fingerprint
+                        out = np.zeros((len(texts), len(layers), s.hidden_size), dtype=np.float16)
+                    out[i] = s.hidden[:, -1, :]
+                    got += 1
+                transport.ack(group, [e.id for e in entries])
+            if progress is not None:
+                progress(min(start + batch_size, len(texts)), len(texts))
+    finally:
+        tap.close()
+        tap.detach()
+        transport.close()
+    if out is None:
+        raise BaselineError("no texts given")
+    return out, layers, fingerprint
+
+
+def readings_from_states(
+    bank: LensBankLike, states: np.ndarray, state_layers: Sequence[int], *, batch_size: int = 16
+) -> ReadingArrays:
+    """Read captured states [n, L, d] with the lens bank (selecting the bank's watched layers)."""
+    missing = [x for x in bank.layers if x not in state_layers]
+    if missing:
+        raise BaselineError(f"the lens bank watches states {missing} that were not captured")
+    sel = [list(state_layers).index(x) for x in bank.layers]
+    parts = []
+    for start in range(0, states.shape[0], batch_size):
+        h = np.asarray(states[start:start + batch_size][:, sel, :], dtype=np.float32)
+        parts.append(ReadingArrays.from_bank_output(bank.read_arrays(h), dict(bank.probe_labels)))
+    return ReadingArrays.concat(parts)
+
+
+def readings_for_texts(
+    model: Any,
+    tokenizer: Any,
+    bank: LensBankLike,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    *,
+    max_tokens: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReadingArrays:
+    """Readings of ``texts`` as the sidecar would compute them (tap -> wire -> lens bank)."""
+    states, layers, _ = capture_states(model, tokenizer, texts, batch_size=batch_size,
+                                       max_tokens=max_tokens, progress=progress)
+    return readings_from_states(bank, states, layers, batch_size=batch_size)
+
+
+def read_corpus(path: str) -> list[str]:
+    """Texts of a JSONL corpus (one ``{"text": ...}`` per line; blank lines skipped)."""
+    import json
+
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                texts.append(str(doc["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise BaselineError(f"{path}:{n}: expected a JSON object with a 'text' field ({exc})") from exc
+    return texts
+
+
+def lens_bank_for(model: Any, bundle: str | None = None) -> LensBankLike:
+    """The lens bank for ``model``: the bundle at ``bundle`` (refused if it was made for another
+    model), else the PyTorch logit lens over every state."""
+    from monitor.adapters import model_fingerprint
+
+    if bundle:
+        from monitor.lenses import LensBank  # type: ignore[attr-defined]
+
+        return LensBank.load(bundle, expected_fingerprint=model_fingerprint(model))  # type: ignore[no-any-return]
+    from monitor.sidecar.torch_lens import TorchLogitLens
+
+    return TorchLogitLens(model)  # type: ignore[return-value]
+
+
+def load_model(spec: str) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name) for ``spec``: ``smollm2`` (the reference model) or a local
+    Hugging Face directory."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if spec in ("smollm2", "reference"):
+        from monitor.refmodel import MODEL_NAME, load_reference_model
+
+        model, tok = load_reference_model()
+        return model, tok, MODEL_NAME
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(spec)
+    if not p.is_dir():
+        raise BaselineError(f"--model {spec!r}: not 'smollm2' and not a local model directory")
+    tok = AutoTokenizer.from_pretrained(str(p))
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+    model.eval()
+    return model, tok, p.name

@@ -1,0 +1,181 @@
+"""Baselines: building, identity, compatibility, robustness, learning mode and the store."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitor.drift import (
+    AnomalyScorer,
+    Baseline,
+    BaselineLearner,
+    BaselineStore,
+    DriftDetector,
+    ReadingArrays,
+    build_baseline,
+    feature_matrix,
+)
+from monitor.drift.testing import synth
+from monitor.errors import BaselineError
+from monitor.lenses.readings import BankOutput, split_batch
+
+META = {"model": "tiny", "model_fingerprint": "sha256:aaa", "bundle_id": "bundle-1"}
+
+
+@pytest.fixture(scope="module")
+def baseline() -> Baseline:
+    """A baseline from 800 synthetic normal samples."""
+    return build_baseline(synth(800), created_at="2026-01-01T00:00:00+00:00", **META)
+
+
+def test_too_few_samples_is_refused_with_the_number_needed() -> None:
+    """Building from 57 samples says how many are needed and how many more to collect."""
+    with pytest.raises(BaselineError, match=r"at least 400 samples, got 57: collect 343 more"):
+        build_baseline(synth(57), **META)
+
+
+def test_id_is_a_hash_of_the_content() -> None:
+    """The same samples give the same id whatever the creation time; other samples another id."""
+    a = build_baseline(synth(500), created_at="2026-01-01T00:00:00+00:00", **META)
+    b = build_baseline(synth(500), created_at="2027-05-05T00:00:00+00:00", **META)
+    c = build_baseline(synth(500, seed=9), **META)
+    assert a.id == b.id != c.id and a.id.startswith("bl-")
+
+
+def test_json_round_trip_scores_identically(baseline: Baseline) -> None:
+    """A baseline reloaded from JSON gives exactly the same scores."""
+    again = Baseline.loads(baseline.dumps())
+    x = synth(50, seed=5)
+    assert np.array_equal(AnomalyScorer(baseline).score_arrays(x)[0], AnomalyScorer(again).score_arrays(x)[0])
+
+
+def test_edited_baseline_is_refused(baseline: Baseline) -> None:
+    """A stored baseline whose content no longer matches its id is refused."""
+    doc = json.loads(baseline.dumps())
+    doc["calibration_scores"][0] = 0.0
+    with pytest.raises(BaselineError, match="does not match its id"):
+        Baseline.from_json(doc)
+
+
+def test_baseline_for_another_bundle_is_refused(baseline: Baseline) -> None:
+    """The detector refuses a baseline built with another lens bundle."""
+    with pytest.raises(BaselineError, match="lens bundle bundle-1.*bundle-2"):
+        DriftDetector(baseline, bundle_id="bundle-2", model_fingerprint="sha256:aaa")
+
+
+def test_baseline_for_another_model_is_refused(baseline: Baseline) -> None:
+    """The detector refuses a baseline built for another model."""
+    with pytest.raises(BaselineError, match="built for model sha256:aaa"):
+        DriftDetector(baseline, bundle_id="bundle-1", model_fingerprint="sha256:bbb")
+
+
+def test_readings_with_other_layers_are_refused(baseline: Baseline) -> None:
+    """Scoring readings over other layers than the baseline's is refused."""
+    with pytest.raises(BaselineError, match="cover layers"):
+        AnomalyScorer(baseline).score(synth(5, n_layers=6, shift_layers=(2,)))
+
+
+def test_constant_features_do_not_produce_nan() -> None:
+    """Readings constant over the whole baseline score finitely, even when a sample moves them."""
+    a = synth(500)
+    const = ReadingArrays(a.layers, np.full_like(a.entropy, 2.0), a.kl_to_final, np.full_like(a.confidence, 1.0),
+                          np.zeros_like(a.final_top1_rank), np.zeros_like(a.depth), np.full(a.n, 2.0),
+                          np.full(a.n, 1.0), {"topic": np.tile([1.0, 0.0, 0.0], (a.n, len(a.layers), 1))},
+                          a.probe_labels)
+    bl = build_baseline(const, **META)
+    moved = const.subset(slice(0, 3))
+    moved.entropy[0] = 9.0
+    scores = AnomalyScorer(bl).score(moved)
+    assert all(np.isfinite(s.score) and np.isfinite(s.p_value) for s in scores)
+    assert not any(np.isnan(v) for s in scores for v in s.layer_contributions.values())
+
+
+def test_bank_output_and_sample_readings_give_the_same_features() -> None:
+    """The batch and per-sample forms of lens readings produce identical feature vectors."""
+    rng = np.random.default_rng(0)
+    b, n_layers, k = 4, 5, 3
+    probs = rng.dirichlet(np.ones(k), size=(b, n_layers)).astype(np.float32)
+    probs.sort(axis=2)
+    out = BankOutput(
+        layers=tuple(range(n_layers)), topk_ids=rng.integers(0, 100, (b, n_layers, k)),
+        topk_probs=probs[:, :, ::-1].copy(), entropy=rng.random((b, n_layers)).astype(np.float32),
+        kl_to_final=rng.random((b, n_layers)).astype(np.float32),
+        final_top1_rank=rng.integers(0, 3, (b, n_layers)), final_topk_ids=rng.integers(0, 100, (b, k)),
+        final_topk_probs=np.full((b, k), 0.3, np.float32), final_entropy=rng.random(b).astype(np.float32),
+        probes={"lang": rng.dirichlet(np.ones(2), size=(b, n_layers)).astype(np.float32)},
+    )
+    labels = {"lang": ("en", "de")}
+    x1 = feature_matrix(ReadingArrays.from_bank_output(out, labels))
+    x2 = feature_matrix(ReadingArrays.from_readings(split_batch(out, labels)))
+    assert np.allclose(x1, x2)
+
+
+def test_learner_collects_up_to_target_then_builds() -> None:
+    """Learning mode keeps exactly the first N samples and builds a baseline from them."""
+    learner = BaselineLearner(450, **META)
+    assert learner.add(synth(300)) == 300 and not learner.done
+    assert learner.add(synth(300, seed=1)) == 150 and learner.done
+    assert learner.collected == 450 and learner.progress == 1.0
+    assert learner.build().n_samples == 450
+
+
+def test_learner_refuses_to_build_early() -> None:
+    """Building before enough samples arrived says how many are missing."""
+    learner = BaselineLearner(500, **META)
+    learner.add(synth(100))
+    with pytest.raises(BaselineError, match="got 100: collect 300 more"):
+        learner.build()
+
+
+def test_file_store_promote_and_rollback(tmp_path: Path) -> None:
+    """Without Redis the store keeps files, an active pointer and a history to roll back."""
+    store = BaselineStore("tiny", directory=tmp_path)
+    a, b = (build_baseline(synth(500, seed=s), **META) for s in (1, 2))
+    store.save(a)
+    store.save(b)
+    assert store.active() is None
+    store.promote(a.id)
+    store.promote(b.id)
+    assert store.active_id() == b.id and store.history() == [b.id, a.id]
+    assert store.rollback() == a.id and store.active_id() == a.id
+    with pytest.raises(BaselineError, match="no earlier baseline"):
+        store.rollback()
+    assert set(store.list()) == {a.id, b.id}
+
+
+def test_promoting_an_unknown_baseline_is_refused(tmp_path: Path) -> None:
+    """Only stored baselines can be promoted."""
+    with pytest.raises(BaselineError, match="not stored"):
+        BaselineStore("tiny", directory=tmp_path).promote("bl-0000")
+
+
+@pytest.mark.redis
+def test_redis_store_is_shared_and_rolls_back(redis_url: str, tmp_path: Path) -> None:
+    """Two stores on one Redis see the same active baseline; rollback restores the previous one."""
+    import redis
+
+    model = f"lwtest-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        writer = BaselineStore(model, redis=client, directory=tmp_path)
+        reader = BaselineStore(model, redis_url=redis_url)
+        meta = dict(META, model=model)
+        a, b = (build_baseline(synth(500, seed=s), **meta) for s in (1, 2))
+        writer.save(a)
+        writer.save(b)
+        writer.promote(a.id)
+        writer.promote(b.id)
+        assert client.exists(f"layerwatch:baseline:{model}:{b.id}")
+        assert reader.active_id() == b.id
+        assert writer.rollback() == a.id
+        loaded = reader.active()
+        assert loaded is not None and loaded.id == a.id
+        assert json.loads((tmp_path / "active.json").read_text())["active"] == a.id
+    finally:
+        keys = list(client.scan_iter(match=f"layerwatch:baseline:{model}:*"))
+        if keys:
+            client.delete(*keys)

@@ -1,0 +1,97 @@
+"""The small statistics behind the drift detector, checked against textbook values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from monitor.drift.stats import (
+    Mahalanobis,
+    benjamini_hochberg,
+    binom_sf,
+    chi2_sf,
+    conformal_p_values,
+    g_test,
+    holm,
+    ledoit_wolf,
+)
+
+
+@pytest.mark.parametrize(("stat", "df", "p"), [(3.841459, 1, 0.05), (18.307038, 10, 0.05),
+                                               (6.634897, 1, 0.01), (0.0, 3, 1.0), (124.342, 100, 0.05)])
+def test_chi2_sf_matches_critical_values(stat: float, df: int, p: float) -> None:
+    """chi2_sf reproduces tabulated chi-square critical values."""
+    assert chi2_sf(stat, df) == pytest.approx(p, rel=1e-4, abs=1e-12)
+
+
+def test_g_test_identical_shares_is_not_significant() -> None:
+    """A window with the baseline's shares gives a p-value near 1."""
+    _, df, p = g_test(np.array([100, 200, 300]), np.array([10, 20, 30]))
+    assert df == 2 and p > 0.99
+
+
+def test_g_test_detects_a_moved_share() -> None:
+    """A label share moving from 10% to 50% is highly significant."""
+    _, _, p = g_test(np.array([900, 100]), np.array([100, 100]))
+    assert p < 1e-10
+
+
+def test_g_test_ignores_categories_empty_in_both() -> None:
+    """Empty categories do not add degrees of freedom."""
+    assert g_test(np.array([5, 0, 5]), np.array([5, 0, 5]))[1] == 1
+
+
+def test_binom_sf_matches_direct_sum() -> None:
+    """The exact binomial tail equals the sum of the pmf."""
+    n, p = 30, 0.1
+    direct = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(7, n + 1))
+    assert binom_sf(7, n, p) == pytest.approx(direct, rel=1e-10)
+
+
+def test_benjamini_hochberg_rejects_step_up_set() -> None:
+    """BH rejects every hypothesis up to the largest p_(i) <= q i / m."""
+    p = np.array([0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205, 0.212, 0.216])
+    assert benjamini_hochberg(p, 0.05).tolist() == [True, True] + [False] * 8
+    assert benjamini_hochberg(np.array([0.01, 0.02, 0.03]), 0.05).all()
+
+
+def test_holm_is_step_down() -> None:
+    """Holm stops at the first p-value above alpha / (m - rank)."""
+    assert holm(np.array([0.01, 0.04, 0.03, 0.005]), 0.05).tolist() == [True, False, False, True]
+
+
+def test_ledoit_wolf_is_well_conditioned_when_features_exceed_samples() -> None:
+    """With more features than samples the shrunk covariance is still positive definite."""
+    z = np.random.default_rng(0).normal(size=(20, 50))
+    cov, shrinkage = ledoit_wolf(z - z.mean(axis=0))
+    assert 0.0 < shrinkage <= 1.0
+    assert np.linalg.eigvalsh(cov).min() > 0
+
+
+def test_mahalanobis_contributions_sum_to_distance() -> None:
+    """Per-feature contributions add up to the squared distance."""
+    x = np.random.default_rng(1).normal(size=(300, 8))
+    m = Mahalanobis.fit(x)
+    c = m.contributions(x[:5])
+    assert np.allclose(c.sum(axis=1), m.distance2(x[:5]))
+
+
+def test_mahalanobis_constant_feature_is_inactive_and_finite() -> None:
+    """A constant feature is left out instead of dividing by zero."""
+    x = np.random.default_rng(2).normal(size=(200, 4))
+    x[:, 2] = 7.0
+    m = Mahalanobis.fit(x)
+    probe = x[:3].copy()
+    probe[0, 2] = 1e6
+    assert not m.active[2] and np.all(np.isfinite(m.distance2(probe)))
+
+
+def test_conformal_p_values_control_false_positive_rate() -> None:
+    """On exchangeable null scores, P(p < alpha) stays at about alpha."""
+    rng = np.random.default_rng(3)
+    cal = np.sort(rng.chisquare(5, 2000))
+    p = conformal_p_values(rng.chisquare(5, 20000), cal)
+    assert abs(np.mean(p < 0.05) - 0.05) < 0.01
+    assert p.min() >= 1 / 2001
