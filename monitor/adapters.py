@@ -175,7 +175,8 @@ def model_fingerprint(model: nn.Module, parts: ModelParts | None = None) -> str:
     parts = parts or find_parts(model)
     w = unembedding_weight(parts)
     if w is None:  # encoders without an LM head: hash the token embedding instead
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        get_emb = getattr(model, "get_input_embeddings", None)
+        emb = get_emb() if callable(get_emb) else None
         w = getattr(emb, "weight", None)
     h = hashlib.sha256()
     if isinstance(w, torch.Tensor):

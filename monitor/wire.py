@@ -5,7 +5,14 @@ Layout (all integers little-endian)::
     b"LWS1" | uint32 header_length | header (UTF-8 JSON object) | payload (raw tensor bytes)
 
 The payload is the captured hidden states, shape ``[L, P, d]`` (watched layers x captured
-positions x hidden size) in the header's ``dtype`` (``float16`` by default). Never pickle:
+positions x hidden size) in the header's ``dtype`` (``float16`` by default). Header fields:
+``schema``, ``sample_id``, ``request_id``, ``model``, ``model_fingerprint``, ``layers`` (the
+state indices of the L rows, sorted, within ``0..n_states-1``), ``n_states`` (N+1), ``shape``,
+``dtype``, ``positions`` (the tap's mode: last, all, mean, generated), ``position_index`` (the
+P captured positions, as indices into the request's own tokens with padding excluded; empty
+for ``mean``), ``created_at`` (capture time, Unix seconds), ``metadata`` (bounded user
+fields), ``final_topk`` (the model's own top-k ids and log-probabilities per captured
+position, or null) and ``tap`` (the sending tap's cumulative counters). Never pickle:
 decoding reads JSON and ``numpy.frombuffer`` only. :func:`decode` validates everything the
 sidecar relies on and raises :class:`~monitor.errors.WireFormatError` whose ``reason`` is a
 short, bounded label used for the dead-letter stream and its counter.
@@ -26,7 +33,7 @@ from monitor.errors import WireFormatError, WireTooLarge
 MAGIC = b"LWS1"
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = frozenset({1})
-DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": None}
+DTYPES: dict[str, np.dtype[Any] | None] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": None}
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 MAX_METADATA_ITEMS = 32
@@ -187,15 +194,23 @@ def decode(
         raise WireFormatError("bad_field", "metadata must be an object with at most 32 items")
     final = _final_topk(hdr.get("final_topk"), shape[1])
     pos_index = hdr.get("position_index") or []
-    if not isinstance(pos_index, list):
-        raise WireFormatError("bad_field", "position_index must be a list")
+    if not isinstance(pos_index, list) or len(pos_index) > shape[1]:
+        raise WireFormatError("bad_field", "position_index must be a list of at most P integers")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in pos_index):
+        raise WireFormatError("bad_field", "position_index must be a list of integers")
+    try:
+        created_at = float(hdr["created_at"])
+    except OverflowError:
+        created_at = math.inf
+    if not math.isfinite(created_at):
+        raise WireFormatError("bad_field", "created_at must be a finite number")
     tap = hdr.get("tap") or {}
     if not isinstance(tap, dict):
         raise WireFormatError("bad_field", "tap must be an object")
     return Sample(
         sample_id=hdr["sample_id"], request_id=hdr["request_id"], model=hdr["model"],
         model_fingerprint=hdr["model_fingerprint"], layers=tuple(layers), n_states=n_states,
-        positions=hdr["positions"], hidden=hidden, created_at=float(hdr["created_at"]),
+        positions=hdr["positions"], hidden=hidden, created_at=created_at,
         position_index=tuple(int(x) for x in pos_index), metadata=metadata, final_topk=final,
         tap=tap, schema=schema,
     )
@@ -209,7 +224,7 @@ def _final_topk(raw: Any, n_positions: int) -> FinalTopK | None:
     try:
         ids = np.asarray(raw["ids"], dtype=np.int64)
         lp = np.asarray(raw["logprobs"], dtype=np.float32)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise WireFormatError("bad_field", f"final_topk is not numeric: {exc}") from exc
     if ids.ndim != 2 or ids.shape != lp.shape or ids.shape[0] > n_positions:
         raise WireFormatError("bad_field", f"final_topk shapes {ids.shape}/{lp.shape} do not fit {n_positions} positions")

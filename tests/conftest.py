@@ -91,3 +91,122 @@ def reference_model():  # noqa: ANN201
     from monitor.refmodel import load_reference_model
 
     return load_reference_model()
+
+
+# --------------------------------------------------------------------------- tap helpers
+def drain_samples(transport, group: str = "g", count: int = 1000) -> list:  # noqa: ANN001
+    """Read and ack everything the group has not seen yet; return the decoded samples."""
+    from monitor.wire import decode
+
+    out = []
+    while True:
+        got = transport.read(group, "test-consumer", count=count, block_ms=0)
+        if not got:
+            return out
+        transport.ack(group, [e.id for e in got])
+        out += [decode(e.data) for e in got]
+
+
+@pytest.fixture
+def memory_transport() -> Iterator:
+    """A fresh in-memory transport with consumer group ``g`` created."""
+    from monitor.transport import MemoryTransport
+
+    t = MemoryTransport(f"memory://{uuid.uuid4().hex}")
+    t.ensure_group("g")
+    yield t
+    t.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private ``redis-server`` on its own port, started, killed and restarted by its pid."""
+
+    def __init__(self, directory: str) -> None:
+        self.port = free_port()
+        self.dir = directory
+        self.pidfile = os.path.join(directory, f"redis-{self.port}.pid")
+        self.pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):  # noqa: ANN201
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=1)
+
+    def start(self, timeout: float = 10.0) -> None:
+        import subprocess
+        import time
+
+        if os.path.exists(self.pidfile):
+            os.unlink(self.pidfile)
+        subprocess.run(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--pidfile", self.pidfile,
+             "--dir", self.dir, "--save", "", "--appendonly", "no", "--daemonize", "yes"],
+            check=True, capture_output=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:  # an external process: poll until it answers
+            try:
+                if self.client().ping():
+                    break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        with open(self.pidfile) as f:
+            self.pid = int(f.read().strip())
+
+    def _wait_gone(self, timeout: float = 10.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.pid is not None and time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{self.pid}/stat") as f:
+                    if f.read().split(") ", 1)[1].startswith("Z"):
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.01)
+        self.pid = None
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies mid-stream (nothing is persisted)."""
+        import signal
+
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            self._wait_gone()
+
+    def stop(self) -> None:
+        import signal
+
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self._wait_gone()
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[RedisServer]:  # noqa: ANN001
+    """A private Redis server (not started yet: call ``.start()``), stopped by pid afterwards."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server binary not available")
+    server = RedisServer(str(tmp_path))
+    yield server
+    server.stop()
