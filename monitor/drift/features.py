@@ -32,14 +32,14 @@ def prediction_depth(final_top1_rank: np.ndarray, layers: Sequence[int]) -> np.n
     """First watched layer from which the lens top-1 stays equal to the final top-1 ([B] int).
 
     ``final_top1_rank`` is [B, L] (0 = the lens top-1 is the model's final top-1). A sample whose
-    last watched layer disagrees gets ``layers[-1] + 1`` ("never settles within the watched layers").
+    last watched layer disagrees gets ``layers[-1]``, as :func:`monitor.narratives.prediction_depth`.
     """
     agree = np.asarray(final_top1_rank) == 0  # [B, L]
     n_layers = agree.shape[1]
     # trailing run of agreement: reverse cumulative AND
     trailing = np.flip(np.cumprod(np.flip(agree, axis=1), axis=1), axis=1).astype(bool)
     first = np.where(trailing.any(axis=1), np.argmax(trailing, axis=1), n_layers)
-    lay = np.asarray(list(layers) + [layers[-1] + 1])
+    lay = np.asarray(list(layers) + [layers[-1]])
     return lay[first].astype(np.int64)
 
 
