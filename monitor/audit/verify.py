@@ -169,7 +169,7 @@ class _Scanner:
             if self.brk is not None:
                 self._light(line)
                 continue
-            self._check(seg, index, line, newest and index == len(lines) - 1)
+            self._check(seg, index, line, lines[index + 1] if index + 1 < len(lines) else None)
 
     def _light(self, line: Line) -> None:
         # After the first break, still collect prune checkpoints (they decide whether the trail's
@@ -194,7 +194,7 @@ class _Scanner:
                 if self.prune_through is None or through["seq"] > self.prune_through["seq"]:
                     self.prune_through = through
 
-    def _check(self, seg: str, index: int, line: Line, last_line: bool) -> None:
+    def _check(self, seg: str, index: int, line: Line, following: Line | None) -> None:
         if not line.terminated:
             self.fail("malformed_record", "the line has no terminating newline (cut inside the trail)", seg, line)
             return
@@ -231,6 +231,9 @@ class _Scanner:
             if seq != self.expected_seq:
                 if line.data == self.prev_line:
                     self.fail("duplicate_record", "the line repeats the line before it", seg, line, seq)
+                elif seq > self.expected_seq and _seq_of(following) == self.expected_seq:
+                    self.fail("sequence_order", f"seq {seq} comes before seq {self.expected_seq}: lines were swapped "
+                              "or moved", seg, line, seq)
                 elif seq > self.expected_seq:
                     self.fail("sequence_gap", f"records {self.expected_seq}..{seq - 1} are missing before this one",
                               seg, line, seq)
@@ -326,6 +329,15 @@ class _Scanner:
                       seg, line, rec["seq"])
         else:
             self.notes.append(f"recovery record ({reason}) at seq {rec['seq']}")
+
+
+def _seq_of(line: Line | None) -> int | None:
+    if line is None:
+        return None
+    try:
+        return int(parse_record(line.data)["seq"])
+    except RecordFormatError:
+        return None
 
 
 def first_record(path: Path) -> dict[str, Any]:

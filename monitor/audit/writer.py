@@ -73,6 +73,67 @@ class PruneResult:
     record: AuditRecord | None
 
 
+class _HeadPublisher:
+    """Publishes the newest head on its own thread, so a sync waits for the fsync only, never
+    for Redis or the head file. Latest wins: a head superseded before it was sent is skipped.
+    The head lags the file by at most one publish, which verification reads as healthy."""
+
+    def __init__(self, store: HeadStore, on_result: Callable[[Exception | None], None], name: str) -> None:
+        self._store = store
+        self._on_result = on_result
+        self._cv = threading.Condition()
+        self._pending: Head | None = None
+        self._busy = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, head: Head) -> None:
+        with self._cv:
+            self._pending = head
+            self._cv.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the newest submitted head is published (True) or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending is not None or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopped:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def stop(self, *, flush: bool, timeout: float = 5.0) -> None:
+        if flush:
+            self.flush(timeout)
+        with self._cv:
+            self._stopped = True
+            self._pending = None
+            self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._stopped:
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                head, self._pending, self._busy = self._pending, None, True
+            error: Exception | None = None
+            try:
+                assert head is not None
+                self._store.publish(head)
+            except Exception as exc:  # noqa: BLE001 - reported, never raised into the writer
+                error = exc
+            self._on_result(error)
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+
 class AuditWriter:
     """Appends hash-chained, optionally HMAC-signed records to a trail (see module doc)."""
 
@@ -122,9 +183,14 @@ class AuditWriter:
             self.head_publish_errors = 0
             self._head_failing = False
             self.recoveries: list[dict[str, Any]] = []
+            self._publisher = (_HeadPublisher(head_store, self._head_result, f"audit-head-{self.writer_id}")
+                               if head_store is not None else None)
             self._open()
         except BaseException:
             self._sink_close_quietly()
+            publisher: _HeadPublisher | None = getattr(self, "_publisher", None)
+            if publisher is not None:
+                publisher.stop(flush=False)
             if self._head_store is not None:
                 self._head_store.close()
             self._trail_lock.release()
@@ -189,6 +255,11 @@ class AuditWriter:
         """The segment being written."""
         return self._sink.path
 
+    def flush_head(self, timeout: float = 5.0) -> bool:
+        """Wait until the head of the last sync is published (heads go out on their own thread);
+        False when the store did not take it within ``timeout``."""
+        return self._publisher.flush(timeout) if self._publisher is not None else True
+
     def add_durable_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(durable_seq)`` after every fsync (under the writer's lock: be quick)."""
         with self._lock:
@@ -218,6 +289,8 @@ class AuditWriter:
                 self._closed = True
                 self._stop.set()
                 self._sink_close_quietly()
+                if self._publisher is not None:
+                    self._publisher.stop(flush=True)
                 if self._head_store is not None:
                     self._head_store.close()
                 self._trail_lock.release()
@@ -310,18 +383,18 @@ class AuditWriter:
         return self._durable_seq
 
     def _publish_head(self, head: Head) -> None:
-        if self._head_store is None:
-            return
-        try:
-            self._head_store.publish(head)
-        except AuditError as exc:
+        if self._publisher is not None:
+            self._publisher.submit(head)
+
+    def _head_result(self, error: Exception | None) -> None:
+        # Runs on the publisher thread. One log line when publishing starts and stops failing.
+        if error is not None:
             self.head_publish_errors += 1
             if not self._head_failing:
-                log.warning("audit head not published (%s); records stay durable, cut-tail detection lags", exc)
+                log.warning("audit head not published (%s); records stay durable, cut-tail detection lags", error)
             self._head_failing = True
-            return
-        if self._head_failing:
-            log.warning("audit head published again to %s", self._head_store.describe())
+        elif self._head_failing:
+            log.warning("audit head published again to %s", self._head_store.describe() if self._head_store else "?")
             self._head_failing = False
 
     def _flush_loop(self) -> None:
