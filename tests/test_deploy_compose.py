@@ -18,6 +18,9 @@ import pytest
 import yaml
 from test_prometheus import ROOT
 
+from monitor.config import TapSettings, build_settings
+from monitor.sidecar.config import load_settings
+
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 GPU_OVERRIDE = DEPLOY / "docker-compose.gpu.yml"
@@ -132,6 +135,64 @@ def test_tap_and_sidecar_agree_on_transport_stream_and_model() -> None:
     assert url.scheme == "redis" and url.hostname == "redis" and url.port == 6379
     assert tap["LAYERWATCH_TAP_STREAM"] == sidecar["LAYERWATCH_STREAM"]
     assert tap["LAYERWATCH_TAP_MODEL_NAME"] == sidecar["LAYERWATCH_MODEL_NAME"]
+
+
+def settings_field(dumped: dict[str, Any], env_name: str, prefix: str) -> Any:
+    """The value of the settings field an environment variable names (KeyError: no such field)."""
+    value: Any = dumped
+    for part in env_name.removeprefix(prefix).lower().split("__"):
+        value = value[part]
+    return value
+
+
+def assert_env_sets_settings(env_vars: dict[str, str], prefix: str, dumped: dict[str, Any]) -> None:
+    """Every variable names a settings field (unknown names are silently ignored by pydantic-settings,
+    so a typo would go unnoticed) and the field took its value."""
+    for name, raw in env_vars.items():
+        if not name.startswith(prefix):
+            continue
+        try:
+            value = settings_field(dumped, name, prefix)
+        except KeyError:
+            raise AssertionError(f"{name} is not a setting") from None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            assert value == float(raw), f"{name}={raw!r} became {value!r}"
+        else:
+            assert str(value).lower() == raw.lower(), f"{name}={raw!r} became {value!r}"
+
+
+def sidecar_settings_from(env_vars: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The sidecar's settings (as `layerwatch sidecar --check-config` prints them) under ``env_vars``."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("LAYERWATCH_")]:
+        monkeypatch.delenv(name)
+    for name, value in env_vars.items():
+        monkeypatch.setenv(name, value)
+    return load_settings().model_dump(mode="json")
+
+
+def tap_settings_from(env_vars: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The tap's settings (what monitor.attach reads) under ``env_vars``."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("LAYERWATCH_")]:
+        monkeypatch.delenv(name)
+    for name, value in env_vars.items():
+        monkeypatch.setenv(name, value)
+    return build_settings(TapSettings, "LAYERWATCH_TAP_").model_dump(mode="json")
+
+
+def test_sidecar_environment_is_valid_sidecar_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sidecar's compose environment passes the sidecar's settings validation, every variable taking effect."""
+    sidecar_env = env("sidecar")
+    assert_env_sets_settings(sidecar_env, "LAYERWATCH_", sidecar_settings_from(sidecar_env, monkeypatch))
+
+
+def test_demo_server_environment_is_valid_tap_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo server's LAYERWATCH_TAP_* environment passes the tap's settings validation, every variable taking effect."""
+    tap_env = env("demo-server")
+    assert_env_sets_settings(tap_env, "LAYERWATCH_TAP_", tap_settings_from(tap_env, monkeypatch))
 
 
 def test_sidecar_environment_matches_its_mounts() -> None:

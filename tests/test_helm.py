@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from test_deploy_compose import assert_env_sets_settings, sidecar_settings_from, tap_settings_from
 from test_prometheus import ALERT_TESTS, ROOT, RULES, needs_promtool, run_promtool
 
 CHART = ROOT / "helm" / "layerwatch"
@@ -225,6 +226,27 @@ def test_sidecar_env_and_tap_env_agree(helm_env: dict[str, str]) -> None:
     assert tap["LAYERWATCH_TAP_MODEL_NAME"] == sidecar["LAYERWATCH_MODEL_NAME"]
     assert sidecar["LAYERWATCH_CONSUMER"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert sidecar["LAYERWATCH_EXPECT_GPU"] == "false"
+
+
+@needs_helm
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda v: v.name)
+def test_rendered_env_is_valid_sidecar_and_tap_configuration(helm_env: dict[str, str], values: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sidecar container's env and the tap env Secret pass their settings validation, every variable taking effect."""
+    docs = manifests(render(helm_env, values).stdout)
+    secrets = {s["metadata"]["name"]: s.get("stringData", {}) for s in by_kind(docs, "Secret")}
+    sidecar_env = {}
+    for name, value in env_of(sidecar_statefulset(docs)["spec"]["template"]["spec"]["containers"][0]).items():
+        if isinstance(value, str):
+            sidecar_env[name] = value
+        elif "fieldRef" in value:
+            sidecar_env[name] = "lw-layerwatch-0"
+        else:  # secretKeyRef: the chart's Secret, or an existing one holding a URL
+            ref = value["secretKeyRef"]
+            sidecar_env[name] = secrets.get(ref["name"], {}).get(ref["key"], "redis://redis.example:6379/0")
+    assert_env_sets_settings(sidecar_env, "LAYERWATCH_", sidecar_settings_from(sidecar_env, monkeypatch))
+    tap_env = secrets["lw-layerwatch-tap-env"]
+    assert_env_sets_settings(tap_env, "LAYERWATCH_TAP_", tap_settings_from(tap_env, monkeypatch))
 
 
 @needs_helm
