@@ -130,7 +130,7 @@ def readings_for(cache: Cache, states_key: str, states: np.ndarray, layers: tupl
                  batch_size: int) -> ReadingArrays:
     from monitor.drift.offline import readings_from_states
 
-    key = _key("readings", states_key, bank.bundle_id)
+    key = _key("readings-v2", states_key, bank.bundle_id)
     p = cache.path(key, "npz")
     if p.exists():
         z = np.load(p)
@@ -138,11 +138,12 @@ def readings_for(cache: Cache, states_key: str, states: np.ndarray, layers: tupl
         labels = json.loads(str(z["probe_labels"]))
         return ReadingArrays(tuple(int(x) for x in z["layers"]), z["entropy"], z["kl_to_final"], z["confidence"],
                              z["final_top1_rank"], z["depth"], z["final_entropy"], z["final_confidence"],
-                             probes, {k: tuple(v) for k, v in labels.items()})
+                             probes, {k: tuple(v) for k, v in labels.items()}, z["top1"], z["final_top1"])
     a = readings_from_states(bank, states, layers, batch_size=batch_size)
     np.savez(p, layers=np.asarray(a.layers), entropy=a.entropy, kl_to_final=a.kl_to_final,
              confidence=a.confidence, final_top1_rank=a.final_top1_rank, depth=a.depth,
              final_entropy=a.final_entropy, final_confidence=a.final_confidence,
+             top1=a.token_ids()[:, :-1], final_top1=a.token_ids()[:, -1],
              probe_labels=json.dumps({k: list(v) for k, v in a.probe_labels.items()}),
              **{f"probe:{k}": v for k, v in a.probes.items()})
     return a

@@ -19,6 +19,7 @@ from monitor.drift import (
     build_baseline,
     feature_matrix,
 )
+from monitor.drift.features import TokenTable
 from monitor.drift.testing import synth
 from monitor.errors import BaselineError
 from monitor.lenses.readings import BankOutput, split_batch
@@ -109,8 +110,10 @@ def test_bank_output_and_sample_readings_give_the_same_features() -> None:
         probes={"lang": rng.dirichlet(np.ones(2), size=(b, n_layers)).astype(np.float32)},
     )
     labels = {"lang": ("en", "de")}
-    x1 = feature_matrix(ReadingArrays.from_bank_output(out, labels))
-    x2 = feature_matrix(ReadingArrays.from_readings(split_batch(out, labels)))
+    a1 = ReadingArrays.from_bank_output(out, labels)
+    tokens = TokenTable.count(a1.token_ids())
+    x1 = feature_matrix(a1, tokens)
+    x2 = feature_matrix(ReadingArrays.from_readings(split_batch(out, labels)), tokens)
     assert np.allclose(x1, x2)
 
 

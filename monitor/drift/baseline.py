@@ -6,6 +6,7 @@ corpus run through the model). The samples are split once, at random with a fixe
 * the *fit* split estimates the compact feature vector's mean and Ledoit-Wolf shrunk covariance;
 * the held-out *calibration* split gives the anomaly scores that turn a new sample's score into a
   conformal p-value (``p < alpha`` then means a false-positive rate of at most ``alpha``);
+* the fit split also counts the lens top-1 tokens per layer (:class:`TokenTable`);
 * all samples give the descriptive statistics: per-layer quantiles of entropy, KL to final, lens
   confidence and final-top-1 rank, the prediction-depth histogram, probe label shares per layer,
   and the reference bin counts of the window tests.
@@ -31,6 +32,7 @@ from monitor.drift.features import (
     READINGS,
     FeatureLayout,
     ReadingArrays,
+    TokenTable,
     feature_layout,
     feature_matrix,
 )
@@ -85,6 +87,7 @@ class Baseline:
     window_bins: dict[str, tuple[WindowReference, ...]]  # reading -> per layer; "prediction_depth" -> (one,)
     depth_histogram: dict[int, int]
     probe_counts: dict[str, np.ndarray]  # probe -> [L, C] argmax label counts
+    tokens: TokenTable  # lens top-1 token counts per layer (fit split)
     quantile_levels: tuple[float, ...] = QUANTILE_LEVELS
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -164,6 +167,7 @@ class Baseline:
             },
             "prediction_depth_histogram": {str(k): v for k, v in sorted(self.depth_histogram.items())},
             "probe_counts": {k: v.astype(int).tolist() for k, v in sorted(self.probe_counts.items())},
+            "token_table": self.tokens.to_json(),
             "extra": self.extra,
         }
 
@@ -221,6 +225,7 @@ class Baseline:
                 },
                 depth_histogram={int(k): int(v) for k, v in doc["prediction_depth_histogram"].items()},
                 probe_counts={k: np.asarray(v, dtype=np.int64) for k, v in doc["probe_counts"].items()},
+                tokens=TokenTable.from_json(doc["token_table"]),
                 quantile_levels=tuple(float(x) for x in doc["quantile_levels"]),
                 schema_version=version,
                 extra=dict(doc.get("extra", {})),
@@ -332,20 +337,24 @@ def build_baseline(
     cal_idx, fit_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
 
     layout = feature_layout(a.layers, a.probe_labels)
-    x = feature_matrix(a)
-    det = Mahalanobis.fit(x[fit_idx])
+    fit, cal = a.subset(fit_idx), a.subset(cal_idx)
+    tokens = TokenTable.count(fit.token_ids())
+    # Leave-one-out surprisal on the fit split: a sample's own count would make it look familiar.
+    det = Mahalanobis.fit(feature_matrix(fit, tokens, leave_one_out=True))
     # Round the precision to what is stored (float32) before calibrating, so stored and live
     # scores are computed with exactly the same matrix.
     det = Mahalanobis(det.mean, det.scale, det.active, det.precision.astype(np.float32).astype(np.float64),
                       det.shrinkage)
-    cal_scores = np.sort(det.distance2(x[cal_idx]))
+    cal_scores = np.sort(det.distance2(feature_matrix(cal, tokens)))
 
     levels = np.asarray(QUANTILE_LEVELS)
     quantiles: dict[str, np.ndarray] = {}
     for r in READINGS:
         quantiles[r] = np.quantile(a.reading(r), levels, axis=0).T  # [L, Q]
-    for g, v in zip(GLOBAL_FEATURES, (a.depth.astype(np.float64), a.final_entropy, a.final_confidence),
-                    strict=True):
+    cal_surprisal = tokens.surprisal(cal.token_ids())  # out-of-sample, like live samples
+    quantiles["top1_surprisal"] = np.quantile(cal_surprisal[:, :-1], levels, axis=0).T
+    for g, v in zip(GLOBAL_FEATURES, (a.depth.astype(np.float64), a.final_entropy, a.final_confidence,
+                                      cal_surprisal[:, -1]), strict=True):
         quantiles[g] = np.quantile(v, levels)
 
     for p, probs in a.probes.items():
@@ -387,6 +396,7 @@ def build_baseline(
         window_bins=window_bins,
         depth_histogram=depth_hist,
         probe_counts=probe_counts,
+        tokens=tokens,
         extra=dict(extra or {}),
     )
     # Hash what is stored: round-trip through JSON so the id matches a reloaded baseline.

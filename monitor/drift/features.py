@@ -5,9 +5,10 @@ audit trail use per-sample :class:`~monitor.lenses.readings.SampleReadings`. Bot
 :class:`ReadingArrays` here (numpy, [B, L]), so baselines built from either are the same.
 
 The per-sample feature vector, per watched layer: entropy, log(1 + KL to final), log of the lens
-confidence (top-1 probability), log(1 + rank of the final top-1 under the lens), and the log
-class probabilities of every concept probe; then three global features: prediction depth, the
-final distribution's entropy and its log top-1 probability. Logs because KL, ranks and
+confidence (top-1 probability), log(1 + rank of the final top-1 under the lens), the surprisal of
+the lens top-1 token under the baseline's token table (:class:`TokenTable`), and the log class
+probabilities of every concept probe; then four global features: prediction depth, the final
+distribution's entropy, its log top-1 probability and the surprisal of the final top-1 token. Logs because KL, ranks and
 probabilities are heavy-tailed, and Mahalanobis distance assumes something closer to Gaussian.
 """
 
@@ -23,7 +24,7 @@ from monitor.lenses.readings import BankOutput, SampleReadings
 
 # Scalar readings per layer, in feature order.
 READINGS = ("entropy", "kl_to_final", "confidence", "final_top1_rank")
-GLOBAL_FEATURES = ("prediction_depth", "final_entropy", "final_confidence")
+GLOBAL_FEATURES = ("prediction_depth", "final_entropy", "final_confidence", "final_top1_surprisal")
 GLOBAL_LAYER = -1  # layer index used for the global features in contribution tables
 _EPS = 1e-6
 
@@ -57,6 +58,14 @@ class ReadingArrays:
     final_confidence: np.ndarray  # [B]
     probes: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [B, L, C]
     probe_labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    top1: np.ndarray | None = None  # [B, L] lens top-1 token ids
+    final_top1: np.ndarray | None = None  # [B] the model's own top-1 token id
+
+    def token_ids(self) -> np.ndarray:
+        """Lens top-1 ids per layer plus the final top-1 as a last column ([B, L+1]); zeros if unknown."""
+        top1 = self.top1 if self.top1 is not None else np.zeros(self.entropy.shape, dtype=np.int64)
+        fin = self.final_top1 if self.final_top1 is not None else np.zeros(self.n, dtype=np.int64)
+        return np.concatenate([np.asarray(top1, dtype=np.int64), np.asarray(fin, dtype=np.int64)[:, None]], axis=1)
 
     @property
     def n(self) -> int:
@@ -91,6 +100,8 @@ class ReadingArrays:
             final_confidence=np.asarray(out.final_topk_probs, dtype=np.float64)[:, 0],
             probes=probes,
             probe_labels=labels,
+            top1=np.asarray(out.topk_ids, dtype=np.int64)[:, :, 0],
+            final_top1=np.asarray(out.final_topk_ids, dtype=np.int64)[:, 0],
         )
 
     @classmethod
@@ -130,6 +141,8 @@ class ReadingArrays:
             final_confidence=np.array([s.final_topk_probs[0] for s in samples], dtype=np.float64),
             probes=probes,
             probe_labels=labels,
+            top1=np.array([[r.top1 for r in s.layers] for s in samples], dtype=np.int64),
+            final_top1=np.array([s.final_top1 for s in samples], dtype=np.int64),
         )
 
     def subset(self, idx: np.ndarray | Sequence[int] | slice) -> ReadingArrays:
@@ -145,6 +158,8 @@ class ReadingArrays:
             final_confidence=self.final_confidence[idx],
             probes={k: v[idx] for k, v in self.probes.items()},
             probe_labels=dict(self.probe_labels),
+            top1=None if self.top1 is None else self.top1[idx],
+            final_top1=None if self.final_top1 is None else self.final_top1[idx],
         )
 
     @staticmethod
@@ -171,6 +186,8 @@ class ReadingArrays:
             final_confidence=cat("final_confidence"),
             probes={k: np.concatenate([p.probes[k] for p in parts], axis=0) for k in first.probes},
             probe_labels=dict(first.probe_labels),
+            top1=np.concatenate([p.token_ids()[:, :-1] for p in parts], axis=0),
+            final_top1=np.concatenate([p.token_ids()[:, -1] for p in parts], axis=0),
         )
 
     def validate(self) -> None:
@@ -181,6 +198,48 @@ class ReadingArrays:
         for p, v in self.probes.items():
             if not np.all(np.isfinite(v)):
                 raise BaselineError(f"probe {p!r} contains NaN or Inf")
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """How often normal traffic's lens top-1 is each token, per watched layer (+ final output).
+
+    Its surprisal, ``-log((count + 1) / (n + 1))``, says whether a layer "thinks" of a token
+    normal traffic thinks of there: other languages, code or garbage move it at once, and a flag
+    can name the tokens. Counted on the baseline's fit split only.
+    """
+
+    n: int
+    counts: tuple[dict[int, int], ...]  # one table per watched layer, then the final top-1
+
+    @classmethod
+    def count(cls, ids: np.ndarray) -> TokenTable:
+        """Tables from token ids [n, L+1] (see :meth:`ReadingArrays.token_ids`)."""
+        tables = []
+        for j in range(ids.shape[1]):
+            u, c = np.unique(ids[:, j], return_counts=True)
+            tables.append({int(a): int(b) for a, b in zip(u, c, strict=True)})
+        return cls(int(ids.shape[0]), tuple(tables))
+
+    def surprisal(self, ids: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
+        """[B, L+1] surprisal of each id; ``leave_one_out`` for samples that were counted."""
+        out = np.empty(ids.shape, dtype=np.float64)
+        for j, table in enumerate(self.counts):
+            out[:, j] = [table.get(int(t), 0) for t in ids[:, j]]
+        n = self.n
+        if leave_one_out:
+            out -= 1.0
+            n -= 1
+        return -np.log((np.maximum(out, 0.0) + 1.0) / (n + 1.0))
+
+    def to_json(self) -> dict[str, object]:
+        return {"n": self.n, "counts": [sorted([k, v] for k, v in t.items()) for t in self.counts]}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> TokenTable:
+        counts = doc["counts"]
+        assert isinstance(counts, list)
+        return cls(int(doc["n"]), tuple({int(k): int(v) for k, v in t} for t in counts))  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -202,7 +261,7 @@ def feature_layout(layers: Sequence[int], probe_labels: dict[str, tuple[str, ...
     layer_of: list[int] = []
     reading_of: list[str] = []
     for layer in layers:
-        for r in READINGS:
+        for r in READINGS + ("top1_surprisal",):
             names.append(f"L{layer}.{r}")
             layer_of.append(int(layer))
             reading_of.append(r)
@@ -218,15 +277,20 @@ def feature_layout(layers: Sequence[int], probe_labels: dict[str, tuple[str, ...
     return FeatureLayout(tuple(names), tuple(layer_of), tuple(reading_of))
 
 
-def feature_matrix(a: ReadingArrays) -> np.ndarray:
-    """The compact per-sample feature vectors [B, F] in :func:`feature_layout` order."""
+def feature_matrix(a: ReadingArrays, tokens: TokenTable, leave_one_out: bool = False) -> np.ndarray:
+    """The compact per-sample feature vectors [B, F] in :func:`feature_layout` order.
+
+    ``tokens``: the baseline's token table; ``leave_one_out`` for the samples it was counted on.
+    """
+    surprisal = tokens.surprisal(a.token_ids(), leave_one_out)
     per_layer = [
         a.entropy,
         np.log1p(np.maximum(a.kl_to_final, 0.0)),
         np.log(np.clip(a.confidence, _EPS, 1.0)),
         np.log1p(np.maximum(a.final_top1_rank, 0).astype(np.float64)),
+        surprisal[:, :-1],
     ]
-    blocks = [np.stack(per_layer, axis=2)]  # [B, L, 4]
+    blocks = [np.stack(per_layer, axis=2)]  # [B, L, 5]
     for p in sorted(a.probes):
         blocks.append(np.log(np.clip(a.probes[p], _EPS, 1.0)))  # [B, L, C]
     body = np.concatenate(blocks, axis=2).reshape(a.n, -1)
@@ -235,6 +299,7 @@ def feature_matrix(a: ReadingArrays) -> np.ndarray:
             a.depth.astype(np.float64),
             a.final_entropy,
             np.log(np.clip(a.final_confidence, _EPS, 1.0)),
+            surprisal[:, -1],
         ],
         axis=1,
     )

@@ -34,6 +34,8 @@ READING_TITLES = {
     "prediction_depth": ("prediction depth", ""),
     "final_entropy": ("final entropy", "nats"),
     "final_confidence": ("final confidence", ""),
+    "top1_surprisal": ("surprisal of the lens top-1 token", "nats"),
+    "final_top1_surprisal": ("surprisal of the final top-1 token", "nats"),
 }
 
 
@@ -116,6 +118,7 @@ class AnomalyScorer:
         self._hi = {r: baseline.quantile(r, 0.99) for r in READINGS}
         self._med = {r: baseline.quantile(r, 0.5) for r in READINGS}
         self._shares = {p: baseline.probe_shares(p) for p in baseline.probe_labels}
+        self._sur_hi = baseline.quantile("top1_surprisal", 0.99)
         self._probe_hi = {p: baseline.quantile(f"probe:{p}", 0.99) for p in baseline.probe_labels}
 
     def score_arrays(self, a: ReadingArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,7 +129,7 @@ class AnomalyScorer:
         ``1/(n_cal+1)`` rather than NaN.
         """
         self.baseline.check_readings(a)
-        x = feature_matrix(a)
+        x = feature_matrix(a, self.baseline.tokens)
         bad = ~np.all(np.isfinite(x), axis=1)
         contrib = self.baseline.detector.contributions(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
         per_layer = contrib @ self._group_matrix
@@ -185,6 +188,19 @@ class AnomalyScorer:
                         f"(normal median {_fmt(float(np.median(self._med[r][sel])), unit)})"
                     )
                     flags.append(Flag(f"{r}_{direction}", tuple(run), r, detail))
+        ids = a.token_ids()
+        sur = bl.tokens.surprisal(ids[b:b + 1])[0]
+        idx = np.nonzero(sur[:-1] > self._sur_hi)[0]
+        for run in layer_runs([layers[i] for i in idx], layers):
+            if len(run) < self.min_flag_run:
+                continue
+            sel = [layers.index(x) for x in run]
+            toks = list(dict.fromkeys(int(t) for t in ids[b, sel]))[:5]
+            detail = (
+                f"the lens top-1 at {layer_span(run)} is a token normal traffic rarely has there "
+                f"(token ids {', '.join(str(t) for t in toks)}; surprisal {float(np.median(sur[sel])):.2f} nats)"
+            )
+            flags.append(Flag("top1_surprisal_high", tuple(run), "top1_surprisal", detail))
         for p, probs in a.probes.items():
             labels = bl.probe_labels[p]
             arg = probs[b].argmax(axis=1)  # [L]
@@ -206,7 +222,7 @@ class AnomalyScorer:
                 )
                 flags.append(Flag(f"probe_{p}_unusual_label", tuple(run), f"probe:{p}", detail))
         for g, v in (("prediction_depth", float(a.depth[b])), ("final_entropy", float(a.final_entropy[b])),
-                     ("final_confidence", float(a.final_confidence[b]))):
+                     ("final_confidence", float(a.final_confidence[b])), ("final_top1_surprisal", float(sur[-1]))):
             lo, hi = float(bl.quantile(g, 0.01)), float(bl.quantile(g, 0.99))
             med = float(bl.quantile(g, 0.5))
             title, unit = READING_TITLES[g]

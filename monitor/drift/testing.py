@@ -36,8 +36,13 @@ def synth(n: int, *, n_layers: int = 12, seed: int = 0, shift: float = 0.0, code
     logits[:, sl, 2] += code
     probs = np.exp(logits)
     probs /= probs.sum(axis=2, keepdims=True)
+    # lens top-1 ids: a handful of common tokens per layer; ``code`` draws from other ids
+    top1 = rng.integers(0, 20, size=(n, n_layers)) + 100 * np.arange(n_layers)
+    if code:
+        top1[:, sl] += 5000
     return ReadingArrays(
         layers=lay, entropy=ent, kl_to_final=kl, confidence=conf, final_top1_rank=rank,
         depth=prediction_depth(rank, lay), final_entropy=ent[:, -1].copy(),
         final_confidence=conf[:, -1].copy(), probes={"topic": probs}, probe_labels={"topic": LABELS},
+        top1=top1, final_top1=top1[:, -1].copy(),
     )
