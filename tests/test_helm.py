@@ -328,6 +328,8 @@ def test_servicemonitor_selects_the_sidecar_service_port(helm_env: dict[str, str
     (("bundle.existingClaim=",), "exactly one lens bundle source"),
     (("model.name=",), "model.name is required"),
     (("tapPodMonitor.enabled=true",), "tapPodMonitor.podSelector is required"),
+    (("sidecar.replica=3",), "additional properties 'replica' not allowed"),  # values.schema.json
+    (("tap.sampleRate=2",), "/tap/sampleRate"),
 ])
 def test_invalid_values_fail_with_a_message_naming_the_setting(helm_env: dict[str, str], sets: tuple[str, ...], message: str) -> None:
     """Missing or contradictory values stop `helm template` with an error that says what to set."""
