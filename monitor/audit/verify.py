@@ -14,6 +14,7 @@ reports with its kind and exact location (segment file, line, byte offset, seq).
 ``sequence_gap``           records are missing inside a segment (deleted lines)
 ``sequence_order``         seq goes backwards (lines inserted, duplicated or swapped)
 ``chain_break``            ``prev_hash`` is not the hash of the record before (a record replaced)
+``record_after_close``     a record follows the writer's closing checkpoint in the same segment
 ``segment_misnamed``       a segment's file name promises another first seq than it holds
 ``segment_start_invalid``  a segment does not start with a checkpoint continuing from the one before
 ``empty_segment``          a segment other than the newest holds no record
@@ -226,6 +227,10 @@ class _Scanner:
         elif rec["writer"] != self.writer:
             self.fail("foreign_record", f"written by {rec['writer']!r}, but this is the trail of {self.writer!r}",
                       seg, line, seq)
+            return
+        if index > 0 and self.last_kind == RecordKind.CHECKPOINT and self.last_reason == "close":
+            self.fail("record_after_close", "a record after the writer's closing checkpoint in the same segment "
+                      "(a restarted writer starts a new segment): it was appended by someone else", seg, line, seq)
             return
         if self.expected_seq is not None and index > 0:
             if seq != self.expected_seq:
