@@ -158,7 +158,8 @@ class StandInSource:
         m.samples_processed.labels(model).inc(batch)
         m.batch_size.labels(model).observe(batch)
         m.processing_latency.labels(model).observe(rng.uniform(0.01, 0.05))
-        m.consumer_lag.labels(model).set(rng.randint(0, 8))
+        # A steady lag: with a few seconds of data, a noisy one would project (predict_linear) past the alert.
+        m.consumer_lag.labels(model).set(rng.randint(2, 4))
         m.consumer_pending.labels(model).set(rng.randint(0, batch))
         m.audit_records.labels(model, "sample").inc(batch)
         last = self.layers[-1]
