@@ -654,7 +654,8 @@ def _cap_at_sentence(text: str, max_chars: int) -> str:
 _FUNCTION_WORDS: dict[str, frozenset[str]] = {
     lang: frozenset(words.split())
     for lang, words in {
-        "en": "the and of to is that with for this are be from which not you it can by on or an as when if was have",
+        "en": "the and of to is that with for this are be from which not you it can by on or an as when if was have "
+        "do does but all has its their they there only into one may must will more than such also these however",
         "de": "der die das und ist nicht mit ein eine den dem von zu auf für werden wird sich auch oder wenn bei sind kann des im",
         "fr": "le la les et est des une un du dans pour que qui sur pas avec par ce sont au aux être peut ou il se",
         "es": "el la los las y es que del en un una por para con se no como más puede al lo sus este esta",
@@ -683,7 +684,7 @@ def guess_language(text: str) -> str | None:
     scores = {lang: len(list(filter(fw.__contains__, words))) for lang, fw in _FUNCTION_WORDS.items()}
     ranked = sorted(scores.items(), key=lambda kv: -kv[1])
     (best, top), (_, second) = ranked[0], ranked[1]
-    if top < 2 or top < 1.5 * second:
+    if top < 2 or top < 2 * second:
         return None
     return best
 
@@ -968,9 +969,18 @@ def _english_units() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """(passage, split, short texts) for every English prose passage, deduplicated."""
     documents = [*_handbook_documents("en"), *_python_docs_documents(), *_reference_documents()]
     seen: set[str] = set()
+    seen_sentences: set[str] = set()
     units = []
     for doc in documents:
-        for passage in _passages(doc):
+        # A sentence repeated across documents (boilerplate, "Changed in version ...") is kept
+        # only where it first occurs, so no sentence can sit in two splits.
+        paragraphs = []
+        for para in doc:
+            kept = [x for x in sentences(para) if x not in seen_sentences]
+            seen_sentences.update(kept)
+            if kept:
+                paragraphs.append(" ".join(kept))
+        for passage in _passages(paragraphs):
             if passage in seen:
                 continue
             seen.add(passage)
@@ -995,8 +1005,23 @@ def english_prose(split: str = "train", unit: str = "passage", seed: int = DEFAU
     units = [u for u in _english_units() if u[1] == split]
     if unit == "passage":
         return seeded_order((u[0] for u in units), seed)
-    other = {t for u in _english_units() if u[1] != split for t in u[2]}
-    return seeded_order((t for u in units for t in u[2] if t not in other), seed)
+    other = _sentences_outside(split)
+    kept = (t for u in units for t in u[2] if t not in other and not any(s in other for s in sentences(t)))
+    return seeded_order(kept, seed)
+
+
+@functools.cache
+def _sentences_outside(split: str) -> frozenset[str]:
+    """Every sentence and short text of the English passages of the other splits.
+
+    A sentence repeated in two documents must not put a held-out short text inside a training
+    passage.
+    """
+    pieces = {
+        s for u in _english_units() if u[1] != split for para in u[0].split("\n\n") for s in sentences(para)
+    }
+    pieces.update(t for u in _english_units() if u[1] != split for t in u[2])  # clauses too
+    return frozenset(pieces)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1004,11 +1029,18 @@ def english_prose(split: str = "train", unit: str = "passage", seed: int = DEFAU
 # --------------------------------------------------------------------------------------------
 
 
+def _language_texts(lang: str) -> list[str]:
+    docs = [*_handbook_documents(lang), *_man_documents(lang)]
+    return [t for doc in docs for para in doc for t in short_texts(para) if looks_like_prose(t)]
+
+
 @_DiskCached
 def _language_pool(lang: str) -> tuple[str, ...]:
-    docs = [*_handbook_documents(lang), *_man_documents(lang)]
-    texts = [t for doc in docs for para in doc for t in short_texts(para) if looks_like_prose(t)]
-    return tuple(t for t in dict.fromkeys(texts) if guess_language(t) == lang)
+    texts = dict.fromkeys(_language_texts(lang))
+    if lang != "en":  # drop what a translation left in English, verbatim
+        english = set(_language_texts("en")) | {t for u in _english_units() for t in u[2]}
+        texts = dict.fromkeys(t for t in texts if t not in english)
+    return tuple(t for t in texts if guess_language(t) == lang)
 
 
 @_DiskCached
