@@ -238,7 +238,8 @@ class Tap:
         """
         rids = [r or uuid.uuid4().hex for r in request_ids]
         forces = list(force) if isinstance(force, (list, tuple)) else [bool(force)] * len(rids)
-        metas = list(metadata) if isinstance(metadata, (list, tuple)) else [metadata] * len(rids)
+        metas: list[dict[str, Any] | None] = (
+            list(metadata) if isinstance(metadata, (list, tuple)) else [metadata] * len(rids))  # type: ignore[list-item]
         if len(forces) != len(rids) or len(metas) != len(rids):
             raise ValueError("tap.batch(): force and metadata need one entry per request id")
         nested = self._closed or self._var.get() is not None
@@ -440,8 +441,6 @@ class Tap:
             self._hook_failed(cap)
 
     def _make_block_hook(self, slot: int) -> Any:
-        take = self._take
-        failed = self._hook_failed
         var = self._var
 
         def hook(_m: nn.Module, _a: Any, out: Any) -> None:
@@ -449,9 +448,9 @@ class Tap:
             if cap is None or cap.plan is None:
                 return
             try:
-                take(cap, cap.plan, slot, out if isinstance(out, torch.Tensor) else out[0])
+                self._take(cap, cap.plan, slot, out if isinstance(out, torch.Tensor) else out[0])
             except Exception:
-                failed(cap)
+                self._hook_failed(cap)
 
         return hook
 
@@ -550,9 +549,9 @@ class Tap:
                 pos = torch.full((n_slots,), seq - 1, device=dev)
                 return _Plan("gather", dev, seq, 1, n_slots, rows, pos, None, None, [seq - 1] * n_slots, None,
                              all_rows)
-            lengths = m.sum(-1)
-            cap.lengths = lengths
-            return _Plan("gather", dev, seq, 1, n_slots, rows, _last_valid(m), None, (lengths - 1).clamp(min=0),
+            row_len = m.sum(-1)
+            cap.lengths = row_len
+            return _Plan("gather", dev, seq, 1, n_slots, rows, _last_valid(m), None, (row_len - 1).clamp(min=0),
                          None, None, all_rows)
         pos = torch.full((n_slots,), seq - 1, device=dev)
         lengths = cap.lengths

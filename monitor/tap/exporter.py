@@ -112,7 +112,10 @@ class CapturedRequest:
             ev.synchronize()  # waits on the exporter thread, never on the serving thread
         steps = [_StepArrays.of(st) for st in self.steps]
         for s, sample_id in enumerate(self.sample_ids):
-            parts, pos, tk_ids, tk_lp = [], [], [], []
+            parts: list[np.ndarray] = []
+            pos: list[int] = []
+            tk_ids: list[np.ndarray] = []
+            tk_lp: list[np.ndarray] = []
             topk_ok = True
             for st in steps:
                 sl = slice(s * st.k, (s + 1) * st.k)
@@ -126,6 +129,7 @@ class CapturedRequest:
                 if st.topk_ids is None:
                     topk_ok = False
                     continue
+                assert st.topk_lp is not None
                 ids, lp = st.topk_ids[sl], st.topk_lp[sl]
                 tv = st.topk_valid[sl] if st.topk_valid is not None else None
                 if keep is not None:
@@ -293,6 +297,8 @@ class Exporter:
                         batch.append(item)
                         n += item.n_samples
                     self._in_flight = len(batch)
+                    self._m_depth.set(self._items)  # the gauges follow the worker, not offer()
+                    self._m_bytes.set(self._bytes)
                 if not batch:
                     break
                 try:
@@ -304,10 +310,9 @@ class Exporter:
                         self._in_flight = 0
                         self._items -= n
                         self._bytes -= sum(it.nbytes for it in batch)
-                        depth, size = self._items, self._bytes
+                        self._m_depth.set(self._items)  # before the notify: flush() sees them
+                        self._m_bytes.set(self._bytes)
                         self._idle.notify_all()
-                    self._m_depth.set(depth)
-                    self._m_bytes.set(size)
             with self._lock:
                 self._idle.notify_all()
                 if self._shutdown and not self._queue:
