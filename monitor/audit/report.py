@@ -43,8 +43,11 @@ dl.meta { display: grid; grid-template-columns: max-content 1fr max-content 1fr;
 dl.meta dt { color: var(--muted); } dl.meta dd { margin: 0; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; overflow-wrap: anywhere; }
 .why { display: grid; grid-template-columns: 260px 1fr; gap: 18px; }
 .score { font-size: 28px; font-weight: 650; } .muted { color: var(--muted); }
-.bars div.row { display: grid; grid-template-columns: 58px 1fr 54px; gap: 6px; align-items: center; font-size: 12px; }
-.bars .bar { height: 10px; background: #4292c6; border-radius: 2px; } .bars .bar.neg { background: #f79009; }
+.cols { display: flex; align-items: flex-end; gap: 2px; height: 84px; max-width: 720px; padding-bottom: 16px; }
+.cols .col { flex: 1 1 0; height: 100%; display: flex; flex-direction: column; justify-content: flex-end; position: relative; }
+.cols .col span { display: block; background: #4292c6; border-radius: 2px 2px 0 0; min-height: 1px; }
+.cols .col span.neg { background: #f79009; }
+.cols .col small { position: absolute; bottom: -16px; left: 0; font-size: 10px; color: var(--muted); }
 ul.flags { margin: 0; padding-left: 18px; } ul.flags li { margin: 2px 0; }
 table.traj { font: 12px/1.2 ui-monospace, SFMono-Regular, Menlo, monospace; }
 table.traj th { font-weight: 600; color: var(--muted); padding: 3px 6px; text-align: center; }
@@ -60,9 +63,8 @@ table.traj td.num { text-align: right; padding: 0 6px; color: var(--muted); whit
 table.traj td.num { min-width: 64px; }
 .legend { display: flex; align-items: center; gap: 8px; font-size: 12px; color: var(--muted); margin: 6px 0; }
 .legend .grad { width: 180px; height: 10px; border: 1px solid var(--line); }
-table.probes td, table.probes th { padding: 2px 8px; font-size: 12px; border: 1px solid #fff; text-align: center; white-space: nowrap; }
-table.probes td.lay { color: var(--muted); text-align: right; }
-ol.sentences { font-size: 12.5px; margin: 0; padding-left: 22px; columns: 2; column-gap: 28px; }
+table.traj td.probe { padding: 2px 8px; text-align: center; white-space: nowrap; font-family: system-ui, sans-serif; }
+ul.sentences { font-size: 12.5px; margin: 0; padding-left: 0; list-style: none; columns: 2; column-gap: 28px; }
 table.proof td { padding: 3px 12px 3px 0; vertical-align: top; }
 table.proof td:first-child { color: var(--muted); white-space: nowrap; }
 code, pre { font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, monospace; }
@@ -156,12 +158,16 @@ def _trajectory(nar: dict[str, Any], flagged_layers: set[int]) -> str:
                        f"{_e(_visible(tok))}{prob}</td>")
         return "".join(out)
 
+    probes = _probe_names(layers)
+    colors = _ProbeColors()
     head = "".join(f"<th>top-{i + 1}</th>" for i in range(k))
+    probe_head = "".join(f'<th title="concept probe">{_e(n)}</th>' for n in probes)
     rows = [f'<tr><th>layer</th>{head}<th>entropy</th><th>KL to final</th><th title="rank of the final top-1 token '
-            'under this layer\'s lens (0 = it is the top-1)">rank</th></tr>']
+            f'under this layer\'s lens (0 = it is the top-1)">rank</th>{probe_head}</tr>']
     if final_top:
         rows.append(f'<tr class="final"><td class="lay">output</td>{cells(final_top, "model output")}'
-                    '<td class="num"></td><td class="num"></td><td class="num"></td></tr>')
+                    '<td class="num"></td><td class="num"></td><td class="num"></td>'
+                    + '<td class="probe"></td>' * len(probes) + "</tr>")
     for layer in sorted(layers, key=lambda x: x.get("layer", 0) if isinstance(x.get("layer"), int) else 0, reverse=True):
         num = layer.get("layer")
         marks = []
@@ -180,7 +186,8 @@ def _trajectory(nar: dict[str, Any], flagged_layers: set[int]) -> str:
             f'{cells(_top(layer.get("top")), f"layer {num}")}'
             f'<td class="num" style="{_meter(ent_w)}" title="entropy (nats)">{_num(ent)}</td>'
             f'<td class="num" style="{_meter(kl_w)}" title="KL(final || lens) (nats)">{_num(kl)}</td>'
-            f'<td class="num">{_num(layer.get("final_top1_rank"), "d")}</td></tr>')
+            f'<td class="num">{_num(layer.get("final_top1_rank"), "d")}</td>'
+            + "".join(_probe_cell(_dict(layer.get("probes")).get(n), n, colors) for n in probes) + "</tr>")
     legend = ('<div class="legend">probability <span>0</span><span class="grad" style="background:linear-gradient(90deg,'
               + ",".join(f"rgb{c}" for c in _SCALE) + ')"></span><span>1</span>'
               '<span>&nbsp; red outline: the model\'s final top-1 &nbsp; &#9670; prediction depth &nbsp; &#8635; change of '
@@ -188,37 +195,60 @@ def _trajectory(nar: dict[str, Any], flagged_layers: set[int]) -> str:
     return f'<table class="traj">{"".join(rows)}</table>{legend}'
 
 
-def _probes(nar: dict[str, Any]) -> str:
-    layers = [x for x in _list(nar.get("layers")) if isinstance(x, dict) and isinstance(x.get("probes"), dict)]
+def _probe_names(layers: list[dict[str, Any]]) -> list[str]:
     names: list[str] = []
     for layer in layers:
-        for name in layer["probes"]:
+        for name in _dict(layer.get("probes")):
             if name not in names:
                 names.append(name)
-    if not names:
-        return '<p class="muted">No probe readings in this record.</p>'
-    colors: dict[tuple[str, str], tuple[int, int, int]] = {}
-    rows = ["<tr><th>layer</th>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr>"]
-    for layer in sorted(layers, key=lambda x: x.get("layer", 0) if isinstance(x.get("layer"), int) else 0, reverse=True):
-        cells = []
-        for name in names:
-            reading = _dict(layer["probes"].get(name))
-            label, p = reading.get("label"), reading.get("p")
-            probs = _dict(reading.get("probs"))
-            if label is None and probs:
-                label, p = max(probs.items(), key=lambda kv: kv[1] if isinstance(kv[1], (int, float)) else -1)
-            if label is None:
-                cells.append("<td></td>")
-                continue
-            key = (name, str(label))
-            if key not in colors:
-                colors[key] = _PALETTE[sum(1 for c in colors if c[0] == name) % len(_PALETTE)]
-            pf = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else 0.5
-            title = ", ".join(f"{k}={v:.3f}" for k, v in probs.items() if isinstance(v, (int, float))) or str(label)
-            cells.append(f'<td style="background:{_mix(colors[key], pf)}" title="{_e(title)}">{_e(label)} '
-                         f"<small>{_num(p)}</small></td>")
-        rows.append(f'<tr><td class="lay">L{_e(layer.get("layer"))}</td>{"".join(cells)}</tr>')
-    return f'<table class="probes">{"".join(rows)}</table>'
+    return names
+
+
+class _ProbeColors:
+    """A stable colour per (probe, label), in order of first appearance."""
+
+    def __init__(self) -> None:
+        self._colors: dict[tuple[str, str], tuple[int, int, int]] = {}
+
+    def __call__(self, probe: str, label: str) -> tuple[int, int, int]:
+        key = (probe, label)
+        if key not in self._colors:
+            used = sum(1 for c in self._colors if c[0] == probe)
+            self._colors[key] = _PALETTE[used % len(_PALETTE)]
+        return self._colors[key]
+
+
+def _probe_cell(reading: Any, name: str, colors: _ProbeColors) -> str:
+    reading = _dict(reading)
+    label, p = reading.get("label"), reading.get("p")
+    probs = _dict(reading.get("probs"))
+    if label is None and probs:
+        label, p = max(probs.items(), key=lambda kv: kv[1] if isinstance(kv[1], (int, float)) else -1)
+    if label is None:
+        return '<td class="probe"></td>'
+    pf = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else 0.5
+    title = ", ".join(f"{k}={v:.3f}" for k, v in probs.items() if isinstance(v, (int, float))) or str(label)
+    return (f'<td class="probe" style="background:{_mix(colors(name, str(label)), pf)}" title="{_e(name)}: {_e(title)}">'
+            f"{_e(label)} <small>{_num(p)}</small></td>")
+
+
+def _contributions(contrib: dict[str, float]) -> str:
+    """Per-layer contributions to the score as a compact column chart, largest named in words."""
+
+    def order(k: str) -> tuple[int, str]:
+        return (int(k), "") if k.lstrip("-").isdigit() else (10**9, k)
+
+    items = sorted(contrib.items(), key=lambda kv: order(kv[0]))
+    top = max(abs(v) for _, v in items) or 1.0
+    cols = "".join(
+        f'<div class="col" title="layer {_e(k)}: {v:.4f}"><span class="{"neg" if v < 0 else ""}" '
+        f'style="height:{100 * abs(v) / top:.1f}%"></span><small>{_e(k) if i % 5 == 0 or i == len(items) - 1 else ""}'
+        "</small></div>"
+        for i, (k, v) in enumerate(items))
+    largest = sorted(items, key=lambda kv: -abs(kv[1]))[:3]
+    words = ", ".join(f"L{_e(k)} ({v:.3g})" for k, v in largest)
+    return (f'<h3>Score contributions by layer</h3><div class="cols">{cols}</div>'
+            f'<p class="muted" style="margin:4px 0 0">largest: {words}</p>')
 
 
 def _score(rec: dict[str, Any]) -> str:
@@ -242,16 +272,7 @@ def _score(rec: dict[str, Any]) -> str:
     contrib = {k: v for k, v in _dict(score.get("contributions")).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if contrib:
-        top = max(abs(v) for v in contrib.values()) or 1.0
-
-        def order(k: str) -> tuple[int, str]:
-            return (int(k), "") if k.lstrip("-").isdigit() else (10**9, k)
-
-        bars = "".join(
-            f'<div class="row"><span>L{_e(k)}</span><span class="bar{" neg" if v < 0 else ""}" '
-            f'style="width:{100 * abs(v) / top:.1f}%"></span><span>{v:.3f}</span></div>'
-            for k, v in sorted(contrib.items(), key=lambda kv: order(kv[0])))
-        right.append(f'<h3>Score contributions by layer</h3><div class="bars">{bars}</div>')
+        right.append(_contributions(contrib))
     if not right:
         right.append('<p class="muted">No flags on this sample.</p>')
     return f'<div class="why">{parts[0]}<div>{"".join(right)}</div></div>'
@@ -305,10 +326,10 @@ def _proof(entry: Entry, report: TrailReport | None, keys: KeyRing | None) -> st
 
 
 def _sentences(nar: dict[str, Any]) -> str:
-    items = [f"<li value=\"{_e(x.get('layer'))}\">{_e(x.get('sentence'))}</li>"
-             for x in _list(nar.get("layers")) if isinstance(x, dict) and x.get("sentence")
-             and isinstance(x.get("layer"), int)]
-    return f'<ol class="sentences">{"".join(items)}</ol>' if items else '<p class="muted">No sentences.</p>'
+    layers = sorted((x for x in _list(nar.get("layers")) if isinstance(x, dict) and x.get("sentence")),
+                    key=lambda x: x.get("layer", 0) if isinstance(x.get("layer"), int) else 0)
+    items = [f"<li>{_e(x.get('sentence'))}</li>" for x in layers]
+    return f'<ul class="sentences">{"".join(items)}</ul>' if items else '<p class="muted">No sentences.</p>'
 
 
 def _sample(idx: int, entry: Entry, report: TrailReport | None, keys: KeyRing | None) -> str:
@@ -329,8 +350,7 @@ def _sample(idx: int, entry: Entry, report: TrailReport | None, keys: KeyRing | 
     dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in meta if v not in (None, ""))
     return (f'<section class="card" id="sample-{idx}"><h2>Sample <code>{_e(rec.get("sample_id"))}</code> {badges}</h2>'
             f'<dl class="meta">{dl}</dl>{_score(rec)}'
-            f"<h3>Prediction trajectory: top tokens of each layer's lens</h3>{_trajectory(nar, flagged_layers)}"
-            f"<h3>Probe readings per layer</h3>{_probes(nar)}"
+            f"<h3>Prediction trajectory: each layer's top tokens and probe readings</h3>{_trajectory(nar, flagged_layers)}"
             f"<h3>Layer by layer</h3>{_sentences(nar)}"
             f"<h3>Chain proof</h3>{_proof(entry, report, keys)}</section>")
 

@@ -318,7 +318,8 @@ class AuditWriter:
     def _check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
         clash = RESERVED_FIELDS.intersection(fields)
         if clash:
-            raise AuditError(f"audit record fields {sorted(clash)} are set by the writer; rename them")
+            raise AuditError(f"audit record fields {sorted(clash)} are set by the writer; rename them or nest the "
+                             "payload (e.g. {\"alert\": event.to_dict()})")
         bad = [k for k in fields if not isinstance(k, str)]
         if bad:
             raise AuditError(f"audit record field names must be strings, got {bad!r}")
