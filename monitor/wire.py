@@ -155,7 +155,7 @@ def decode(
     if not isinstance(hdr, dict):
         raise WireFormatError("undecodable", "header is not a JSON object")
     schema = hdr.get("schema")
-    if schema not in SUPPORTED_SCHEMAS:
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema not in SUPPORTED_SCHEMAS:
         raise WireFormatError(
             "schema_version", f"schema version {schema!r} unsupported (supported: {sorted(SUPPORTED_SCHEMAS)})"
         )
