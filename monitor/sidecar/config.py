@@ -20,17 +20,22 @@ from monitor.errors import ConfigError
 
 
 class AuditSettings(BaseModel):
-    """Where and how the audit trail is written."""
+    """Where and how this replica writes its audit trail (``directory/<consumer>/``).
 
-    directory: Path = Field(Path("layerwatch-audit"), description="Directory of this replica's trail (one writer per directory).")
-    hmac_key_file: Path | None = Field(None, description="File holding the HMAC key (a mounted secret); records are then signed.")
-    hmac_key_env: str = Field("LAYERWATCH_AUDIT_HMAC_KEY", description="Environment variable holding the HMAC key (used if set and no file is given).")
-    fsync: Literal["every_record", "every_n", "interval"] = Field("every_record", description="When records are fsynced. The sidecar acks a batch only after the fsync covering it.")
-    fsync_every_n: int = Field(100, ge=1, description="Records per fsync with fsync=every_n.")
+    The fields mirror :class:`monitor.audit.config.AuditConfig`; the writer id is the consumer name.
+    """
+
+    directory: Path = Field(Path("layerwatch-audit"), description="Root of the audit trails; each replica writes its own sub-folder.")
+    hmac_key_file: Path | None = Field(None, description="File holding the HMAC key (a mounted secret); every record is then signed.")
+    fsync: Literal["every_record", "every_n", "interval"] = Field("every_record", description="When records are fsynced. Entries are acked only after the fsync covering their records.")
+    fsync_every_n: int = Field(64, ge=1, description="Records per fsync with fsync=every_n.")
     fsync_interval_s: float = Field(1.0, gt=0, description="Seconds between fsyncs with fsync=interval.")
-    max_segment_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="Rotate a segment past this size.")
-    max_segment_age_s: float = Field(3600.0, gt=0, description="Rotate a segment older than this.")
-    store_text: Literal["none", "redacted", "full"] = Field("none", description="Prompt text in records: none (hash only), redacted, or full.")
+    max_segment_bytes: int = Field(64 * 1024 * 1024, ge=256, description="Rotate a segment once it reaches this size.")
+    max_segment_age_s: float | None = Field(86400.0, gt=0, description="Rotate a segment once it is this old.")
+    store_text: Literal["none", "redacted", "full"] = Field("none", description="Prompt text in sample records: none (digest only), redacted, or full.")
+    head_store: str = Field("auto", description="Where the trail head is kept outside the segments: auto (Redis when the transport is Redis, else a file), file, file:DIR, redis://..., none.")
+    retention_max_segments: int | None = Field(None, ge=2, description="Prune the oldest segments beyond this many.")
+    retention_max_age_s: float | None = Field(None, gt=0, description="Prune segments whose records are all older than this.")
 
 
 class BaselineSettings(BaseModel):
@@ -60,7 +65,6 @@ class SidecarSettings(BaseSettings):
     batch_wait_ms: int = Field(50, ge=0, description="Longest wait to fill a micro-batch.")
     claim_idle_ms: int = Field(30_000, ge=100, description="Reclaim entries pending longer than this (their replica died).")
     claim_interval_s: float = Field(5.0, gt=0, description="How often to look for stale entries.")
-    max_deliveries: int = Field(5, ge=1, description="A sample that failed this many deliveries is dead-lettered (processing_error).")
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Bigger samples are dead-lettered (oversized).")
     stream_maxlen: int = Field(10_000, ge=100, description="Stream bound (for the memory transport; the tap sets it for Redis).")
     ledger_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long the idempotency ledger remembers a sample id.")

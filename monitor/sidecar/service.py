@@ -26,7 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from monitor.errors import LayerwatchError, TransportError, WireFormatError
+from monitor.audit.records import sample_fields
+from monitor.errors import AuditError, LayerwatchError, TransportError, WireFormatError
 from monitor.lenses.readings import BankOutput, split_batch
 from monitor.metrics import SidecarMetrics
 from monitor.narratives import Narrative, build_narrative, default_decoder, tokenizer_decoder
@@ -130,10 +131,17 @@ class Sidecar:
         return LensBank.load(self.settings.bundle, threads=self.settings.ort_threads)  # type: ignore[no-any-return]
 
     def _open_audit(self) -> AuditSink:
-        from monitor.audit import open_writer
+        import re
 
-        return open_writer(self.settings.audit, writer_id=self.settings.consumer,
-                           redis_url=None if self.settings.transport.startswith("memory") else self.settings.transport)
+        from monitor.audit.config import AuditConfig
+        from monitor.audit.writer import AuditWriter
+
+        fields = self.settings.audit.model_dump()
+        if fields["head_store"] == "auto":
+            fields["head_store"] = "file" if self.settings.transport.startswith("memory") else self.settings.transport
+        writer_id = re.sub(r"[^A-Za-z0-9._-]", "-", self.settings.consumer)[:64].lstrip("._-") or "sidecar"
+        return AuditWriter(AuditConfig(writer_id=writer_id, **fields), metrics=self.metrics,  # type: ignore[return-value]
+                           model=self.settings.model_name or "")
 
     def _init_scoring(self, baseline: Any) -> None:
         from monitor.drift.baseline import BaselineLearner
@@ -271,11 +279,6 @@ class Sidecar:
         to_ack: list[str] = []
         good: list[tuple[Entry, Sample]] = []
         for e in entries:
-            if e.deliveries > s.max_deliveries:
-                self._dead_letter(e, "processing_error", f"failed {e.deliveries - 1} deliveries")
-                to_ack.append(e.id)
-                res.dead_lettered += 1
-                continue
             try:
                 sample = decode(e.data, max_bytes=s.max_payload_bytes, expected_fingerprint=self.bank.fingerprint,
                                 expected_hidden_size=self.bank.hidden_size)
@@ -286,32 +289,63 @@ class Sidecar:
                 res.dead_lettered += 1
                 continue
             good.append((e, sample))
+        if good and self.model_label == "unknown":
+            self._relabel(good[0][1].model)
         if good:
             seen = self.ledger.seen(smp.sample_id for _, smp in good)
-            if seen:
-                res.duplicates = len(seen)
-                self.metrics.samples_duplicate.labels(self.model_label).inc(len(seen))
-                to_ack += [e.id for e, smp in good if smp.sample_id in seen]
-                good = [(e, smp) for e, smp in good if smp.sample_id not in seen]
+            unique: list[tuple[Entry, Sample]] = []
+            for e, smp in good:  # already audited, or a second copy inside this very batch
+                if smp.sample_id in seen:
+                    res.duplicates += 1
+                    to_ack.append(e.id)
+                else:
+                    seen.add(smp.sample_id)
+                    unique.append((e, smp))
+            if res.duplicates:
+                self.metrics.samples_duplicate.labels(self.model_label).inc(res.duplicates)
+            good = unique
         if good:
-            try:
-                self._explain_score_audit(good)
-            except Exception as exc:  # noqa: BLE001 - not acked: redelivered after claim_idle_ms
-                res.failed = len(good)
-                if isinstance(exc, LayerwatchError) and "audit" in type(exc).__name__.lower():
-                    self.audit_ok = False
-                    self.metrics.audit_write_errors.labels(self.model_label).inc()
-                log.exception("batch of %d samples failed; left pending for redelivery", len(good))
-            else:
-                res.processed = len(good)
-                self.audit_ok = True
-                to_ack += [e.id for e, _ in good]
+            done, failed = self._process_isolating(good, res)
+            to_ack += done
+            res.failed = failed
         if to_ack:
             res.acked = self.transport.ack(s.group, to_ack)
         if good and not res.failed:
             self.metrics.processing_latency.labels(self.model_label).observe(time.monotonic() - t0)
             self.metrics.batch_size.labels(self.model_label).observe(len(good))
         return res
+
+    def _process_isolating(self, good: list[tuple[Entry, Sample]], res: BatchResult) -> tuple[list[str], int]:
+        """Process a batch; if it fails, find the poison sample by processing one at a time.
+
+        Infrastructure failures (audit trail, transport) leave the entries pending for redelivery;
+        a sample that fails on its own (the lens bank or the detector cannot handle it) is
+        dead-lettered as ``processing_error`` so it cannot block the stream forever.
+        """
+        try:
+            self._explain_score_audit(good)
+        except (AuditError, OSError, TransportError):
+            self.audit_ok = False
+            self.metrics.audit_write_errors.labels(self.model_label).inc()
+            log.exception("audit/transport failure on a batch of %d; left pending for redelivery", len(good))
+            return [], len(good)
+        except Exception:  # noqa: BLE001
+            if len(good) == 1:
+                e, smp = good[0]
+                log.exception("sample %s cannot be processed; dead-lettered", smp.sample_id)
+                self._dead_letter(e, "processing_error", "the lens bank or detector failed on this sample")
+                res.dead_lettered += 1
+                return [e.id], 0
+            done: list[str] = []
+            failed = 0
+            for item in good:
+                d, f = self._process_isolating([item], res)
+                done += d
+                failed += f
+            return done, failed
+        self.audit_ok = True
+        res.processed += len(good)
+        return [e.id for e, _ in good], 0
 
     def _layer_index(self, layers: tuple[int, ...]) -> np.ndarray:
         """Positions of the bank's layers inside a sample's layers (shape_mismatch if missing)."""
@@ -334,18 +368,15 @@ class Sidecar:
                             decode=self.decode_token, metadata=smp.metadata)
             for r, (_, smp) in zip(readings, good, strict=True)
         ]
-        if self.model_label == "unknown":
-            self._relabel(good[0][1].model)
         scores, events = self._score(out, narratives)
         for (e, smp), nar, sc in zip(good, narratives, scores, strict=True):
-            payload = {
-                "sample_id": smp.sample_id, "request_id": smp.request_id, "model": smp.model,
-                "model_fingerprint": smp.model_fingerprint, "bundle_id": self.bank.bundle_id,
-                "baseline_id": self.detector.baseline.id if self.detector is not None else None,
-                "narrative": nar.to_dict(), "score": sc["score"], "flags": sc["flags"],
-                "metadata": smp.metadata, "captured_at": smp.created_at, "positions": smp.positions,
-                "redelivered": e.deliveries > 1,
-            }
+            payload = sample_fields(
+                sample_id=smp.sample_id, request_id=smp.request_id, model=smp.model,
+                model_fingerprint=smp.model_fingerprint, bundle_id=self.bank.bundle_id,
+                baseline_id=self.detector.baseline.id if self.detector is not None else None,
+                narrative=nar.to_dict(), score=sc["score"], flags=sc["flags"], redelivered=e.deliveries > 1,
+            )
+            payload.update({"metadata": smp.metadata, "captured_at": smp.created_at, "positions": smp.positions})
             self.audit.append("sample", payload)
         for ev in events:
             self.audit.append(f"drift_alert_{ev.kind}", ev.to_dict() if hasattr(ev, "to_dict") else dict(ev.__dict__))
