@@ -146,6 +146,13 @@ class SidecarMetrics:
         self.baseline_learning_samples = Gauge(
             "layerwatch_baseline_learning_samples",
             "Samples collected so far toward a learned baseline.", ["model"], registry=r)
+        self.anomaly_expected_fpr = Gauge(
+            "layerwatch_anomaly_expected_fpr",
+            "The configured per-sample false-positive rate (alpha): the anomaly rate on normal traffic.",
+            ["model"], registry=r)
+        self.stream_maxlen = Gauge(
+            "layerwatch_stream_maxlen",
+            "The stream's configured bound; lag approaching it means samples will be trimmed.", ["model"], registry=r)
         self.baseline_info = Gauge(
             "layerwatch_baseline_info",
             "The baseline in use (value 1).", ["model", "baseline"], registry=r)

@@ -12,6 +12,8 @@ fi
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium)
+# `docker compose config` validates the compose stack statically (no engine needed).
+(docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null) || need+=(docker-compose)
 if [ ${#need[@]} -gt 0 ]; then
   (apt-get update -q >/dev/null 2>&1 || true)
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null

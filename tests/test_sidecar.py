@@ -226,7 +226,7 @@ def test_each_poison_class_is_dead_lettered_and_the_sidecar_keeps_running(sideca
     reasons = Counter(d.reason for d in t.dead_letters())
     assert reasons == Counter(poison.keys())
     for reason in poison:
-        assert sc.registry.get_sample_value("layerwatch_dead_letters_total", {"model": "unknown", "reason": reason}) == 1
+        assert sc.registry.get_sample_value("layerwatch_dead_letters_total", {"model": "LlamaForCausalLM", "reason": reason}) == 1
     assert sc.processed_total == 1
     assert t.stats("g").pending == 0
 

@@ -34,7 +34,7 @@ from monitor.narratives import Narrative, build_narrative, default_decoder, toke
 from monitor.sidecar.config import SidecarSettings
 from monitor.sidecar.ledger import MemoryLedger, RedisLedger
 from monitor.transport import Entry, Transport, open_transport
-from monitor.wire import Sample, decode
+from monitor.wire import DECODE_REASONS, Sample, decode
 
 log = logging.getLogger("layerwatch.sidecar")
 
@@ -100,7 +100,8 @@ class Sidecar:
                                  else RedisLedger(settings.transport, f"{settings.stream}:ledger:{settings.group}",
                                                   settings.ledger_ttl_s))
         self.audit = audit if audit is not None else self._open_audit()
-        self.model_label = settings.model_name or "unknown"
+        # The label is fixed at start-up (series never move): configured, else the bank's model name.
+        self.model_label = settings.model_name or getattr(self.bank, "model_name", None) or "unknown"
         self._bank_index: dict[tuple[int, ...], np.ndarray] = {}
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._recent_lock = threading.Lock()
@@ -115,8 +116,7 @@ class Sidecar:
         self.learner: Any = None
         self.processed_total = 0
         self._init_scoring(baseline)
-        self.metrics.lens_provider.labels(self.model_label, self.bank.provider).set(1)
-        self.metrics.lens_bundle_info.labels(self.model_label, self.bank.bundle_id).set(1)
+        self._init_series()
         self._audit_event("sidecar_start", {"consumer": settings.consumer, "group": settings.group})
         self._audit_event("config", {"settings": _redacted_settings(settings)})
         self._audit_event("bundle_loaded", {"bundle_id": self.bank.bundle_id, "provider": self.bank.provider,
@@ -289,8 +289,6 @@ class Sidecar:
                 res.dead_lettered += 1
                 continue
             good.append((e, sample))
-        if good and self.model_label == "unknown":
-            self._relabel(good[0][1].model)
         if good:
             seen = self.ledger.seen(smp.sample_id for _, smp in good)
             unique: list[tuple[Entry, Sample]] = []
@@ -391,19 +389,24 @@ class Sidecar:
         self.processed_total += len(good)
         self.metrics.samples_processed.labels(self.model_label).inc(len(good))
 
-    def _relabel(self, model: str) -> None:
-        """Adopt the model label of the first sample (when none was configured)."""
-        m = self.metrics
-        m.lens_provider.remove(self.model_label, self.bank.provider)
-        m.lens_bundle_info.remove(self.model_label, self.bank.bundle_id)
-        learning = self.learner is not None
-        m.baseline_learning.remove(self.model_label)
-        self.model_label = model
-        m.lens_provider.labels(model, self.bank.provider).set(1)
-        m.lens_bundle_info.labels(model, self.bank.bundle_id).set(1)
-        m.baseline_learning.labels(model).set(1 if learning else 0)
-        if self.learner is not None:
-            self.learner._meta["model"] = model
+    def _init_series(self) -> None:
+        """Create every bounded-label series at start-up (0 for counters), so the first event
+        is visible to ``increase()`` and dashboards show zeros instead of "no data"."""
+        m, lab = self.metrics, self.model_label
+        m.lens_provider.labels(lab, self.bank.provider).set(1)
+        m.lens_bundle_info.labels(lab, self.bank.bundle_id).set(1)
+        m.anomaly_expected_fpr.labels(lab).set(self.settings.baseline.alpha)
+        m.stream_maxlen.labels(lab).set(self.settings.stream_maxlen)
+        m.baseline_learning.labels(lab).set(1 if self.learner is not None else 0)
+        for reason in (*DECODE_REASONS, "processing_error"):
+            m.dead_letters.labels(lab, reason)
+        for reason in _TAP_REASONS:
+            m.fleet_tap_drops.labels(lab, reason)
+        m.stream_drops.labels(lab, "trimmed")
+        for c in (m.audit_write_errors, m.samples_processed, m.samples_duplicate, m.anomalies, m.drift_alerts,
+                  m.fleet_tap_sampled):
+            c.labels(lab)
+        m.drift_alert_active.labels(lab).set(1 if self.detector is not None and self.detector.alert["active"] else 0)
 
     def _score(self, out: BankOutput, narratives: list[Narrative]) -> tuple[list[dict[str, Any]], list[Any]]:
         depth = np.array([n.prediction_depth for n in narratives])

@@ -30,6 +30,8 @@ class TorchLogitLens:
         self.fingerprint = model_fingerprint(model, self.parts)
         self.bundle_id = "logit-lens:" + self.fingerprint[7:19]
         self.probe_labels: dict[str, tuple[str, ...]] = {}
+        cfg = getattr(model, "config", None)  # the same default label as the tap's
+        self.model_name = str(getattr(cfg, "name_or_path", "") or type(model).__name__)
         self.k = k
 
     @torch.no_grad()
