@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monitor.audit import AuditConfig, AuditWriter, KeyRing, verify_trail
-from monitor.audit.records import canonical_json, record_hash
+from monitor.audit.records import body_json, encode_record, seal
 from monitor.audit.segments import list_segments
 from monitor.audit.testing import crash, example_sample
 
@@ -92,9 +92,10 @@ def edit_field(rng: random.Random, segs: Segs) -> str:
         target = target[key]
     target[path[-1]] = _changed(target[path[-1]], rng)
     forge = rng.random() < 0.5
-    if forge:
-        rec["hash"] = record_hash(rec)
-    lines[i] = (canonical_json(rec) + "\n").encode()
+    if forge:  # an editor who knows the format re-hashes (but has no HMAC key)
+        lines[i] = encode_record(rec)
+    else:
+        lines[i] = (seal(body_json(rec), rec["hash"], rec.get("hmac")) + "\n").encode()
     seg.write_bytes(b"".join(lines))
     return f"edit {'and re-hash ' if forge else ''}{path} in {seg.name} line {i + 1}"
 
@@ -170,9 +171,8 @@ def forged_append(rng: random.Random, segs: Segs) -> str:
     last = json.loads(_lines(seg)[-1])
     rec = dict(example_sample(999, n_layers=2), v=1, writer=last["writer"], kind="sample", seq=last["seq"] + 1,
                ts=last["ts"], prev_hash=last["hash"])
-    rec["hash"] = record_hash(rec)
     with seg.open("ab") as f:
-        f.write((canonical_json(rec) + "\n").encode())
+        f.write(encode_record(rec))
     return "append a well-formed forged record after the last one"
 
 

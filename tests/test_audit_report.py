@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from collections.abc import Iterator
@@ -66,7 +67,8 @@ def test_report_shows_the_chain_proof(trail: Path) -> None:
 def test_report_flags_a_record_that_no_longer_matches_its_hash(trail: Path) -> None:
     """A record edited after writing shows MISMATCH in its proof."""
     entry = entries(trail, "s-00001")[0]
-    tampered = Entry({**entry.record, "request_id": "edited"}, entry.trail, entry.segment, entry.line, entry.offset)
+    raw = entry.raw.replace(b'"req-00001"', b'"req-00666"')
+    tampered = Entry(json.loads(raw), entry.trail, entry.segment, entry.line, entry.offset, raw)
     assert "(MISMATCH)" in render_report([tampered])
 
 

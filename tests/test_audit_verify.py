@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from monitor.audit import AuditConfig, AuditWriter, KeyRing, verify_trail
-from monitor.audit.records import canonical_json, record_hash
+from monitor.audit.records import body_json, encode_record, seal
 from monitor.audit.segments import list_segments
 from monitor.audit.testing import crash, example_sample
 
@@ -48,7 +48,7 @@ def test_edited_field_is_a_hash_mismatch_at_its_line(tmp_path: Path) -> None:
     lines = seg_lines(seg)
     rec = json.loads(lines[1])
     rec["score"]["value"] = 0.0
-    lines[1] = (canonical_json(rec) + "\n").encode()
+    lines[1] = (seal(body_json(rec), rec["hash"]) + "\n").encode()  # content edited, old hash kept
     seg.write_bytes(b"".join(lines))
     brk = verify_trail(trail).first_break
     assert brk is not None
@@ -63,8 +63,7 @@ def test_forged_record_with_recomputed_hash_breaks_the_next_link(tmp_path: Path)
     lines = seg_lines(seg)
     rec = json.loads(lines[1])
     rec["request_id"] = "forged"
-    rec["hash"] = record_hash(rec)
-    lines[1] = (canonical_json(rec) + "\n").encode()
+    lines[1] = encode_record(rec)
     seg.write_bytes(b"".join(lines))
     brk = verify_trail(trail).first_break
     assert brk is not None and (brk.kind, brk.line) == ("chain_break", 3)
@@ -77,18 +76,28 @@ def test_forged_newest_record_contradicts_the_head(tmp_path: Path) -> None:
     lines = seg_lines(seg)
     rec = json.loads(lines[-1])
     rec["ts"] = "2000-01-01T00:00:00.000000Z"
-    rec["hash"] = record_hash(rec)
-    lines[-1] = (canonical_json(rec) + "\n").encode()
+    lines[-1] = encode_record(rec)
     seg.write_bytes(b"".join(lines))
     assert kind_of(trail) == "head_mismatch"
 
 
-def test_non_canonical_bytes_are_malformed(tmp_path: Path) -> None:
-    """A change that parses to the same content (a space) is still found."""
+def test_byte_change_with_the_same_meaning_is_found(tmp_path: Path) -> None:
+    """A change that parses to the same content (a space) still breaks the hash of the bytes."""
     trail = build(tmp_path)
     seg = list_segments(trail)[0]
     seg.write_bytes(seg.read_bytes().replace(b'"seq":2,', b'"seq": 2,', 1))
-    assert kind_of(trail) == "malformed_record"
+    assert kind_of(trail) == "hash_mismatch"
+
+
+def test_line_without_its_hash_fields_is_malformed(tmp_path: Path) -> None:
+    """A line whose last fields are not hash (and hmac) is malformed_record."""
+    trail = build(tmp_path)
+    seg = list_segments(trail)[0]
+    lines = seg_lines(seg)
+    lines[1] = json.dumps(json.loads(lines[1]), sort_keys=True).encode() + b"\n"
+    seg.write_bytes(b"".join(lines))
+    brk = verify_trail(trail).first_break
+    assert brk is not None and (brk.kind, brk.line) == ("malformed_record", 2)
 
 
 @pytest.mark.parametrize(("mutate", "kind"), [

@@ -33,9 +33,9 @@ from monitor.audit.records import (
     AuditRecord,
     KeyRing,
     RecordKind,
-    canonical_json,
-    record_hash,
-    to_json_value,
+    body_json,
+    digest,
+    seal,
 )
 
 EventDict = MutableMapping[str, Any]
@@ -64,18 +64,12 @@ class ChainState:
 # --- processors ------------------------------------------------------------------------------
 
 def check_fields(logger: Any, method: str, event: EventDict) -> EventDict:
-    """Turn structlog's ``event`` into ``kind``; values become plain JSON (NaN/Inf rejected)."""
+    """Turn structlog's ``event`` into ``kind``, which must be a known record kind."""
     kind = event.pop("event")
     if kind not in _KINDS:
         raise ValueError(f"unknown record kind {kind!r}; use one of {', '.join(sorted(_KINDS))}")
-    body = {k: v for k, v in event.items() if k not in ("v", "writer")}
-    try:
-        clean = to_json_value(body)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{kind} record is not JSON-serialisable: {exc}") from exc
-    out: dict[str, Any] = {"v": event["v"], "writer": event["writer"], "kind": str(kind)}
-    out.update(clean)
-    return out
+    event["kind"] = str(kind)
+    return event
 
 
 class ApplyStoreText:
@@ -117,14 +111,21 @@ class AddTimestamp:
 
 
 class ChainHash:
-    """``prev_hash`` = the tip's hash; ``hash`` = SHA-256 over the canonical JSON of the record."""
+    """``prev_hash`` = the tip's hash; ``hash`` = SHA-256 of the body (the canonical JSON of the
+    record so far). The body travels on to the renderer as ``_body``, so it is serialised once.
+    A value that is not JSON (NaN, an arbitrary object) raises here, before anything is written."""
 
     def __init__(self, state: ChainState) -> None:
         self.state = state
 
     def __call__(self, logger: Any, method: str, event: EventDict) -> EventDict:
         event["prev_hash"] = self.state.hash
-        event["hash"] = record_hash(event)
+        try:
+            body = body_json(event)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{event.get('kind')} record is not JSON-serialisable: {exc}") from exc
+        event["hash"] = digest(body)
+        event["_body"] = body
         return event
 
 
@@ -139,10 +140,11 @@ class SignHmac:
         return event
 
 
-def render_line(logger: Any, method: str, event: EventDict) -> tuple[tuple[bytes, dict[str, Any]], dict[str, Any]]:
-    """The canonical JSON line; the record travels with it to the sink."""
-    line = (canonical_json(event) + "\n").encode("ascii")
-    return (line, dict(event)), {}
+def render_line(logger: Any, method: str, event: EventDict) -> tuple[tuple[bytes, EventDict], dict[str, Any]]:
+    """The line: the body with ``hash`` and ``hmac`` appended; the record travels with it."""
+    body = event.pop("_body")
+    line = (seal(body, event["hash"], event.get("hmac")) + "\n").encode("ascii")
+    return (line, event), {}
 
 
 # --- the sink --------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ class SegmentSink:
         self.size = os.fstat(self.fd).st_size
         self.records = 0
 
-    def audit(self, line: bytes, record: dict[str, Any]) -> AuditRecord:
+    def audit(self, line: bytes, record: EventDict) -> AuditRecord:
         """Write one rendered line (the method structlog calls)."""
         if self.fd is None or self.path is None:
             raise OSError("no open segment")
@@ -187,7 +189,7 @@ class SegmentSink:
         self.records += 1
         self.state.commit(record["seq"], record["hash"])
         return AuditRecord(seq=record["seq"], hash=record["hash"], kind=record["kind"], ts=record["ts"],
-                           segment=self.path.name, data=record)
+                           segment=self.path.name, line=line)
 
     def fsync(self) -> None:
         """``fdatasync`` the open segment."""

@@ -6,9 +6,9 @@
 * ``redacted``: the digest plus ``text_redacted``, the text with these replaced, in this order:
   URLs ``<URL>``, e-mail addresses ``<EMAIL>``, IPv4/IPv6 addresses ``<IP>``, UUIDs ``<UUID>``,
   long secrets (20+ characters mixing letters and digits: API keys, tokens) ``<SECRET>``,
-  phone numbers and card/account numbers (7+ digits with separators) ``<PHONE>``, and every
-  remaining number ``<NUM>``. Names and free-text personal data are *not* found by this; keep
-  ``none`` where prompts may contain them.
+  long digit runs such as phone, card and account numbers (7+ digits, separators allowed)
+  ``<DIGITS>``, and every remaining number ``<NUM>``. Names and free-text personal data are
+  *not* found by this; keep ``none`` where prompts may contain them.
 * ``full``: the digest plus the verbatim ``text``.
 
 Layer narratives hold the lens' top predicted tokens, not the prompt, in every mode.
@@ -31,7 +31,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("IP", r"\b(?:\d{1,3}\.){3}\d{1,3}\b"),
     ("UUID", r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"),
     ("SECRET", r"(?<![\w-])(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{20,}"),
-    ("PHONE", r"(?<![\w+])\+?\d(?:[ ().-]{0,2}\d){6,}(?!\w)"),
+    ("DIGITS", r"(?<![\w+])\+?\d(?:[ ().-]{0,2}\d){6,}(?!\w)"),
     ("NUM", r"\d+(?:[.,]\d+)*"),
 )
 # IPv6 has too many spellings for one regex: find candidates, let ipaddress decide.

@@ -24,13 +24,14 @@ from monitor.errors import AuditError
 
 @dataclass(frozen=True)
 class Entry:
-    """A record and where it is: trail folder, segment file, line number, byte offset."""
+    """A record and where it is: trail folder, segment file, line number, byte offset, its bytes."""
 
     record: dict[str, Any]
     trail: Path
     segment: str
     line: int
     offset: int
+    raw: bytes = b""
 
     @property
     def sort_key(self) -> tuple[str, str, int]:
@@ -61,7 +62,7 @@ def iter_trail(trail: Path, stats: ReadStats | None = None, prefilter: Iterable[
                 if stats is not None:
                     stats.unreadable_lines += 1
                 continue
-            yield Entry(rec, trail, seg.name, line.number, line.offset)
+            yield Entry(rec, trail, seg.name, line.number, line.offset, line.data)
 
 
 def iter_entries(paths: Iterable[str | Path], stats: ReadStats | None = None, prefilter: Iterable[str] = ()) -> Iterator[Entry]:

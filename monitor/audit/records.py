@@ -1,17 +1,24 @@
-"""Audit record format: kinds, the canonical JSON form, hashing and HMAC signing.
+"""Audit record format: kinds, the line format, hashing and HMAC signing.
 
-One record is one line of canonical JSON (keys sorted, no spaces, ASCII only, no NaN/Infinity)
-followed by ``\\n``. Every record carries an envelope::
+One record is one line, a JSON object, ASCII only, followed by ``\n``::
+
+    {<body fields, keys sorted, no spaces>,"hash":"<64 hex>","hmac":"<key id>:<64 hex>"}\n
+
+The *body* is the canonical JSON (keys sorted, compact, ASCII, no NaN/Infinity) of every field
+but ``hash`` and ``hmac``; the line is the body with ``hash`` (and ``hmac`` when the trail has a
+key) appended as its last fields. So:
+
+    hash = SHA-256( the line up to ``,"hash":`` followed by ``}`` )      (exactly the body bytes)
+    hmac = <key id> ":" HMAC-SHA256(key, hash)
+
+which anyone can recompute from the bytes without re-serialising anything; any changed byte of
+the body changes the hash. Envelope fields in every body::
 
     v          schema version (int)                 seq        sequence number, 1, 2, 3, ...
     ts         UTC time, RFC 3339 with microseconds  writer     the writer (sidecar replica) id
     kind       one of :class:`RecordKind`            prev_hash  ``hash`` of the previous record
-    hash       SHA-256 of the canonical JSON of the record without ``hash`` and ``hmac``
-    hmac       optional, ``<key id>:<HMAC-SHA256(key, hash)>``
 
-The first record of a trail has ``prev_hash`` = :data:`GENESIS_HASH`. Because the line must be
-exactly the canonical form of its own content, any byte change is visible even when it would
-parse to the same value (``1E-05`` for ``1e-05``, a duplicated key, a space).
+The first record of a trail has ``prev_hash`` = :data:`GENESIS_HASH`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -68,8 +76,10 @@ class RecordFormatError(ValueError):
 
 
 def canonical_json(obj: Any) -> str:
-    """The one serialisation of ``obj`` that is hashed and written (sorted keys, ASCII, no NaN)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    """The one serialisation of ``obj`` that is hashed and written (sorted keys, ASCII, no NaN;
+    numpy values become plain numbers and lists). Raises ValueError/TypeError when not JSON."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
+                      default=_json_default)
 
 
 def _json_default(obj: Any) -> Any:
@@ -83,16 +93,42 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
 
 
-def to_json_value(obj: Any) -> Any:
-    """``obj`` as plain JSON types, exactly as a reader will parse it back (tuples become lists,
-    int dict keys become strings, numpy values become numbers). Raises ValueError on NaN/Inf."""
-    return json.loads(json.dumps(obj, default=_json_default, allow_nan=False))
+def body_json(record: Mapping[str, Any]) -> str:
+    """The body of a record: canonical JSON of every field but ``hash`` and ``hmac``."""
+    return canonical_json({k: v for k, v in record.items() if k not in _UNHASHED})
+
+
+def digest(body: str) -> str:
+    """SHA-256 (hex) of a body."""
+    return hashlib.sha256(body.encode("ascii")).hexdigest()
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of ``record`` without its ``hash`` and ``hmac``."""
-    body = {k: v for k, v in record.items() if k not in _UNHASHED}
-    return hashlib.sha256(canonical_json(body).encode("ascii")).hexdigest()
+    """The hash a record's content should carry: SHA-256 of its body."""
+    return digest(body_json(record))
+
+
+def seal(body: str, hash: str, hmac: str | None = None) -> str:
+    """The line (without newline) for ``body``: its hash, and signature, appended as last fields."""
+    tail = f',"hash":"{hash}"' + (f',"hmac":"{hmac}"' if hmac else "")
+    return body[:-1] + tail + "}"
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """A record as its line, hash recomputed, ``hmac`` kept as given (for tools and tests)."""
+    body = body_json(record)
+    return (seal(body, digest(body), record.get("hmac")) + "\n").encode("ascii")
+
+
+_SEAL = re.compile(r',"hash":"([0-9a-f]{64})"(?:,"hmac":"([0-9a-f]{1,64}:[0-9a-f]{64})")?\}\Z')
+
+
+def split_sealed(text: str) -> tuple[str, str, str | None]:
+    """(body, hash, hmac) of a line; RecordFormatError when it does not end with its hash."""
+    m = _SEAL.search(text)
+    if m is None:
+        raise RecordFormatError("the line does not end with its hash (and signature) fields")
+    return text[: m.start()] + "}", m.group(1), m.group(2)
 
 
 def key_id(key: bytes) -> str:
@@ -144,25 +180,35 @@ class KeyRing:
 def parse_record(line: bytes) -> dict[str, Any]:
     """Parse one line (without its newline) into a record, checking form but not hash or chain.
 
-    Raises :class:`RecordFormatError` when the line is not ASCII JSON, not in canonical form, or
-    misses an envelope field.
+    Raises :class:`RecordFormatError` when the line is not ASCII JSON ending in its hash fields,
+    or misses an envelope field.
     """
+    return parse_and_hash(line)[0]
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_and_hash(line: bytes) -> tuple[dict[str, Any], str]:
+    """:func:`parse_record` plus the SHA-256 of the line's body (to compare with ``hash``)."""
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError as exc:
         raise RecordFormatError("not ASCII (records are written with every non-ASCII character escaped)") from exc
+    body, hash_, sig = split_sealed(text)
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_no_constants)
     except ValueError as exc:
         raise RecordFormatError(f"not JSON ({exc.args[0] if exc.args else exc})") from exc
     if not isinstance(obj, dict):
         raise RecordFormatError("not a JSON object")
-    try:
-        canonical = canonical_json(obj)
-    except ValueError as exc:
-        raise RecordFormatError("contains NaN or Infinity") from exc
-    if canonical != text:
-        raise RecordFormatError("not in canonical form (bytes differ from the canonical JSON of the content)")
+    # hash and signature are what the line ends with, whatever else the body says
+    obj["hash"] = hash_
+    if sig is None:
+        obj.pop("hmac", None)
+    else:
+        obj["hmac"] = sig
     if type(obj.get("v")) is not int:
         raise RecordFormatError("missing schema version 'v'")
     if obj["v"] != SCHEMA_VERSION:
@@ -173,25 +219,28 @@ def parse_record(line: bytes) -> dict[str, Any]:
     for name in ("ts", "writer", "kind"):
         if not isinstance(obj.get(name), str):
             raise RecordFormatError(f"missing or invalid {name!r}")
-    for name in ("prev_hash", "hash"):
-        value = obj.get(name)
-        if not isinstance(value, str) or not _HEX64.match(value):
-            raise RecordFormatError(f"missing or invalid {name!r}")
-    if "hmac" in obj and not isinstance(obj["hmac"], str):
-        raise RecordFormatError("invalid 'hmac'")
-    return obj
+    prev = obj.get("prev_hash")
+    if not isinstance(prev, str) or not _HEX64.match(prev):
+        raise RecordFormatError("missing or invalid 'prev_hash'")
+    return obj, digest(body)
 
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """A record as written: its envelope shortcuts plus the full ``data`` dict."""
+    """A record as written: envelope shortcuts, the exact ``line`` and (parsed on first use) ``data``."""
 
     seq: int
     hash: str
     kind: str
     ts: str
     segment: str
-    data: dict[str, Any]
+    line: bytes
+
+    @cached_property
+    def data(self) -> dict[str, Any]:
+        """The record as a dict, parsed from its line."""
+        parsed: dict[str, Any] = json.loads(self.line)
+        return parsed
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.audit.reader import Entry, is_flagged
-from monitor.audit.records import KeyRing, canonical_json, record_hash
+from monitor.audit.records import KeyRing, RecordFormatError, digest, record_hash, split_sealed
 from monitor.audit.verify import TrailReport
 
 _SCALE = ((255, 255, 255), (222, 235, 247), (158, 202, 225), (66, 146, 198), (8, 69, 148), (8, 38, 90))
@@ -280,7 +280,11 @@ def _score(rec: dict[str, Any]) -> str:
 
 def _proof(entry: Entry, report: TrailReport | None, keys: KeyRing | None) -> str:
     rec = entry.record
-    recomputed = record_hash(rec)
+    try:
+        body = split_sealed(entry.raw.decode("ascii"))[0] if entry.raw else None
+    except (UnicodeDecodeError, RecordFormatError):
+        body = None
+    recomputed = digest(body) if body is not None else record_hash(rec)
     hash_ok = recomputed == rec.get("hash")
     rows = [
         ("trail", f"<code>{_e(entry.trail)}</code> (writer {_e(rec.get('writer'))})"),
@@ -316,13 +320,14 @@ def _proof(entry: Entry, report: TrailReport | None, keys: KeyRing | None) -> st
         rows.append(("trail verification", verdict))
     else:
         rows.append(("trail verification", '<span class="warn">not run</span>'))
-    body = {k: v for k, v in rec.items() if k not in ("hash", "hmac")}
     table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+    shown = body if body is not None else "(the line's bytes were not available)"
     return (f'<table class="proof">{table}</table>'
             "<details><summary>The exact bytes the hash covers</summary>"
-            "<p class=\"muted\">hash = SHA-256 of this canonical JSON (the record without <code>hash</code> and "
-            "<code>hmac</code>, keys sorted, no spaces, ASCII); hmac = HMAC-SHA256(key, hash); the next record's "
-            f"prev_hash must equal this hash.</p><pre>{_e(canonical_json(body))}</pre></details>")
+            "<p class=\"muted\">hash = SHA-256 of these bytes: the record's line up to <code>,\"hash\":</code>, "
+            "closed with <code>}</code> (its fields in canonical JSON: keys sorted, no spaces, ASCII); "
+            "hmac = HMAC-SHA256(key, hash); the next record's prev_hash must equal this hash.</p>"
+            f"<pre>{_e(shown)}</pre></details>")
 
 
 def _sentences(nar: dict[str, Any]) -> str:

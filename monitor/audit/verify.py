@@ -47,8 +47,8 @@ from monitor.audit.records import (
     KeyRing,
     RecordFormatError,
     RecordKind,
+    parse_and_hash,
     parse_record,
-    record_hash,
 )
 from monitor.audit.segments import Line, list_segments, segment_first_seq, split_lines, torn_suffix_start
 from monitor.errors import AuditError, AuditIntegrityError
@@ -176,10 +176,10 @@ class _Scanner:
         # After the first break, still collect prune checkpoints (they decide whether the trail's
         # start is legitimate, which would be an earlier break).
         try:
-            rec = parse_record(line.data)
+            rec, digest = parse_and_hash(line.data)
         except RecordFormatError:
             return
-        if rec["kind"] == RecordKind.CHECKPOINT and record_hash(rec) == rec["hash"]:
+        if rec["kind"] == RecordKind.CHECKPOINT and digest == rec["hash"]:
             self._note_checkpoint(rec)
 
     def _note_checkpoint(self, rec: dict[str, Any]) -> None:
@@ -200,12 +200,12 @@ class _Scanner:
             self.fail("malformed_record", "the line has no terminating newline (cut inside the trail)", seg, line)
             return
         try:
-            rec = parse_record(line.data)
+            rec, digest = parse_and_hash(line.data)
         except RecordFormatError as exc:
             self.fail("malformed_record", exc.reason, seg, line)
             return
         seq = rec["seq"]
-        if record_hash(rec) != rec["hash"]:
+        if digest != rec["hash"]:
             self.fail("hash_mismatch", "the record's content does not match its hash (edited after it was written)",
                       seg, line, seq)
             return

@@ -41,8 +41,7 @@ from monitor.audit.records import (
     KeyRing,
     RecordFormatError,
     RecordKind,
-    parse_record,
-    record_hash,
+    parse_and_hash,
 )
 from monitor.audit.segments import (
     QUARANTINE_DIR,
@@ -498,12 +497,12 @@ class AuditWriter:
                     continue
             line = lines[start - 1]
             try:
-                rec = parse_record(line.data)
+                rec, digest = parse_and_hash(line.data)
             except RecordFormatError as exc:
                 raise AuditIntegrityError(
                     f"{seg} line {line.number}: the newest record is damaged ({exc.reason}); the trail was "
                     "modified. Run `layerwatch audit verify`; to start afresh, use a new directory.") from exc
-            if record_hash(rec) != rec["hash"]:
+            if digest != rec["hash"]:
                 raise AuditIntegrityError(
                     f"{seg} line {line.number}: the newest record does not match its hash (edited after it was "
                     "written). Run `layerwatch audit verify`; to start afresh, use a new directory.")
