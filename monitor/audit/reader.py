@@ -48,11 +48,35 @@ class ReadStats:
     trails: list[Path] = field(default_factory=list)
 
 
-def iter_trail(trail: Path, stats: ReadStats | None = None, prefilter: Iterable[str] = ()) -> Iterator[Entry]:
+def _first_ts(seg: Path) -> str | None:
+    with seg.open("rb") as f:
+        m = _TS.search(f.readline())
+    return m.group(1).decode() if m else None
+
+
+_TS = re.compile(rb'"ts":"([0-9T:.Z-]+)"')
+
+
+def iter_trail(
+    trail: Path,
+    stats: ReadStats | None = None,
+    prefilter: Iterable[str] = (),
+    since: str | None = None,
+    until: str | None = None,
+) -> Iterator[Entry]:
     """Records of one trail in order. ``prefilter``: skip lines containing none of these strings
-    before parsing (a cheap pass for id searches)."""
+    before parsing (a cheap pass for id searches). ``since``/``until``: skip whole segments
+    outside the range, judged by the time of each segment's first record (its checkpoint)."""
     needles = [n.encode() for n in prefilter]
-    for seg in list_segments(trail):
+    segments = list_segments(trail)
+    starts = [_first_ts(seg) for seg in segments] if since or until else []
+    for i, seg in enumerate(segments):
+        nxt = starts[i + 1] if since and i + 1 < len(segments) else None
+        if since and nxt is not None and nxt < since:
+            continue  # everything in this segment was written before the next one started
+        first = starts[i] if until else None
+        if until and first is not None and first > until:
+            break
         for line in split_lines(seg.read_bytes()):
             if needles and not any(n in line.data for n in needles):
                 continue
@@ -65,13 +89,19 @@ def iter_trail(trail: Path, stats: ReadStats | None = None, prefilter: Iterable[
             yield Entry(rec, trail, seg.name, line.number, line.offset, line.data)
 
 
-def iter_entries(paths: Iterable[str | Path], stats: ReadStats | None = None, prefilter: Iterable[str] = ()) -> Iterator[Entry]:
+def iter_entries(
+    paths: Iterable[str | Path],
+    stats: ReadStats | None = None,
+    prefilter: Iterable[str] = (),
+    since: str | None = None,
+    until: str | None = None,
+) -> Iterator[Entry]:
     """Records of every trail under ``paths``, merged by (ts, writer, seq)."""
     trails = discover_trails(paths)
     if stats is not None:
         stats.trails = trails
     needles = list(prefilter)
-    yield from heapq.merge(*(iter_trail(t, stats, needles) for t in trails), key=lambda e: e.sort_key)
+    yield from heapq.merge(*(iter_trail(t, stats, needles, since, until) for t in trails), key=lambda e: e.sort_key)
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -167,7 +197,7 @@ def search(paths: Iterable[str | Path], query: Query, stats: ReadStats | None = 
     """Matching records of all trails under ``paths``, in time order, samples de-duplicated."""
     stats = stats if stats is not None else ReadStats()
     seen: set[str] = set()
-    for entry in iter_entries(paths, stats, query.prefilter()):
+    for entry in iter_entries(paths, stats, query.prefilter(), query.since, query.until):
         rec = entry.record
         if not query.matches(rec):
             continue

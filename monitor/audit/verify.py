@@ -493,7 +493,8 @@ def verify_trail(
         if brk is None and status_torn and torn is not None:
             seg_name, line, nbytes = torn
             brk = Break("torn_write", f"the newest segment ends in {nbytes} byte(s) of a partial record not covered "
-                        "by the head (a crash during a write); the writer quarantines it at its next start-up",
+                        "by the head: a crash during a write (or a write in progress, if the writer is running); "
+                        "the writer quarantines it at its next start-up",
                         seg_name, line.number, line.offset)
     if brk is not None:
         report.first_break = brk
