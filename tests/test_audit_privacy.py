@@ -81,10 +81,12 @@ def test_unreadable_key_file_names_the_field(tmp_path: Path) -> None:
         AuditWriter(config)
 
 
-def test_cli_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """LAYERWATCH_AUDIT_HMAC_KEY provides the review tools' key."""
+def test_cli_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """LAYERWATCH_AUDIT_HMAC_KEY and the sidecar's LAYERWATCH_AUDIT__HMAC_KEY_FILE give the review tools' keys."""
+    (tmp_path / "key").write_bytes(b"f" * 20)
     monkeypatch.setenv("LAYERWATCH_AUDIT_HMAC_KEY", "e" * 20)
-    assert AuditKeySettings().keys() == [b"e" * 20]
+    monkeypatch.setenv("LAYERWATCH_AUDIT__HMAC_KEY_FILE", str(tmp_path / "key"))
+    assert AuditKeySettings().keys() == [b"e" * 20, b"f" * 20]
 
 
 def test_bad_writer_id_is_refused(tmp_path: Path) -> None:

@@ -76,6 +76,12 @@ def test_reserved_field_is_refused(tmp_path: Path) -> None:
         w.append("sample", {"sample_id": "x", "seq": 7})
 
 
+def test_sample_without_sample_id_is_refused(tmp_path: Path) -> None:
+    """A sample record needs a sample id (the review tools key on it)."""
+    with AuditWriter(cfg(tmp_path)) as w, pytest.raises(AuditError, match="sample_id"):
+        w.append("sample", {"request_id": "r"})
+
+
 def test_nan_is_refused_without_consuming_a_sequence_number(tmp_path: Path) -> None:
     """A NaN value raises and the next record still gets the next sequence number."""
     with AuditWriter(cfg(tmp_path)) as w:
@@ -304,3 +310,23 @@ def test_closed_writer_refuses_appends(tmp_path: Path) -> None:
     w.close()
     with pytest.raises(AuditError, match="closed"):
         w.append("sample", {"sample_id": "a"})
+
+
+def test_writer_killed_with_sigkill_recovers_to_a_verifiable_trail(tmp_path: Path) -> None:
+    """A writer process killed mid-stream (3 times) leaves a trail that verifies after each restart."""
+    code = ("import sys\nfrom monitor.audit import AuditConfig, AuditWriter\nfrom monitor.audit.testing import example_sample\n"
+            f"w = AuditWriter(AuditConfig(directory={str(tmp_path)!r}, writer_id='w1', fsync='every_n', fsync_every_n=7,"
+            " max_segment_bytes=20000))\n"
+            "i = 0\nwhile True:\n    w.append('sample', example_sample(i))\n    i += 1\n"
+            "    print(i, flush=True)\n")
+    for round_ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        for _ in range(25 + 10 * round_):
+            proc.stdout.readline()
+        proc.kill()
+        proc.wait(timeout=30)
+        assert verify_trail(tmp_path / "w1").status in ("intact", "torn")
+        AuditWriter(cfg(tmp_path)).close()
+        report = verify_trail(tmp_path / "w1")
+        assert report.status == "intact", report.first_break

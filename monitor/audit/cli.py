@@ -260,9 +260,8 @@ def _prune(args: argparse.Namespace) -> int:
     from pydantic import SecretBytes
 
     from monitor.audit.config import AuditConfig
-    from monitor.audit.pipeline import format_ts
     from monitor.audit.reader import parse_time
-    from monitor.audit.records import KeyRing
+    from monitor.audit.records import KeyRing, format_ts
     from monitor.audit.segments import list_segments
     from monitor.audit.verify import first_record, verify_trail
     from monitor.audit.writer import AuditWriter

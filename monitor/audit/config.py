@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretBytes, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretBytes, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitor.errors import ConfigError
@@ -84,12 +84,15 @@ def read_key_file(path: Path, *, field: str = "hmac key file") -> bytes:
 
 
 class AuditKeySettings(BaseSettings):
-    """HMAC key(s) for the review CLI, from ``LAYERWATCH_AUDIT_HMAC_KEY`` or ``..._KEY_FILE``."""
+    """HMAC key(s) for the review CLI, from ``LAYERWATCH_AUDIT_HMAC_KEY`` / ``..._KEY_FILE``, or
+    the sidecar's nested spelling ``LAYERWATCH_AUDIT__HMAC_KEY`` / ``..._KEY_FILE``."""
 
-    model_config = SettingsConfigDict(env_prefix="LAYERWATCH_AUDIT_", extra="ignore")
+    model_config = SettingsConfigDict(extra="ignore")
 
-    hmac_key: SecretBytes | None = None
-    hmac_key_file: Path | None = None
+    hmac_key: SecretBytes | None = Field(
+        default=None, validation_alias=AliasChoices("LAYERWATCH_AUDIT_HMAC_KEY", "LAYERWATCH_AUDIT__HMAC_KEY"))
+    hmac_key_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("LAYERWATCH_AUDIT_HMAC_KEY_FILE", "LAYERWATCH_AUDIT__HMAC_KEY_FILE"))
 
     def keys(self) -> list[bytes]:
         """The keys these settings name (possibly none)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, MutableMapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +27,18 @@ from monitor.audit.privacy import StoreText as StoreTextMode
 from monitor.audit.privacy import text_fields
 from monitor.audit.records import (
     GENESIS_HASH,
-    RESERVED_FIELDS,
     SCHEMA_VERSION,
     AuditRecord,
     KeyRing,
     RecordKind,
     body_json,
     digest,
+    format_ts,
     seal,
 )
 
 EventDict = MutableMapping[str, Any]
 _KINDS = frozenset(k.value for k in RecordKind)
-
-
-def format_ts(epoch_s: float) -> str:
-    """RFC 3339 UTC with microseconds, e.g. ``2025-01-31T12:00:00.123456Z`` (sorts as text)."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class ChainState:
@@ -238,4 +232,4 @@ def build_logger(
     return bound
 
 
-__all__ = ["GENESIS_HASH", "RESERVED_FIELDS", "AuditLogger", "ChainState", "SegmentSink", "build_logger", "format_ts"]
+__all__ = ["AuditLogger", "ChainState", "SegmentSink", "build_logger"]

@@ -16,8 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from monitor.audit.pipeline import format_ts
-from monitor.audit.records import RecordFormatError, RecordKind, parse_record
+from monitor.audit.records import RecordFormatError, RecordKind, format_ts, parse_record
 from monitor.audit.segments import discover_trails, list_segments, split_lines
 from monitor.errors import AuditError
 

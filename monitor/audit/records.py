@@ -29,6 +29,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
@@ -73,6 +74,11 @@ class RecordFormatError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def format_ts(epoch_s: float) -> str:
+    """RFC 3339 UTC with microseconds, e.g. ``2025-01-31T12:00:00.123456Z`` (sorts as text)."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def canonical_json(obj: Any) -> str:

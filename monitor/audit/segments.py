@@ -24,7 +24,7 @@ from pathlib import Path
 
 from monitor.errors import AuditError, AuditLockedError
 
-SEGMENT_RE = re.compile(r"^segment-(\d{12})\.jsonl$")
+SEGMENT_RE = re.compile(r"^segment-(\d{12,})\.jsonl$")
 LOCK_FILE = "LOCK"
 QUARANTINE_DIR = "quarantine"
 

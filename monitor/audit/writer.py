@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from monitor.audit.config import AuditConfig
 from monitor.audit.heads import Head, HeadStore, head_store_from_spec
-from monitor.audit.pipeline import ChainState, SegmentSink, build_logger, format_ts
+from monitor.audit.pipeline import ChainState, SegmentSink, build_logger
 from monitor.audit.records import (
     CALLER_KINDS,
     RESERVED_FIELDS,
@@ -41,6 +41,7 @@ from monitor.audit.records import (
     KeyRing,
     RecordFormatError,
     RecordKind,
+    format_ts,
     parse_and_hash,
 )
 from monitor.audit.segments import (
@@ -214,7 +215,7 @@ class AuditWriter:
         """Append several records in order with one fsync decision (one fsync for
         ``every_record``). On failure raises AuditWriteError whose ``written`` lists the records of
         this call already in the trail."""
-        batch = [(self._check_kind(kind), self._check_fields(fields)) for kind, fields in items]
+        batch = [(k, self._check_fields(k, fields)) for k, fields in ((self._check_kind(k), f) for k, f in items)]
         with self._lock:
             self._check_usable()
             written: list[AuditRecord] = []
@@ -314,7 +315,7 @@ class AuditWriter:
         return value
 
     @staticmethod
-    def _check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    def _check_fields(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         clash = RESERVED_FIELDS.intersection(fields)
         if clash:
             raise AuditError(f"audit record fields {sorted(clash)} are set by the writer; rename them or nest the "
@@ -322,6 +323,8 @@ class AuditWriter:
         bad = [k for k in fields if not isinstance(k, str)]
         if bad:
             raise AuditError(f"audit record field names must be strings, got {bad!r}")
+        if kind == RecordKind.SAMPLE and not (isinstance(fields.get("sample_id"), str) and fields["sample_id"]):
+            raise AuditError("a sample record needs a non-empty string sample_id (use sample_fields(...))")
         return dict(fields)
 
     def _check_usable(self) -> None:
