@@ -355,6 +355,7 @@ def check_sources() -> dict[str, str | None]:
         "manpages-l10n": lambda: [_package_files("manpages-l10n", p, r".*\.gz") for lang, p in _MAN_PACKAGE.items() if lang != "en"],
         "fortunes-en": lambda: [_need_file("fortunes-en", f"{_FORTUNES_ROOT}/{f}") for f in _FORTUNE_FILES],
         "common-licenses": lambda: _need_dir("common-licenses", _LICENSES_ROOT),
+        "debian-copyright": lambda: [_need_file("debian-copyright", f"{_DOC_ROOT}/{p}/copyright") for p in _COPYRIGHT_PACKAGES],
         "jargon-file": lambda: _need_file("jargon-file", f"{_DICTD_ROOT}/jargon.dict.dz"),
         "devils-dictionary": lambda: _need_file("devils-dictionary", f"{_DICTD_ROOT}/devil.dict.dz"),
         "python-stdlib-source": lambda: _need_dir("python-stdlib-source", sysconfig.get_paths()["stdlib"]),
@@ -900,12 +901,9 @@ def _licence_paragraphs() -> tuple[str, ...]:
         if f.is_file() and not f.is_symlink():
             paras.extend(normalise(p) for p in re.split(r"\n\s*\n", f.read_text(errors="replace")))
     for package in _COPYRIGHT_PACKAGES:
-        f = Path(_DOC_ROOT, package, "copyright")
-        if f.is_file():
-            paras.extend(_copyright_paragraphs(f.read_text(errors="replace")))
-    pylicense = Path(_PYDOC_ROOT, "license.html")
-    if pylicense.is_file():
-        paras.extend(html_paragraphs(_read_text(pylicense)))
+        f = _need_file("debian-copyright", f"{_DOC_ROOT}/{package}/copyright")
+        paras.extend(_copyright_paragraphs(f.read_text(errors="replace")))
+    paras.extend(html_paragraphs(_read_text(_need_file("debian-copyright", f"{_PYDOC_ROOT}/license.html"))))
     return tuple(p for p in paras if p)
 
 

@@ -195,7 +195,9 @@ def test_missing_source_names_the_debian_package(monkeypatch: pytest.MonkeyPatch
 
 def test_every_source_is_installed() -> None:
     """All sources of SOURCES are present on this machine (scripts/services.sh installs them)."""
-    problems = {k: v for k, v in corpora.check_sources().items() if v is not None}
+    status = corpora.check_sources()
+    assert set(status) == set(corpora.SOURCES)
+    problems = {k: v for k, v in status.items() if v is not None}
     assert not problems, problems
 
 
