@@ -763,8 +763,9 @@ class _DiskCached(Generic[T]):
     """Memoise a corpus builder in the process and as gzipped JSON under the cache directory.
 
     The file name carries :func:`_fingerprint`, so a new package version or a change of this
-    module rebuilds; an unwritable cache directory only costs the rebuild. ``uncached`` is the
-    plain builder.
+    module rebuilds (older files are left for checkouts that still use them; delete the
+    directory to reclaim the space); an unwritable cache directory only costs the rebuild.
+    ``uncached`` is the plain builder.
     """
 
     def __init__(self, fn: Callable[..., T]) -> None:
@@ -789,11 +790,6 @@ class _DiskCached(Generic[T]):
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
                 tmp.write_bytes(gzip.compress(json.dumps(value, ensure_ascii=False).encode(), 6))
                 os.replace(tmp, path)
-                for stale in root.glob(f"{key}-*.json.gz"):
-                    if stale != path and re.fullmatch(
-                        rf"{re.escape(key)}-[0-9a-f]{{16}}\.json\.gz", stale.name
-                    ):
-                        stale.unlink(missing_ok=True)
             except OSError:
                 pass
         self._memo[args] = value
