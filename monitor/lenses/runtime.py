@@ -1,0 +1,218 @@
+"""The lens bank at run time: a verified bundle in an ONNX Runtime session.
+
+This module imports numpy, onnx and onnxruntime only (no torch): it is what the sidecar loads.
+
+``LensBank.load(path, expected_fingerprint=..., providers="auto")`` verifies the bundle
+(:func:`monitor.lenses.bundle.verify_bundle`), then opens one session. The CUDA execution provider
+is chosen only when the created session really runs it: ``onnxruntime-gpu`` lists CUDA as
+*available* even on a machine without a GPU and then silently runs on the CPU, so the provider is
+read back from ``InferenceSession.get_providers()`` and exposed as :attr:`LensBank.provider`.
+
+The graph takes a ``layer_index`` input so one file serves any subset of its layers; the loader
+bakes the chosen subset in as a constant, so ONNX Runtime folds the gather of translator and
+probe weights away once at load time instead of on every call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor.errors import BundleError, ConfigError
+from monitor.lenses.bundle import Bundle, verify_bundle
+from monitor.lenses.readings import BankOutput, SampleReadings, split_batch
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEFAULT_MAX_BATCH = 16
+
+
+def _provider_list(providers: str | Sequence[str]) -> tuple[list[str], bool]:
+    """Translate ``"auto"|"cpu"|"cuda"`` or an explicit list; second value: CUDA demanded."""
+    import onnxruntime as ort
+
+    if isinstance(providers, str):
+        key = providers.lower()
+        if key == "cpu":
+            return [CPU], False
+        if key == "cuda":
+            return [CUDA, CPU], True
+        if key != "auto":
+            raise ConfigError(f"providers: {providers!r} is not one of 'auto', 'cpu', 'cuda' or a list")
+        return ([CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]), False
+    plist = list(providers)
+    return plist, bool(plist) and plist[0] == CUDA
+
+
+def specialise(model: Any, layer_index: np.ndarray) -> Any:
+    """Turn the ``layer_index`` input of ``model`` (an ``onnx.ModelProto``) into a constant."""
+    from onnx import numpy_helper
+
+    keep = [i for i in model.graph.input if i.name != "layer_index"]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    if any("layer_index" in node.input for node in model.graph.node):
+        model.graph.initializer.append(numpy_helper.from_array(layer_index.astype(np.int64), "layer_index"))
+    return model
+
+
+class LensBank:
+    """Lens readings of hidden states, computed by ONNX Runtime from a verified bundle."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        session: Any,
+        layers: tuple[int, ...],
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        lens = bundle.manifest["lens"]
+        self.bundle = bundle
+        self.session = session
+        self.layers = layers
+        self.bundle_id = bundle.bundle_id
+        self.fingerprint = bundle.fingerprint
+        self.hidden_size = int(bundle.manifest["model"]["hidden_size"])
+        self.vocab_size = int(bundle.manifest["model"]["vocab_size"])
+        self.kind = str(lens["kind"])
+        self.k = int(lens["k"])
+        self.probe_labels: dict[str, tuple[str, ...]] = {
+            p["name"]: tuple(p["labels"]) for p in bundle.manifest.get("probes", [])
+        }
+        self.provider: str = session.get_providers()[0]
+        self.max_batch = max_batch
+        self._outputs = [o.name for o in session.get_outputs()]
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        expected_fingerprint: str | None = None,
+        providers: str | Sequence[str] = "auto",
+        threads: int | None = None,
+        layers: Sequence[int] | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> LensBank:
+        """Verify the bundle at ``path`` and open it.
+
+        ``expected_fingerprint``: the served model's :func:`~monitor.adapters.model_fingerprint`;
+        a bundle for another model is refused. ``providers``: ``"auto"`` (CUDA when it really
+        runs, else CPU), ``"cpu"``, ``"cuda"`` (refused when CUDA does not come up) or an explicit
+        ONNX Runtime provider list. ``threads``: intra-op threads (default: ONNX Runtime's).
+        ``layers``: read only this subset of the bundle's layers (must end with state N: the
+        cheaper mode of the throughput benchmark). ``max_batch``: larger batches are split, which
+        bounds memory at about ``max_batch * layers * vocab * 4`` bytes per intermediate.
+        """
+        import onnx
+        import onnxruntime as ort
+
+        bundle = verify_bundle(path, expected_fingerprint)
+        all_layers = bundle.layers
+        chosen = tuple(all_layers) if layers is None else tuple(int(x) for x in layers)
+        unknown = [x for x in chosen if x not in all_layers]
+        if unknown or not chosen or chosen[-1] != all_layers[-1] or list(chosen) != sorted(set(chosen)):
+            raise ConfigError(
+                f"layers: {list(chosen)} must be a sorted subset of the bundle's layers {list(all_layers)} "
+                f"ending with the final state {all_layers[-1]}"
+            )
+        graph_path = bundle.path(bundle.manifest["graph"]["file"])
+        try:
+            model = onnx.load(str(graph_path), load_external_data=True)
+        except Exception as exc:  # onnx raises DecodeError and friends
+            raise BundleError(f"lens bundle {path}: cannot read {graph_path.name}: {exc}") from exc
+        index = np.array([all_layers.index(x) for x in chosen], dtype=np.int64)
+        specialise(model, index)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        plist, cuda_demanded = _provider_list(providers)
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), opts, providers=plist)
+        except Exception as exc:  # onnxruntime's own exception types are not public
+            raise BundleError(f"lens bundle {path}: ONNX Runtime cannot open {graph_path.name}: {exc}") from exc
+        del model
+        if cuda_demanded and session.get_providers()[0] != CUDA:
+            raise ConfigError(
+                "providers: CUDA was requested but the session runs on "
+                f"{session.get_providers()[0]} (no GPU, or onnxruntime-gpu missing / mismatched CUDA); "
+                "use providers='auto' to fall back to the CPU"
+            )
+        return cls(bundle, session, chosen, max_batch=max_batch)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The bundle's manifest (read-only by convention)."""
+        return self.bundle.manifest
+
+    def _run(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(self._outputs, {"hidden": hidden})
+        return dict(zip(self._outputs, outs, strict=True))
+
+    def read_arrays(self, hidden: np.ndarray) -> BankOutput:
+        """Readings of ``hidden`` [B, L, d] (float16 or float32), L = ``len(self.layers)`` in
+        the order of :attr:`layers` (the last one is state N)."""
+        h = np.asarray(hidden)
+        want = (len(self.layers), self.hidden_size)
+        if h.ndim != 3 or tuple(h.shape[1:]) != want:
+            raise ValueError(f"hidden must be [B, {want[0]}, {want[1]}] (layers {list(self.layers)}), got {list(h.shape)}")
+        h = np.ascontiguousarray(h, dtype=np.float32)
+        n = h.shape[0]
+        if n == 0:
+            return self._empty()
+        parts = [self._run(h[i : i + self.max_batch]) for i in range(0, n, self.max_batch)]
+        cat = {name: np.concatenate([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
+               for name in self._outputs}
+        return self._to_output(cat)
+
+    def read(self, hidden: np.ndarray) -> list[SampleReadings]:
+        """Per-sample typed readings of ``hidden`` [B, L, d]."""
+        return split_batch(self.read_arrays(hidden), self.probe_labels)
+
+    def _to_output(self, o: dict[str, np.ndarray]) -> BankOutput:
+        probes = {name: o[f"probe_{name}"] for name in self.probe_labels}
+        return BankOutput(
+            layers=self.layers,
+            topk_ids=o["topk_ids"],
+            topk_probs=o["topk_probs"],
+            entropy=o["entropy"],
+            kl_to_final=o["kl_to_final"],
+            final_top1_rank=o["final_top1_rank"],
+            final_topk_ids=o["final_topk_ids"],
+            final_topk_probs=o["final_topk_probs"],
+            final_entropy=o["final_entropy"],
+            probes=probes,
+        )
+
+    def _empty(self) -> BankOutput:
+        L, k = len(self.layers), self.k
+        return BankOutput(
+            layers=self.layers,
+            topk_ids=np.zeros((0, L, k), np.int64),
+            topk_probs=np.zeros((0, L, k), np.float32),
+            entropy=np.zeros((0, L), np.float32),
+            kl_to_final=np.zeros((0, L), np.float32),
+            final_top1_rank=np.zeros((0, L), np.int64),
+            final_topk_ids=np.zeros((0, k), np.int64),
+            final_topk_probs=np.zeros((0, k), np.float32),
+            final_entropy=np.zeros((0,), np.float32),
+            probes={name: np.zeros((0, L, len(lab)), np.float32) for name, lab in self.probe_labels.items()},
+        )
+
+    def __repr__(self) -> str:
+        return (f"LensBank({self.bundle_id}, kind={self.kind}, layers={len(self.layers)}, "
+                f"probes={list(self.probe_labels)}, provider={self.provider})")
+
+
+def load_bank(path: str | os.PathLike[str] | Path, **kwargs: Any) -> LensBank:
+    """Shorthand for :meth:`LensBank.load`."""
+    return LensBank.load(path, **kwargs)
