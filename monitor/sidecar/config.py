@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretBytes, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitor.config import build_settings
@@ -26,6 +26,7 @@ class AuditSettings(BaseModel):
     """
 
     directory: Path = Field(Path("layerwatch-audit"), description="Root of the audit trails; each replica writes its own sub-folder.")
+    hmac_key: SecretBytes | None = Field(None, description="HMAC key (>= 16 bytes) signing every record; prefer hmac_key_file (a mounted secret).")
     hmac_key_file: Path | None = Field(None, description="File holding the HMAC key (a mounted secret); every record is then signed.")
     fsync: Literal["every_record", "every_n", "interval"] = Field("every_record", description="When records are fsynced. Entries are acked only after the fsync covering their records.")
     fsync_every_n: int = Field(64, ge=1, description="Records per fsync with fsync=every_n.")
@@ -34,6 +35,7 @@ class AuditSettings(BaseModel):
     max_segment_age_s: float | None = Field(86400.0, gt=0, description="Rotate a segment once it is this old.")
     store_text: Literal["none", "redacted", "full"] = Field("none", description="Prompt text in sample records: none (digest only), redacted, or full.")
     head_store: str = Field("auto", description="Where the trail head is kept outside the segments: auto (Redis when the transport is Redis, else a file), file, file:DIR, redis://..., none.")
+    head_key_prefix: str = Field("layerwatch:audit:head:", description="Redis key prefix of the trail heads.")
     retention_max_segments: int | None = Field(None, ge=2, description="Prune the oldest segments beyond this many.")
     retention_max_age_s: float | None = Field(None, gt=0, description="Prune segments whose records are all older than this.")
 

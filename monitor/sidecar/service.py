@@ -57,6 +57,8 @@ class AuditSink(Protocol):
 
     def append(self, kind: str, payload: dict[str, Any]) -> Any: ...
 
+    def append_many(self, items: list[tuple[str, dict[str, Any]]]) -> Any: ...
+
     def sync(self) -> Any: ...
 
     def close(self) -> Any: ...
@@ -367,6 +369,7 @@ class Sidecar:
             for r, (_, smp) in zip(readings, good, strict=True)
         ]
         scores, events = self._score(out, narratives)
+        records: list[tuple[str, dict[str, Any]]] = []
         for (e, smp), nar, sc in zip(good, narratives, scores, strict=True):
             payload = sample_fields(
                 sample_id=smp.sample_id, request_id=smp.request_id, model=smp.model,
@@ -375,9 +378,11 @@ class Sidecar:
                 narrative=nar.to_dict(), score=sc["score"], flags=sc["flags"], redelivered=e.deliveries > 1,
             )
             payload.update({"metadata": smp.metadata, "captured_at": smp.created_at, "positions": smp.positions})
-            self.audit.append("sample", payload)
-        for ev in events:
-            self.audit.append(f"drift_alert_{ev.kind}", ev.to_dict() if hasattr(ev, "to_dict") else dict(ev.__dict__))
+            records.append(("sample", payload))
+        for ev in events:  # the event's own "kind" (raised/cleared) is the record kind's suffix
+            fields = {k: v for k, v in ev.to_dict().items() if k != "kind"}
+            records.append((f"drift_alert_{ev.kind}", {"model": self.model_label, **fields}))
+        self.audit.append_many(records)  # one write + one fsync per micro-batch
         self.audit.sync()  # durable before the ledger mark and the ack
         self.ledger.mark(smp.sample_id for _, smp in good)
         now = time.time()
@@ -536,6 +541,6 @@ def _strip_password(url: str) -> str:
 
 
 def _redacted_settings(settings: SidecarSettings) -> dict[str, Any]:
-    d = settings.model_dump(mode="json")
+    d = settings.model_dump(mode="json")  # SecretBytes dump as "**********"
     d["transport"] = _strip_password(d["transport"])
     return d
