@@ -394,6 +394,7 @@ def test_metrics_registry_reports_the_tap_counters(memory_transport: Any) -> Non
     for i, force in enumerate([True, True, False, False, False]):
         with tap.request(f"m{i}", force=force), torch.no_grad():
             model(input_ids=ids)
+        assert tap.flush(5.0)  # one 768-byte sample fits the 1024-byte bound at a time
     with tap.request("huge", force=True), torch.no_grad():
         model(input_ids=torch.randint(3, 120, (1, 8)))
     assert tap.flush(5.0)
@@ -435,7 +436,7 @@ def test_stats_accounting_identity(memory_transport: Any) -> None:
     for n in (3, 4, 8, 3, 9):
         with tap.request(f"len{n}"), torch.no_grad():
             model(input_ids=torch.randint(3, 120, (1, n)))
-    assert tap.flush(5.0)
+        assert tap.flush(5.0)  # each sample alone against the 1024-byte bound
     st = tap.stats()
     assert st["sampled"] == 5 and st["exported"] + sum(st["drops"].values()) == 5
     assert st["drops"]["queue_bytes"] == 2

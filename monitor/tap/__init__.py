@@ -19,10 +19,11 @@ the thread (or the ``asyncio.to_thread`` context) that entered ``tap.request()``
 * An unsampled request costs a flag check per hook (a ContextVar read).
 * A sampled one: the model's pre-hook plans the forward once (which rows and positions, as
   index tensors built on the device with no host synchronisation); each block hook copies its
-  ``[P, d]`` slice, cast to float16, into a small per-forward buffer; the model's post-hook
-  takes that buffer off the device (CPU: nothing to do; CUDA: one non-blocking copy into
-  pinned memory plus an event the exporter thread waits on). So the queue never keeps a full
-  activation alive and the serving thread never waits for the GPU.
+  ``[P, d]`` slice into a small per-forward ``[L, P, d]`` buffer with one ``index_select``;
+  the model's post-hook casts that buffer to float16 and takes it off the device (CPU: nothing
+  to copy; CUDA: one non-blocking copy into pinned memory plus an event the exporter thread
+  waits on). So the queue never keeps a full activation alive and the serving thread never
+  waits for the GPU.
 * At the end of the request one item is offered to the exporter; splitting it per request,
   encoding and I/O run on the exporter thread.
 
@@ -101,8 +102,8 @@ class _Plan:
     fixed_positions: list[int] | None
     valid: torch.Tensor | None  # [P] bool, None = all valid
     all_rows: bool  # rows == every batch row in order (mean: skip the gather)
-    index: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(
-        default_factory=dict)
+    # per device: (flat index into hidden.view(B*T, d) for gather | sampled rows for mean, weights)
+    index: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     views: tuple[torch.Tensor, ...] = ()
     buf: torch.Tensor | None = None
     topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
@@ -184,6 +185,7 @@ class Tap:
             batch_size=settings.export_batch, max_payload_bytes=settings.max_payload_bytes,
             backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s,
             counters=self._tap_counters, owns_transport=transport is None,
+            interval_s=settings.export_interval_s,
         )
         ref = weakref.WeakMethod(self._after_fork_in_child)
         os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
@@ -462,21 +464,24 @@ class Tap:
         try:
             if plan.mode != "gather":
                 return
-            logits = (out if isinstance(out, torch.Tensor) else out[0]).detach()
+            logits = out if isinstance(out, torch.Tensor) else out[0]
             if logits.dim() != 3:
                 return
-            rows, pos, _ = self._index_on(cap, plan, logits.device)
-            assert pos is not None
             kept = int(logits.shape[1])
             valid = None
-            if kept != plan.seq:  # logits_to_keep: only the last `kept` positions have logits
+            if kept == plan.seq:
+                flat = self._index_on(plan, logits.device)[0]
+            else:  # logits_to_keep: only the last `kept` positions have logits
+                assert plan.pos is not None
                 shift = plan.seq - kept
+                pos = plan.pos - shift
                 if plan.fixed_positions is None or plan.valid is not None or plan.per_slot > kept:
-                    valid = pos >= shift
-                pos = (pos - shift).clamp(min=0)
-            lp = logits[rows, pos].float().log_softmax(-1)
-            vals, ids = lp.topk(min(self.settings.final_topk, int(lp.shape[-1])), dim=-1)
-            plan.topk = (ids, vals, valid)
+                    valid = _to_device(pos >= 0, logits.device)
+                flat = _to_device(plan.rows * kept + pos.clamp(min=0), logits.device)
+            x = logits.detach().reshape(-1, logits.shape[-1]).index_select(0, flat)
+            vals, ids = x.topk(min(self.settings.final_topk, int(x.shape[-1])), dim=-1)
+            # log-probabilities of the top k without materialising a full log_softmax
+            plan.topk = (ids, vals.float() - x.float().logsumexp(-1, keepdim=True), valid)
         except Exception:
             self._hook_failed(cap)
 
@@ -562,43 +567,51 @@ class Tap:
         return _Plan("gather", dev, seq, 1, n_slots, rows, pos, None, None, fixed, None, all_rows)
 
     @staticmethod
-    def _index_on(
-        cap: _Capture, plan: _Plan, dev: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The plan's index tensors on ``dev`` (a model split over devices), moved once per step."""
+    def _index_on(plan: _Plan, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The plan's index tensors on ``dev`` (a model split over devices), built once per step."""
         got = plan.index.get(dev)
         if got is None:
-            if dev == plan.device:
-                got = (plan.rows, plan.pos, plan.weights)
+            if plan.mode == "gather":
+                assert plan.pos is not None
+                flat = plan.rows * plan.seq + plan.pos
+                got = (_to_device(flat, dev), None)
             else:
-                got = (_to_device(plan.rows, dev), None if plan.pos is None else _to_device(plan.pos, dev),
-                       None if plan.weights is None else _to_device(plan.weights, dev))
+                assert plan.weights is not None
+                got = (_to_device(plan.rows, dev), _to_device(plan.weights, dev))
             plan.index[dev] = got
         return got
 
     def _take(self, cap: _Capture, plan: _Plan, slot: int, hidden: torch.Tensor) -> None:
-        """Copy this layer's sampled vectors, as float16, into the step buffer."""
-        h = hidden.detach()
-        if plan.buf is None:  # first hook of the step: allocate on the device the model runs on
-            plan.buf = torch.empty((len(self.layers), plan.n_out, int(h.shape[-1])), dtype=torch.float16,
-                                   device=h.device)
-            plan.views = plan.buf.unbind(0)
-        rows, pos, weights = plan.index.get(h.device) or self._index_on(cap, plan, h.device)
-        if pos is not None:
-            plan.views[slot].copy_(h[rows, pos])
+        """Copy this layer's sampled vectors into the step buffer: one index_select per hook."""
+        h = hidden.detach() if hidden.requires_grad else hidden
+        buf = plan.buf
+        if buf is None:  # first hook of the step: allocate on the device the model runs on
+            if h.dim() != 3 or int(h.shape[1]) != plan.seq:
+                raise ValueError(f"hidden state of shape {tuple(h.shape)}, expected [batch, {plan.seq}, d]")
+            dtype = h.dtype if plan.mode == "gather" else torch.float32
+            buf = plan.buf = torch.empty((len(self.layers), plan.n_out, int(h.shape[-1])), dtype=dtype,
+                                         device=h.device)
+            plan.views = buf.unbind(0)
+        index, weights = plan.index.get(h.device) or self._index_on(plan, h.device)
+        if weights is None:
+            flat = h.reshape(-1, h.shape[-1])
+            if h.dtype == buf.dtype and h.device == buf.device:
+                torch.index_select(flat, 0, index, out=plan.views[slot])
+            else:
+                plan.views[slot].copy_(flat.index_select(0, index))
         else:
-            assert weights is not None
-            sel = h if plan.all_rows else h.index_select(0, rows)
+            sel = h if plan.all_rows else h.index_select(0, index)
             plan.views[slot].copy_(torch.bmm(weights, sel.float()).squeeze(1))
 
     def _seal(self, cap: _Capture, plan: _Plan) -> None:
-        """End of a forward: take the step buffer and its small index tensors off the device."""
+        """End of a forward: one cast to float16, then the step off the device (CUDA: async)."""
         if plan.buf is None:
             return
         events: dict[torch.device, Any] = {}
         topk = plan.topk
+        hidden = plan.buf if plan.buf.dtype == torch.float16 else plan.buf.to(torch.float16)
         st = CapturedStep(
-            hidden=_to_host(plan.buf, events), per_slot=plan.per_slot,
+            hidden=_to_host(hidden, events), per_slot=plan.per_slot,
             positions=None if plan.positions is None else _to_host(plan.positions, events),
             fixed_positions=plan.fixed_positions,
             valid=None if plan.valid is None else _to_host(plan.valid, events),
@@ -611,7 +624,7 @@ class Tap:
             ev.record(torch.cuda.current_stream(dev))
             cap.events.append(ev)
         cap.steps.append(st)
-        cap.nbytes += plan.buf.numel() * 2
+        cap.nbytes += hidden.numel() * 2
 
 
 def _last_valid(m: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Threading contract: :meth:`Exporter.offer` and :meth:`Exporter.drop` are called synchronously
 on the serving thread, so they must not block or raise. ``offer`` checks shutdown and the item
 and byte bounds under a short, uncontended lock (the worker holds it only to pop and account),
-appends to a ``deque`` and wakes the worker if it sleeps. A full queue drops the item and counts
+appends to a ``deque`` and wakes the worker only when a full batch is ready (otherwise the
+worker's ``interval_s`` timer exports it, so sparse samples do not wake a thread per request). A full queue drops the item and counts
 the reason; nothing is logged per drop. Everything else (waiting for device copies, splitting a
 batch into per-request ``[L, P, d]`` arrays, JSON encoding, transport I/O, reconnection with
 backoff) runs on the worker thread.
@@ -196,6 +197,7 @@ class Exporter:
         backoff_max_s: float,
         counters: Callable[[], dict[str, Any]],
         owns_transport: bool = True,
+        interval_s: float = 0.5,
     ) -> None:
         self._factory = transport_factory
         self._owns_transport = owns_transport
@@ -206,6 +208,7 @@ class Exporter:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self._counters = counters
+        self.interval_s = interval_s
         self._m_drops = {r: metrics.drops.labels(model_label, r) for r in DROP_REASONS}
         self._m_exported = metrics.samples_exported.labels(model_label)
         self._m_depth = metrics.queue_depth.labels(model_label)
@@ -279,14 +282,14 @@ class Exporter:
             return False
         if self._worker is None:
             self._ensure_worker()
-        if not self._wake.is_set():
-            self._wake.set()
+        if self._items >= self.batch_size and not self._wake.is_set():
+            self._wake.set()  # a full batch is ready; otherwise the worker's timer picks it up
         return True
 
     # --- worker thread --------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._wake.wait(timeout=1.0)
+            self._wake.wait(timeout=self.interval_s)
             self._wake.clear()
             while True:
                 with self._lock:
