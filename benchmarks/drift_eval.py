@@ -92,15 +92,29 @@ def load_bank(kind: str, model: Any) -> Any:
     return TorchLogitLens(model)
 
 
-def texts_for_eval(n_baseline: int, n_normal: int, n_shift: int) -> dict[str, list[str]]:
+def texts_for_eval(cache: Cache, n_baseline: int, n_normal: int, n_shift: int,
+                   refresh: bool = False) -> dict[str, list[str]]:
+    """The evaluation texts, frozen in the cache on first use so reruns score the same texts
+    even when the corpora module changes (``--refresh-texts`` draws them again)."""
+    import subprocess
+
     from monitor import corpora
 
+    p = cache.path(_key("texts", n_baseline, n_normal, n_shift), "texts.json")
+    if p.exists() and not refresh:
+        return dict(json.loads(p.read_text())["sets"])
     sets = {
         "baseline": corpora.english_prose("heldout", unit="short")[:n_baseline],
         "normal": corpora.english_prose("test", unit="short")[:n_normal],
     }
     for kind, texts in corpora.shift_sets(limit=n_shift).items():
         sets[f"shift:{kind}"] = texts
+    try:
+        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "monitor/corpora.py"],
+                                capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    p.write_text(json.dumps({"corpora_commit": commit, "sets": sets}))
     return sets
 
 
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "layerwatch", "drift_eval"))
     ap.add_argument("--out", default="bench-results/drift_eval.json")
     ap.add_argument("--bank", choices=("auto", "bundle", "logit"), default="auto")
-    ap.add_argument("--n-baseline", type=int, default=1500)
+    ap.add_argument("--n-baseline", type=int, default=1200)
     ap.add_argument("--n-normal", type=int, default=1000)
     ap.add_argument("--n-shift", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -231,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-length", type=int, default=2000, help="samples per mixed stream")
     ap.add_argument("--null-length", type=int, default=20000, help="samples of the normal-only stream")
     ap.add_argument("--capture-only", action="store_true", help="only fill the cache")
+    ap.add_argument("--only", default="", help="comma-separated sets to capture (with --capture-only)")
+    ap.add_argument("--refresh-texts", action="store_true", help="draw the texts from the corpora again")
     args = ap.parse_args(argv)
 
     import torch
@@ -243,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_reference_model()
     fp = model_fingerprint(model)
     cache = Cache(Path(args.cache_dir))
-    sets = texts_for_eval(args.n_baseline, args.n_normal, args.n_shift)
+    sets = texts_for_eval(cache, args.n_baseline, args.n_normal, args.n_shift, args.refresh_texts)
+    if args.only:
+        sets = {k: v for k, v in sets.items() if k in args.only.split(",")}
     bank = None if args.capture_only else load_bank(args.bank, model)
     readings: dict[str, ReadingArrays] = {}
     finals: dict[str, np.ndarray] = {}
@@ -286,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{det}_tpr_at_1pct_fpr"] = tpr_at_fpr(neg, pos, 0.01)
             row[f"{det}_conformal_tpr"] = float(np.mean(sc[name][1] < args.alpha))
         # window detection of a mix: each sample is shifted with probability ``mix``
+        pool = ReadingArrays.concat([normal, readings[name]])
         for det in ("layerwatch", "last_layer"):
             delays = []
             for _ in range(args.trials):
@@ -296,9 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 pv = np.where(is_shift, sc[name][1][si], sc["normal"][1][ni])
                 stream = None
                 if det == "layerwatch":
-                    stream = ReadingArrays.concat([normal.subset(ni[i:i + 1]) if not is_shift[i]
-                                                   else readings[name].subset(si[i:i + 1])
-                                                   for i in range(args.stream_length)])
+                    stream = pool.subset(np.where(is_shift, normal.n + si, ni))
                 first, _, _ = run_window_stream(None, readings=stream, p_values=pv, last_layer=det == "last_layer",
                                                 **common)
                 delays.append(first if first is not None else np.inf)

@@ -148,7 +148,7 @@ def _show(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     store = _store(args)
     active = store.active_id()
-    for bid in store.list():
+    for bid in store.ids():
         print(("* " if bid == active else "  ") + bid)
     return 0
 

@@ -130,7 +130,7 @@ class BaselineStore:
             return True
         return self.directory is not None and (self.directory / f"{baseline_id}.json").exists()
 
-    def list(self) -> list[str]:
+    def ids(self) -> list[str]:
         """Ids of the stored baselines (sorted)."""
         ids: set[str] = set()
         if self.redis is not None:
