@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,21 +115,24 @@ def test_unsampled_requests_capture_nothing(memory_transport: Any, monkeypatch: 
 
 
 # --------------------------------------------------------------------------- positions
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_last_position_of_a_padded_batch(side: str, memory_transport: Any) -> None:
-    """positions='last' takes each row's last real token of a padded batch (attention_mask)."""
+@pytest.mark.parametrize("side,rows", [("right", (0, 1, 2)), ("left", (0, 1, 2)), ("right", (1, 2)),
+                                       ("left", (0, 2))])
+def test_last_position_of_a_padded_batch(side: str, rows: tuple[int, ...], memory_transport: Any) -> None:
+    """positions='last' takes each sampled row's last real token of a padded batch (attention_mask)."""
     model = make_tiny("llama")
     ids, mask, lengths = _padded_batch(side)
-    tap = _attach(model, memory_transport, positions="last")
+    tap = _attach(model, memory_transport, positions="last", sample_rate=0.0)
     seen, hook = _norm_input(tap)
-    with tap.batch(["a", "b", "c"]), torch.no_grad():
+    with tap.batch(["a", "b", "c"], force=[r in rows for r in range(3)]), torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     hook.remove()
     assert tap.flush(5.0)
     got = _by_request(drain_samples(memory_transport))
     tap.close()
+    assert set(got) == {"abc"[r] for r in rows}
     ref = _states(out, seen["x"])
-    for row, rid in enumerate("abc"):
+    for row in rows:
+        rid = "abc"[row]
         s = got[rid]
         last = _real_index(mask[row])[-1]
         assert s.position_index == (lengths[row] - 1,)
@@ -162,20 +166,23 @@ def test_all_positions_up_to_the_cap(side: str, memory_transport: Any) -> None:
             assert torch.equal(torch.from_numpy(s.hidden[layer].copy()), ref[layer][row, real].half())
 
 
-def test_mean_over_real_positions(memory_transport: Any) -> None:
-    """positions='mean' is the mean over each row's real tokens (to float16 rounding)."""
+@pytest.mark.parametrize("rows", [(0, 1, 2), (1,)])
+def test_mean_over_real_positions(rows: tuple[int, ...], memory_transport: Any) -> None:
+    """positions='mean' is the mean over each sampled row's real tokens (to float16 rounding)."""
     model = make_tiny("llama")
     ids, mask, _ = _padded_batch("right")
-    tap = _attach(model, memory_transport, positions="mean")
+    tap = _attach(model, memory_transport, positions="mean", sample_rate=0.0)
     seen, hook = _norm_input(tap)
-    with tap.batch(["a", "b", "c"]), torch.no_grad():
+    with tap.batch(["a", "b", "c"], force=[r in rows for r in range(3)]), torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     hook.remove()
     assert tap.flush(5.0)
     got = _by_request(drain_samples(memory_transport))
     tap.close()
+    assert set(got) == {"abc"[r] for r in rows}
     ref = _states(out, seen["x"])
-    for row, rid in enumerate("abc"):
+    for row in rows:
+        rid = "abc"[row]
         s = got[rid]
         assert s.hidden.shape == (3, 1, 32) and s.position_index == () and s.final_topk is None
         real = _real_index(mask[row])
@@ -211,6 +218,58 @@ def test_generated_tokens(n_new: int, cap: int, memory_transport: Any) -> None:
                                    ref[layer][0, 3 : 3 + taken], atol=3e-3, rtol=3e-3)
     assert s.final_topk is not None  # row i: the distribution generated token i came from
     assert s.final_topk.ids[:, 0].tolist() == seq[0, 4 : 4 + taken].tolist()
+
+
+_SYNCING_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select",
+                "aten::repeat_interleave", "aten::unique", "aten::_unique2", "aten::bincount"}
+
+
+def test_capture_adds_no_host_synchronising_ops(memory_transport: Any, monkeypatch: Any) -> None:
+    """A sampled forward (padded batch, every position mode's plan) adds no op that would make
+    the host wait for a CUDA stream: no item()/int()/tolist() and no data-dependent shapes.
+
+    (CPU proxy for the CUDA path, which cannot run here.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: Counter[str] = Counter()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.names[func._schema.name] += 1
+            return func(*args, **(kwargs or {}))
+
+    tolist_calls = [0]
+    real_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self: torch.Tensor) -> Any:
+        tolist_calls[0] += 1
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    model = make_tiny("llama")
+    ids, mask, _ = _padded_batch("left")
+
+    def ops_of(run: Any) -> tuple[Counter[str], int]:
+        tolist_calls[0] = 0
+        with Ops() as mode, torch.no_grad():
+            run()
+        return mode.names, tolist_calls[0]
+
+    plain, plain_tolist = ops_of(lambda: model(input_ids=ids, attention_mask=mask))
+    for positions in ("last", "all", "mean", "generated"):
+        tap = _attach(model, memory_transport, positions=positions, sample_rate=0.0)
+
+        def sampled() -> None:
+            with tap.batch(["a", "b", "c"], force=[True, False, True]):  # noqa: B023
+                model(input_ids=ids, attention_mask=mask)
+
+        names, n_tolist = ops_of(sampled)
+        tap.close()
+        added = {op: n for op, n in (names - plain).items() if op in _SYNCING_OPS}
+        assert not added, (positions, added)
+        assert n_tolist == plain_tolist, positions
 
 
 # --------------------------------------------------------------------------- batch form

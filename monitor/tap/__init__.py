@@ -536,16 +536,17 @@ class Tap:
         if mode == "all":
             k = min(self.settings.max_positions, seq)
             ar = torch.arange(k, device=dev)
+            rows_k = rows.unsqueeze(1).expand(n_slots, k).reshape(-1)  # (repeat_interleave may sync)
             if mask is None:
                 pos = torch.arange(seq - k, seq, device=dev).repeat(n_slots)
-                return _Plan("gather", dev, seq, k, n_slots * k, rows.repeat_interleave(k), pos, None, None,
+                return _Plan("gather", dev, seq, k, n_slots * k, rows_k, pos, None, None,
                              list(range(seq - k, seq)) * n_slots, None, all_rows)
             last = _last_valid(m)
             idx = last.unsqueeze(1) - (k - 1) + ar  # [S, k]: a window ending at each row's last token
             idxc = idx.clamp(min=0)
             valid = (idx >= 0) & m.gather(1, idxc)
             real = m.long().cumsum(-1).gather(1, idxc) - 1
-            return _Plan("gather", dev, seq, k, n_slots * k, rows.repeat_interleave(k), idxc.reshape(-1), None,
+            return _Plan("gather", dev, seq, k, n_slots * k, rows_k, idxc.reshape(-1), None,
                          real.reshape(-1), None, valid.reshape(-1), all_rows)
         # "last", or "generated" (step 0: the last prompt token; then each token fed back)
         if step == 0:
