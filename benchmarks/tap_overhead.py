@@ -157,6 +157,42 @@ def fill_queue(model: Any, ids: Any, n_max: int, **tap_kwargs: Any) -> dict[str,
     return out
 
 
+def per_forward_cost(model: Any, tap_factory: Callable[[], Any], reps: int) -> dict[str, Any]:
+    """The tap's absolute cost per forward, on a 1-token forward (a decode step), where it is
+    large enough to resolve: serving-thread CPU time unhooked, hooked unsampled and sampled
+    (interleaved; the exporter is stuck on a gated transport, so only the serving thread runs)."""
+    import torch
+
+    tap = tap_factory()
+    ids = torch.tensor([[42]])
+    res: dict[str, list[float]] = {"unhooked": [], "unsampled": [], "sampled": []}
+    for i in range(reps + 3):
+        for kind in res:
+            if kind == "unhooked":
+                tap.detach()
+            elif not tap._handles:
+                tap._install_hooks()
+            tap.sampler.rate = 1.0 if kind == "sampled" else 0.0
+            gc.collect()
+            with torch.inference_mode():
+                c0 = time.thread_time()
+                with tap.request(f"micro-{kind}-{i}"):
+                    model(input_ids=ids)
+                dc = time.thread_time() - c0
+            if i >= 3:
+                res[kind].append(dc)
+    tap.close(0.0)  # what was queued is dropped as "closed"
+    gate = getattr(tap.exporter._factory(), "gate", None)
+    if gate is not None:
+        gate.set()
+    base = statistics.median(res["unhooked"])
+    return {
+        "reps": reps, "unhooked_cpu_ms": round(base * 1e3, 3),
+        "unsampled_extra_us": round((statistics.median(res["unsampled"]) - base) * 1e6, 1),
+        "sampled_extra_us": round((statistics.median(res["sampled"]) - base) * 1e6, 1),
+    }
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--redis", default=os.environ.get("LAYERWATCH_BENCH_REDIS", "redis://127.0.0.1:6379/0"))
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--micro-reps", type=int, default=60, help="rounds of the 1-token per-forward cost probe")
     p.add_argument("--consume", nargs=4, metavar=("URL", "STREAM", "GROUP", "STOP_KEY"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.consume:
@@ -306,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu_ratio": round(statistics.median(cpu[label]) / statistics.median(cpu[base]), 4),
             "sampled": n_sampled, "delivered": n_deliv, "dropped": n_sampled - n_deliv,
         })
+    micro = per_forward_cost(model, tap_factory=lambda: monitor.attach(
+        model, sample_rate=1.0, transport=_gated_transport(), model_name="micro",
+        queue_max_items=args.micro_reps + 8), reps=args.micro_reps)
     memory = []
     if not args.skip_memory:
         short = ids[:, :8]
@@ -318,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gen_tokens": args.gen_tokens, "rounds": args.rounds, "gen_rounds": args.gen_rounds,
         "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": load_avg(),
         "wall_s": round(wall, 1), "rows": table, "tap_stats": tap_stats, "consumer": delivered,
-        "memory": memory, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "per_forward_cost": micro, "memory": memory, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "tap_overhead.json"
@@ -342,6 +382,10 @@ def render(result: dict[str, Any]) -> str:
                      f"{r['sampled']:>9}{r['delivered']:>10}{r['dropped']:>9}")
     lines.append("ratio: median/median (wall clock); paired: median of per-round ratios; cpu ratio: serving "
                  "thread CPU time (with 1 torch thread the whole forward runs on it; robust to a busy machine)")
+    c = result["per_forward_cost"]
+    lines.append(f"tap cost per forward (1-token forward, {c['unhooked_cpu_ms']:.1f} ms CPU unhooked, median of "
+                 f"{c['reps']}): +{c['unsampled_extra_us']:.0f} us unsampled, +{c['sampled_extra_us']:.0f} us sampled "
+                 "(all 31 states, last token, final top-k)")
     for m in result["memory"]:
         lines.append(
             f"memory at a full queue ({m['positions']}, {m['tokens']} tokens): {m['queue_items']}/"
