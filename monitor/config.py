@@ -64,6 +64,19 @@ class TapSettings(BaseSettings):
     transport_timeout_s: float = Field(1.0, gt=0, le=60, description="Socket connect/read timeout of the exporter's Redis connection (a hung Redis costs the exporter thread at most this per attempt; never the serving thread).")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve the tap's /metrics on this port (for servers without their own /metrics).")
 
+    @field_validator("transport")
+    @classmethod
+    def _transport_scheme(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in ("memory", "redis", "rediss", "unix"):
+            raise ValueError(f"unsupported URL {v!r}; use memory://NAME, redis://HOST:PORT/DB or rediss://...")
+        if scheme != "memory":
+            import importlib.util
+
+            if importlib.util.find_spec("redis") is None:
+                raise ValueError(f"{v!r} needs the redis package: pip install 'layerwatch[redis]'")
+        return v
+
     @field_validator("layers")
     @classmethod
     def _layers_non_negative(cls, v: Any) -> Any:

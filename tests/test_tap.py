@@ -443,6 +443,21 @@ def test_closed_tap_leaves_the_model_unhooked(memory_transport: Any) -> None:
     assert not h.sampled and tap.close() is True
 
 
+@pytest.mark.parametrize("kwargs,field", [
+    ({"transport": "redsi://localhost:6379"}, "transport"), ({"sample_rate": 1.5}, "sample_rate"),
+    ({"layers": [0, 99]}, "layers"), ({"positions": "first"}, "positions"), ({"queue_max_items": 0}, "queue_max_items"),
+    ({"backoff_initial_s": 2.0, "backoff_max_s": 1.0}, "backoff_max_s"), ({"sampel_rate": 0.5}, "sampel_rate"),
+])
+def test_bad_settings_fail_at_attach_naming_the_field(kwargs: dict[str, Any], field: str) -> None:
+    """A wrong setting raises ConfigError at attach() naming the field, before any hook is installed."""
+    from monitor.errors import ConfigError
+
+    model = make_tiny("gpt2")
+    with pytest.raises(ConfigError, match=field):
+        monitor.attach(model, **kwargs)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
 # --------------------------------------------------------------------------- metrics and headers
 def test_metrics_registry_reports_the_tap_counters(memory_transport: Any) -> None:
     """The tap's registry holds sampled/skipped/exported/drops/queue/latency values."""
@@ -528,6 +543,49 @@ print("BAD", bad)
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "BAD []" in out.stdout
+
+
+@pytest.mark.redis
+def test_exit_without_close_flushes_at_exit(redis_url: str, stream_name: str) -> None:
+    """A process that exits without tap.close() still publishes what it queued (atexit flush)."""
+    code = f"""
+import torch
+from torch import nn
+import monitor
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+    def forward(self, h):
+        return h + self.lin(h)
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.layers = nn.ModuleList([Block(), Block()])
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        for b in self.layers:
+            h = b(h)
+        return h
+
+net = Net().eval()
+tap = monitor.attach(net, sample_rate=1.0, transport={redis_url!r}, stream={stream_name!r}, blocks="layers",
+                     export_interval_s=60)
+with tap.request("at-exit"), torch.no_grad():
+    net(torch.tensor([[1, 2, 3]]))
+assert tap.stats()["queue_depth"] == 1  # not exported yet: the exporter waits for a batch or 60 s
+"""
+    reader = open_transport(redis_url, stream=stream_name)
+    reader.ensure_group("g")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = drain_samples(reader)
+    reader.close()
+    assert [s.request_id for s in got] == ["at-exit"] and got[0].n_states == 3
 
 
 def _child_serves(tap: Tap, model: torch.nn.Module, ids: torch.Tensor, q: Any) -> None:
