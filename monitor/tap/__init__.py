@@ -366,6 +366,8 @@ class Tap:
         self, rids: list[str], rows: list[int] | None, metas: list[dict[str, Any]], batch_size: int | None
     ) -> _Capture:
         n = len(rids)
+        if self._pid != os.getpid():  # a fork that bypassed os.register_at_fork: ids must not collide
+            self._after_fork_in_child()
         self._counts.add("sampled", n)
         self._m_sampled.inc(n)
         return _Capture(rids, [self._sample_id() for _ in rids], rows, metas, batch_size, time.time())

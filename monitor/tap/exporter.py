@@ -264,6 +264,8 @@ class Exporter:
     def offer(self, item: CapturedRequest) -> bool:
         """Queue a captured batch; never blocks or raises. False when dropped (and counted)."""
         n = item.n_samples
+        if self._pid != os.getpid():  # a fork that bypassed os.register_at_fork (e.g. from C)
+            self._after_fork_in_child()
         if self._shutdown:
             self.drop("closed", n)
             return False
