@@ -358,7 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gen_tokens": args.gen_tokens, "rounds": args.rounds, "gen_rounds": args.gen_rounds,
         "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": load_avg(),
         "wall_s": round(wall, 1), "rows": table, "tap_stats": tap_stats, "consumer": delivered,
-        "per_forward_cost": micro, "memory": memory, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "per_forward_cost": micro, "memory": memory,
+        "raw_ms": {k: [round(x * 1e3, 2) for x in v] for k, v in times.items()},
+        "raw_cpu_ms": {k: [round(x * 1e3, 2) for x in v] for k, v in cpu.items()}, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "tap_overhead.json"
