@@ -65,7 +65,7 @@ def _lens(model: Any, tok: Any, budget: str) -> Any:
 
         print("   lens bank package not available: using the logit lens (PyTorch)")
         return TorchLogitLens(model), None
-    path = ensure_reference_bundle(_cache_dir(), budget=budget, model=model, tokenizer=tok)
+    path = ensure_reference_bundle(_cache_dir(), budget=budget)
     from monitor.adapters import model_fingerprint
     from monitor.lenses import LensBank  # type: ignore[attr-defined]
 
