@@ -136,6 +136,9 @@ def test_tap_and_sidecar_agree_on_transport_stream_and_model() -> None:
     assert url.scheme == "redis" and url.hostname == "redis" and url.port == 6379
     assert tap["LAYERWATCH_TAP_STREAM"] == sidecar["LAYERWATCH_STREAM"]
     assert tap["LAYERWATCH_TAP_MODEL_NAME"] == sidecar["LAYERWATCH_MODEL_NAME"]
+    # The tap trims the stream to its MAXLEN; the sidecar exports its own setting as the bound the
+    # lag alert projects against (model:layerwatch_stream_maxlen:config), so the two must agree.
+    assert tap["LAYERWATCH_TAP_STREAM_MAXLEN"] == sidecar["LAYERWATCH_STREAM_MAXLEN"]
 
 
 def settings_field(dumped: dict[str, Any], env_name: str, prefix: str) -> Any:

@@ -1,25 +1,44 @@
-"""End to end: a real Prometheus server scrapes layerwatch's metrics endpoints with the deploy/
-scrape config and rules; every dashboard query returns data and an injected drift fires the alert.
+"""End to end: a real Prometheus server scrapes a real layerwatch pipeline with the deploy/ scrape
+config and rules; every dashboard query returns data and an injected drift fires the alert.
 
-What runs for real: the Prometheus server (Debian 2.42) with a config derived from
-deploy/prometheus/prometheus.yml (same jobs, file_sd target file, metrics paths; 1 s intervals),
-the recording rules as they are and the alert rules with every ``for:`` shortened to 0s (the
-``for`` durations are covered by the promtool unit tests); every panel, annotation and variable
-query of deploy/grafana/dashboards, substituted as Grafana would.
+Everything that runs is real (:class:`LivePipeline`):
 
-What is a stand-in (:class:`StandInSource`): the scraped endpoints. Two HTTP servers expose a
-``SidecarMetrics`` and a ``TapMetrics`` registry (the real metric objects of monitor/metrics.py)
-that a feeder thread fills with plausible traffic; ``inject_drift()`` shifts the per-layer
-readings and sets the drift gauge as the sidecar's detector would. Swapping in the real sidecar
-fed by a tapped tiny model means replacing the ``metrics_source`` fixture with one that returns
-an object with the same attributes (:class:`MetricsSource`).
+* the served model: a tiny random Llama (``make_tiny("llama")``: 2 blocks, states 0..2, vocab 128)
+  with the tap attached (``monitor.attach``, sample rate 0.5, batched serving through
+  ``tap.batch``); the tap's own ``/metrics`` (``tap.serve_metrics``) is the ``layerwatch-tap``
+  target;
+* the transport: the in-memory stream (``memory://``) with the sidecar's consumer group;
+* the lens bank: an ONNX bundle written by ``monitor.lenses.writer.write_bundle`` for this model
+  (logit lens on every state plus one concept probe, ``vocab_half``: a logistic-regression probe
+  fitted here, on states the tap captured, to tell prompts drawn from the lower half of the
+  vocabulary from prompts drawn from the upper half), loaded and checksum-verified by
+  ``LensBank.load`` and run by ONNX Runtime (``CPUExecutionProvider``);
+* the sidecar: ``Sidecar`` + ``SidecarHTTPServer`` (the ``layerwatch-sidecar`` target), writing
+  its audit trail to a temporary directory, learning its baseline from the first
+  ``LEARN_SAMPLES`` samples of live traffic and then scoring every sample and testing sliding
+  windows with its drift detector;
+* Prometheus (Debian 2.42) with a config derived from deploy/prometheus/prometheus.yml (same jobs,
+  file_sd target file, metrics paths; 1 s intervals), the recording rules as they are and the
+  alert rules with every ``for:`` shortened to 0s (the ``for`` durations are covered by the
+  promtool unit tests); every panel, annotation and variable query of deploy/grafana/dashboards,
+  substituted as Grafana would.
+
+Traffic: a feeder thread serves batches of random prompts. Normal traffic draws a quarter of the
+prompts from the upper half of the vocabulary; the injected drift draws all of them from it (a
+shift of the request mix), which moves the probe's label shares and the per-layer readings, and
+the sidecar's own detector raises the alert: nothing sets a drift gauge by hand.
+
+Why ``LEARN_SAMPLES = 1500`` and ``WINDOW = 100`` (not the 400/50 minimum): with 400 learning
+samples the conformal calibration set has 120 scores and the realised per-sample false-positive
+rate wobbles around alpha; measured on this pipeline, the window tests then raised 3 false drift
+alerts in 8000 healthy samples, while 1500 learning samples gave none in 12750. The sidecar learns
+1500 samples in ~2 s here (the feeder goes as fast as the sidecar keeps up while it learns).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import socket
 import subprocess
@@ -27,18 +46,16 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 import pytest
 import yaml
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from test_grafana import dashboards_module, load_dashboards
 from test_prometheus import PROM_DIR, RULES
-
-from monitor.metrics import TAP_DROP_REASONS, SidecarMetrics, TapMetrics
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus server not installed (apt-get install prometheus)")
@@ -53,10 +70,20 @@ class MetricsSource(Protocol):
     sidecar_target: str  # host:port serving the sidecar's /metrics
     tap_target: str  # host:port serving the tap's /metrics (the inference server's)
     variables: dict[str, str]  # dashboard variable values that have data: model, probe, layer
+    layers: tuple[int, ...]  # the states the lens bank reads
+    probe_labels: dict[str, tuple[str, ...]]  # the lens bank's concept probes and their labels
+    alpha: float  # the sidecar's configured per-sample false-positive rate
+    stream_maxlen: int  # the sidecar's configured stream bound
     drifted: bool
 
     def inject_drift(self) -> None:
         """Make the monitored traffic drift from the baseline (idempotent)."""
+
+    def describe(self) -> str:
+        """The source's state, for failure messages."""
+
+    def detector_alert(self) -> dict[str, Any]:
+        """The sidecar's own drift alert state (``active``, ``sentence``, ...)."""
 
 
 def free_port() -> int:
@@ -65,131 +92,217 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class RegistryServer:
-    """Serves one prometheus_client registry on http://127.0.0.1:PORT/metrics."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                body = generate_latest(registry)
-                self.send_response(200 if self.path.startswith("/metrics") else 404)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.target = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+# --------------------------------------------------------------------------- the real pipeline
+VOCAB = 128  # tests/conftest.py tiny configs
+HALF = VOCAB // 2
+NORMAL_UPPER_SHARE = 0.25  # share of normal prompts drawn from the upper half of the vocabulary
+LEARN_SAMPLES = 1500
+WINDOW = 100
+ALPHA = 0.01
+STREAM_MAXLEN = 20_000  # not the default 10000: the lag alert's bound must come from the configuration
+PROBE = "vocab_half"
+PROBE_LABELS = ("lower", "upper")
 
 
-class StandInSource:
-    """Stand-in for a sidecar fed by a tapped tiny model: the real metric objects, synthetic values.
+def random_prompts(rng: np.random.Generator, rows: int, upper_share: float) -> tuple[Any, np.ndarray]:
+    """``rows`` prompts of one random length (4..8 tokens: no padding in a batch), each drawn
+    uniformly from the lower half of the vocabulary (ids 1..63) or, with ``upper_share``, the
+    upper half (64..127). Returns (input_ids [rows, length], whether each row is upper)."""
+    import torch
 
-    Every labelled series the dashboards read is created up front (at 0 where nothing happened,
-    as a sidecar should), so rates exist without implying events.
+    length = int(rng.integers(4, 9))
+    upper = rng.random(rows) < upper_share
+    low = np.where(upper, HALF, 1)[:, None]
+    high = np.where(upper, VOCAB, HALF)[:, None]
+    return torch.from_numpy(rng.integers(low, high, size=(rows, length))), upper
+
+
+def capture_last_states(model: Any, batches: int, rows: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """States [n, n_states, d] of the last prompt token, captured by the real tap and decoded from
+    the wire exactly as the sidecar decodes them, with each prompt's half (1 = upper)."""
+    import torch
+
+    import monitor
+    from monitor import wire
+    from monitor.transport import open_transport
+
+    transport = open_transport(f"memory://e2e-probe-{uuid.uuid4().hex[:8]}")
+    transport.ensure_group("probe")
+    tap = monitor.attach(model, sample_rate=1.0, transport=transport, queue_max_items=batches * rows + 16)
+    is_upper: dict[str, int] = {}
+    try:
+        for b in range(batches):
+            ids, upper = random_prompts(rng, rows, 0.5)
+            rids = [f"probe-{b}-{i}" for i in range(rows)]
+            is_upper.update(zip(rids, upper.astype(int).tolist(), strict=True))
+            with torch.no_grad(), tap.batch(rids, force=True):
+                model(input_ids=ids)
+        assert tap.flush(30), "the tap did not publish the probe's training samples"
+    finally:
+        tap.close()
+    states, labels = [], []
+    while got := transport.read("probe", "trainer", 1000, block_ms=0):
+        for entry in got:
+            sample = wire.decode(entry.data)
+            states.append(sample.hidden[:, -1, :].astype(np.float64))
+            labels.append(is_upper[sample.request_id])
+    transport.close()
+    return np.stack(states), np.array(labels, dtype=np.float64)
+
+
+def fit_probe(states: np.ndarray, labels: np.ndarray, layers: tuple[int, ...]) -> Any:
+    """A two-class logistic-regression probe per state (Newton steps, L2 1e-2), as a ProbeSet
+    whose softmax equals the fitted sigmoid; its training accuracy per layer goes in the manifest."""
+    import torch
+
+    from monitor.lenses.model import ProbeSet
+
+    n, n_layers, d = states.shape
+    weights, biases, accuracy = [], [], []
+    for i in range(n_layers):
+        a = np.hstack([states[:, i, :], np.ones((n, 1))])
+        w = np.zeros(d + 1)
+        for _ in range(25):
+            p = 1.0 / (1.0 + np.exp(-a @ w))
+            grad = a.T @ (p - labels) + 1e-2 * w
+            hess = (a * (p * (1 - p))[:, None]).T @ a + 1e-2 * np.eye(d + 1)
+            w -= np.linalg.solve(hess, grad)
+        accuracy.append(float(((a @ w > 0) == (labels > 0.5)).mean()))
+        weights.append(np.stack([-w[:d] / 2, w[:d] / 2], axis=-1))  # softmax([-z/2, z/2]) = sigmoid(z)
+        biases.append(np.array([-w[d] / 2, w[d] / 2]))
+    return ProbeSet(PROBE, PROBE_LABELS, layers, torch.tensor(np.stack(weights), dtype=torch.float32),
+                    torch.tensor(np.stack(biases), dtype=torch.float32), {"train_accuracy": accuracy})
+
+
+def build_probe_bundle(model: Any, out: Path, rng: np.random.Generator) -> Path:
+    """A verified ONNX lens bundle for ``model``: the logit lens on every state and the probe."""
+    from monitor.adapters import find_parts
+    from monitor.lenses.model import Translators
+    from monitor.lenses.writer import write_bundle
+
+    parts = find_parts(model)
+    layers = tuple(range(parts.n_states))
+    states, labels = capture_last_states(model, batches=32, rows=16, rng=rng)
+    probe = fit_probe(states, labels, layers)
+    assert min(probe.metrics["train_accuracy"]) > 0.6, probe.metrics  # it reads something real
+    write_bundle(out, model, Translators.identity(layers, parts.hidden_size), (probe,), model_name="tiny-llama")
+    return out
+
+
+class LivePipeline:
+    """A tapped tiny model served by a feeder thread -> memory stream -> the real sidecar.
+
+    Targets: the sidecar's ``SidecarHTTPServer`` and the tap's ``serve_metrics`` endpoint.
     """
 
-    model = "tiny-gpt2"
-    layers = range(5)  # 4 blocks: states 0..4
-    probe = "topic"
-    labels = ("code", "geography", "other")
+    model = "tiny-llama"
 
-    def __init__(self, seed: int = 0) -> None:
-        self.sidecar = SidecarMetrics()
-        self.tap = TapMetrics()
-        self.variables = {"model": self.model, "probe": self.probe, "layer": "2"}
+    def __init__(self, workdir: Path, seed: int = 0) -> None:
+        import torch
+        from conftest import make_tiny
+
+        import monitor
+        from monitor.adapters import model_fingerprint
+        from monitor.lenses.runtime import LensBank
+        from monitor.sidecar.config import load_settings
+        from monitor.sidecar.http import SidecarHTTPServer
+        from monitor.sidecar.service import Sidecar
+        from monitor.transport import open_transport
+
+        self._torch = torch
+        self.lm = make_tiny("llama", seed=0)
+        self._rng = np.random.default_rng(seed)
+        bundle = build_probe_bundle(self.lm, workdir / "bundle", self._rng)
+        bank = LensBank.load(bundle, expected_fingerprint=model_fingerprint(self.lm), providers="cpu", threads=1)
+        self.layers = tuple(bank.layers)
+        self.probe_labels = dict(bank.probe_labels)
+        url = f"memory://e2e-{uuid.uuid4().hex[:8]}"
+        self.settings = load_settings(
+            transport=url, group="layerwatch", consumer="e2e-sidecar-0", model_name=self.model, http_port=0,
+            batch_wait_ms=10, stats_interval_s=1.0, stream_maxlen=STREAM_MAXLEN, audit={"directory": workdir / "audit"},
+            baseline={"learn_samples": LEARN_SAMPLES, "window": WINDOW, "alpha": ALPHA})
+        self.alpha = self.settings.baseline.alpha
+        self.stream_maxlen = self.settings.stream_maxlen
+        self.variables = {"model": self.model, "probe": PROBE, "layer": str(self.layers[len(self.layers) // 2])}
         self.drifted = False
-        self._rng = random.Random(seed)
+        self.feeder_error: str | None = None
         self._stop = threading.Event()
-        self._init_series()
-        self._servers = [RegistryServer(self.sidecar.registry), RegistryServer(self.tap.registry)]
-        self.sidecar_target, self.tap_target = (s.target for s in self._servers)
-        self._feeder = threading.Thread(target=self._feed, name="stand-in-feeder", daemon=True)
+        self._stats = open_transport(url)  # the feeder's own handle on the stream (lag for back-pressure)
+        self.sidecar = Sidecar(self.settings, bank=bank).start()
+        self.http = SidecarHTTPServer(self.sidecar, "127.0.0.1", 0).start()
+        self.sidecar_target = f"127.0.0.1:{self.http.port}"
+        self.tap = monitor.attach(self.lm, sample_rate=0.5, transport=url, model_name=self.model,
+                                  stream_maxlen=self.stream_maxlen)
+        self.tap_target = self._serve_tap_metrics()
+        self._feeder = threading.Thread(target=self._feed, name="e2e-feeder", daemon=True)
         self._feeder.start()
 
-    def _init_series(self) -> None:
-        m, t, model = self.sidecar, self.tap, self.model
-        for reason in TAP_DROP_REASONS:
-            t.drops.labels(model, reason)
-            m.fleet_tap_drops.labels(model, reason)
-        t.transport_errors.labels(model)
-        m.stream_drops.labels(model, "trimmed")
-        m.dead_letters.labels(model, "undecodable")
-        m.audit_write_errors.labels(model)
-        m.drift_alerts.labels(model)
-        for flag in ("kl_shift", "entropy_shift", "probe_shift"):
-            m.flags.labels(model, flag)
-        m.drift_alert_active.labels(model).set(0)
-        m.baseline_learning.labels(model).set(0)
-        m.baseline_learning_samples.labels(model).set(0)
-        m.baseline_info.labels(model, "baseline-0001").set(1)
-        m.lens_provider.labels(model, "CPUExecutionProvider").set(1)
-        m.lens_bundle_info.labels(model, "tiny-gpt2-bundle-0001").set(1)
+    def _serve_tap_metrics(self) -> str:
+        for _ in range(20):  # free_port() can race with another process: try another one
+            port = free_port()
+            try:
+                self.tap.serve_metrics(port, addr="127.0.0.1")
+                return f"127.0.0.1:{port}"
+            except OSError:
+                continue
+        raise AssertionError("no free port for the tap's /metrics")
+
+    @property
+    def learning(self) -> bool:
+        return self.sidecar.detector is None
+
+    def wait_until_scoring(self, timeout_s: float = 60) -> None:
+        """Block until the sidecar has learned its baseline from live traffic and scores samples."""
+        poll(lambda: not self.learning, timeout_s, f"the sidecar to learn its baseline ({LEARN_SAMPLES} samples)",
+             self.describe)
 
     def inject_drift(self) -> None:
-        if not self.drifted:
-            self.drifted = True
-            self.sidecar.drift_alerts.labels(self.model).inc()
-            self.sidecar.drift_alert_active.labels(self.model).set(1)
+        self.drifted = True
+
+    def detector_alert(self) -> dict[str, Any]:
+        detector = self.sidecar.detector
+        return dict(detector.alert) if detector is not None else {"active": False}
 
     def _feed(self) -> None:
-        while not self._stop.wait(0.1):
-            self._tick(batch=4)
+        """Serve batches: as fast as the tap and the sidecar keep up while it learns (at most 64
+        samples queued in the tap or undelivered in the stream: no drops, no lag trend), then 8
+        requests every 50 ms (about 80 sampled requests per second at sample rate 0.5)."""
+        n = 0
+        try:
+            while not self._stop.is_set():
+                learning = self.learning
+                if learning and (self.tap.stats()["queue_depth"] > 64 or self._stats.stats(self.settings.group).lag > 64):
+                    self._stop.wait(0.01)
+                    continue
+                ids, _ = random_prompts(self._rng, 32 if learning else 8, 1.0 if self.drifted else NORMAL_UPPER_SHARE)
+                rids = [f"req-{n}-{i}" for i in range(len(ids))]
+                n += 1
+                with self._torch.no_grad(), self.tap.batch(rids):
+                    self.lm(input_ids=ids)
+                self._stop.wait(0.0 if learning else 0.05)
+        except BaseException as exc:  # surfaced by describe(): a dead feeder must not look like a slow one
+            self.feeder_error = repr(exc)
+            raise
 
-    def _tick(self, batch: int) -> None:
-        m, t, model, rng = self.sidecar, self.tap, self.model, self._rng
-        t.requests_sampled.labels(model).inc(batch)
-        t.requests_skipped.labels(model, "rate").inc(3 * batch)
-        t.samples_exported.labels(model).inc(batch)
-        if rng.random() < 0.02:
-            t.drops.labels(model, "queue_full").inc()
-        t.queue_depth.labels(model).set(rng.randint(0, 4))
-        t.queue_bytes.labels(model).set(rng.randint(0, 4) * 6_144)
-        m.fleet_tap_sampled.labels(model).inc(batch)
-        m.samples_processed.labels(model).inc(batch)
-        m.batch_size.labels(model).observe(batch)
-        m.processing_latency.labels(model).observe(rng.uniform(0.01, 0.05))
-        # A steady lag: with a few seconds of data, a noisy one would project (predict_linear) past the alert.
-        m.consumer_lag.labels(model).set(rng.randint(2, 4))
-        m.consumer_pending.labels(model).set(rng.randint(0, batch))
-        m.audit_records.labels(model, "sample").inc(batch)
-        last = self.layers[-1]
-        for _ in range(batch):
-            t.export_latency.labels(model).observe(rng.uniform(0.001, 0.02))
-            m.end_to_end_latency.labels(model).observe(rng.uniform(0.05, 0.3))
-            depth = rng.randint(2, last) if not self.drifted else rng.randint(3, last)
-            m.prediction_depth.labels(model).observe(depth)
-            for layer in self.layers:
-                depth_left = (last - layer) / last
-                shift = 1.5 if self.drifted and 1 <= layer < last else 0.0
-                lbl = str(layer)
-                m.layer_kl.labels(model, lbl).observe(max(0.0, 4.0 * depth_left + shift + rng.gauss(0, 0.2)))
-                m.layer_entropy.labels(model, lbl).observe(max(0.0, 2.0 + 3.0 * depth_left + shift + rng.gauss(0, 0.2)))
-                m.layer_samples.labels(model, lbl).inc()
-                if layer >= depth:
-                    m.layer_top1_agree.labels(model, lbl).inc()
-                shares = (0.7, 0.1, 0.2) if self.drifted else (0.1, 0.6, 0.3)
-                m.probe_labels.labels(model, lbl, self.probe, rng.choices(self.labels, shares)[0]).inc()
-            anomalous = rng.random() < (0.4 if self.drifted else 0.01)
-            m.anomaly_score.labels(model).observe(rng.uniform(5, 12) if anomalous else abs(rng.gauss(1.0, 0.5)))
-            if anomalous:
-                m.anomalies.labels(model).inc()
-                m.flags.labels(model, "probe_shift" if self.drifted else "kl_shift").inc()
+    def describe(self) -> str:
+        """The pipeline's state, for failure messages."""
+        detector = self.sidecar.detector
+        return json.dumps({
+            "feeder_alive": self._feeder.is_alive(), "feeder_error": self.feeder_error,
+            "sidecar_alive": bool(self.sidecar._thread and self.sidecar._thread.is_alive()),
+            "processed": self.sidecar.processed_total, "learning": self.learning,
+            "detector": None if detector is None else {"alert": detector.alert, "scored": detector.stats.scored,
+                                                       "anomalies": detector.stats.anomalies},
+            "tap": self.tap.stats(),
+        }, default=str)
 
     def close(self) -> None:
         self._stop.set()
-        self._feeder.join(timeout=5)
-        for server in self._servers:
-            server.close()
+        self._feeder.join(timeout=10)
+        self.tap.close()
+        self.sidecar.stop(timeout=10)
+        self.http.close()
+        self._stats.close()
 
 
 class PrometheusServer:
@@ -287,11 +400,14 @@ def poll(check: Callable[[], T | None], timeout_s: float, what: str, detail: Cal
 
 
 @pytest.fixture(scope="module")
-def metrics_source() -> Iterator[MetricsSource]:
-    """THE swap point: what Prometheus scrapes. Today the stand-in; later the real sidecar."""
-    source = StandInSource()
-    yield source
-    source.close()
+def metrics_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MetricsSource]:
+    """What Prometheus scrapes: the real pipeline, scoring against a baseline learned from live traffic."""
+    source = LivePipeline(tmp_path_factory.mktemp("pipeline"))
+    try:
+        source.wait_until_scoring()
+        yield source
+    finally:
+        source.close()
 
 
 @pytest.fixture(scope="module")
@@ -311,16 +427,22 @@ def wait_for_recorded_data(prom: PrometheusServer, model: str) -> None:
 
 
 def test_drift_alert_fires_only_after_injected_drift(prometheus: PrometheusServer, metrics_source: MetricsSource) -> None:
-    """Healthy traffic settles with no layerwatch alert firing; an injected drift fires LayerwatchDriftAlertActive."""
+    """Healthy traffic settles with no layerwatch alert firing; a drifted request mix makes the
+    sidecar's detector raise its alert and Prometheus fire LayerwatchDriftAlertActive."""
     wait_for_recorded_data(prometheus, metrics_source.model)
     if not metrics_source.drifted:
-        # LayerwatchSidecarAbsent fires until the first scrape lands; it must clear, and nothing else fire.
+        # LayerwatchSidecarAbsent fires until the first scrape lands, and a trend alert may flicker
+        # on the first seconds of a noisy series; they must clear, and nothing else fire.
         poll(lambda: not prometheus.firing(), 20, "no layerwatch alert firing on healthy traffic",
-             lambda: json.dumps(prometheus.firing(), indent=1))
+             lambda: json.dumps(prometheus.firing(), indent=1) + "\n" + metrics_source.describe())
         assert not prometheus.firing("LayerwatchDriftAlertActive")
+        assert not metrics_source.detector_alert()["active"], metrics_source.detector_alert()
     metrics_source.inject_drift()
+    state = poll(lambda: (a := metrics_source.detector_alert())["active"] and a, 30,
+                 "the sidecar's drift detector to raise its alert", metrics_source.describe)
     (alert,) = poll(lambda: prometheus.firing("LayerwatchDriftAlertActive"), 20, "the drift alert to fire")
     assert alert["model"] == metrics_source.model and alert["severity"] == "warning"
+    assert state["sentence"], state  # the detector says which layers and readings moved
     rules = prometheus.api("rules", type="alert")
     (rule,) = [r for g in rules["groups"] for r in g["rules"] if r["name"] == "LayerwatchDriftAlertActive"]
     assert rule["annotations"]["runbook_url"] == "deploy/runbooks.md#layerwatchdriftalertactive"
@@ -328,12 +450,13 @@ def test_drift_alert_fires_only_after_injected_drift(prometheus: PrometheusServe
 
 def test_every_dashboard_query_returns_data(prometheus: PrometheusServer, metrics_source: MetricsSource) -> None:
     """Every panel, annotation and variable selector of every dashboard returns at least one series."""
-    metrics_source.inject_drift()  # the active-alerts panel and the drift annotation need a firing alert
+    metrics_source.inject_drift()  # the active-alerts panel, the drift annotation and the flags panel need it
     wait_for_recorded_data(prometheus, metrics_source.model)
-    poll(lambda: prometheus.firing("LayerwatchDriftAlertActive"), 20, "the drift alert to fire")
+    poll(lambda: prometheus.firing("LayerwatchDriftAlertActive"), 30, "the drift alert to fire")
     gd = dashboards_module()
     values = {**metrics_source.variables, "__rate_interval": "15s", "__range": "5m"}
     pending = [(q, gd.substitute(q.expr, values)) for dash in load_dashboards().values() for q in gd.queries(dash)]
+    assert len(pending) > 40
 
     def still_empty() -> list[str]:
         nonlocal pending
@@ -352,17 +475,43 @@ def test_dashboard_variables_list_the_source_values(prometheus: PrometheusServer
             if var["type"] != "query":
                 continue
             selector, label = var["query"]["query"].removeprefix("label_values(").removesuffix(")").rsplit(",", 1)
-            match = gd.substitute(selector, metrics_source.variables)
-            offered = prometheus.api(f"label/{label.strip()}/values", **{"match[]": [match]})
+            match, name = gd.substitute(selector, metrics_source.variables), label.strip()
+            offered = poll(lambda m=match, n=name: prometheus.api(f"label/{n}/values", **{"match[]": [m]}),
+                           20, f"values of {var['name']}")
             assert metrics_source.variables[var["name"]] in offered, (dash["uid"], var["name"], offered)
 
 
 def test_layer_readings_reach_prometheus_per_layer(prometheus: PrometheusServer, metrics_source: MetricsSource) -> None:
-    """The per-layer recording rules give one finite KL, entropy and agreement value per layer of the model."""
+    """The per-layer recording rules give one finite KL, entropy and agreement value for every state
+    the lens bank reads, and the probe's label shares sum to 1 at every layer."""
     wait_for_recorded_data(prometheus, metrics_source.model)
+    want = {str(layer) for layer in metrics_source.layers}
+    sel = f'{{model="{metrics_source.model}"}}'
     for series in ("model_layer:layerwatch_layer_kl_to_final_nats:mean_rate5m",
                    "model_layer:layerwatch_layer_entropy_nats:mean_rate5m",
                    "model_layer:layerwatch_layer_top1_agreement:ratio_rate5m"):
-        result = poll(lambda s=series: prometheus.query(f'{s}{{model="{metrics_source.model}"}}'), 20, series)
-        layers = {r["metric"]["layer"] for r in result}
-        assert len(layers) >= 2 and all(math.isfinite(float(r["value"][1])) for r in result), series
+        result = poll(lambda s=series: (r := prometheus.query(s + sel)) and {x["metric"]["layer"] for x in r} == want and r,
+                      20, f"{series} for layers {sorted(want)}")
+        assert all(math.isfinite(float(r["value"][1])) for r in result), series
+    # The last state's lens is the model's own output: it always agrees with itself, at no KL.
+    (last,) = prometheus.query(f'model_layer:layerwatch_layer_top1_agreement:ratio_rate5m{{model="{metrics_source.model}", '
+                               f'layer="{metrics_source.layers[-1]}"}}')
+    assert float(last["value"][1]) == 1.0
+    for probe, labels in metrics_source.probe_labels.items():
+        shares = poll(lambda p=probe: prometheus.query(
+            f'sum by (layer) (model_layer_probe_label:layerwatch_probe_label:share_rate5m{{model="{metrics_source.model}", probe="{p}"}})'),
+            20, f"probe {probe} shares")
+        assert {s["metric"]["layer"] for s in shares} == want, shares
+        assert all(abs(float(s["value"][1]) - 1) < 1e-9 for s in shares), shares
+        offered = prometheus.api("label/label/values", **{"match[]": [f'layerwatch_probe_label_total{{probe="{probe}"}}']})
+        assert set(offered) == set(labels), offered
+
+
+def test_alert_thresholds_come_from_the_sidecars_configuration(prometheus: PrometheusServer, metrics_source: MetricsSource) -> None:
+    """The configured false-positive rate and stream bound reach the recording rules the anomaly
+    and lag alerts compare against, through the sidecar's own gauges."""
+    wait_for_recorded_data(prometheus, metrics_source.model)
+    for series, want in (("model:layerwatch_anomaly_expected_fpr:config", metrics_source.alpha),
+                         ("model:layerwatch_stream_maxlen:config", metrics_source.stream_maxlen)):
+        (got,) = poll(lambda s=series: prometheus.query(f'{s}{{model="{metrics_source.model}"}}'), 20, series)
+        assert float(got["value"][1]) == pytest.approx(want), series

@@ -224,6 +224,12 @@ def test_sidecar_env_and_tap_env_agree(helm_env: dict[str, str]) -> None:
         "redis://lw-layerwatch-redis.models.svc:6379/0"
     assert tap["LAYERWATCH_TAP_STREAM"] == sidecar["LAYERWATCH_STREAM"]
     assert tap["LAYERWATCH_TAP_MODEL_NAME"] == sidecar["LAYERWATCH_MODEL_NAME"]
+    # The sidecars export the taps' MAXLEN as the bound of the lag alert: one value for both.
+    assert tap["LAYERWATCH_TAP_STREAM_MAXLEN"] == sidecar["LAYERWATCH_STREAM_MAXLEN"] == "10000"
+    docs = manifests(render(helm_env, None, "tap.streamMaxlen=50000").stdout)
+    sidecar = env_of(sidecar_statefulset(docs)["spec"]["template"]["spec"]["containers"][0])
+    tap = {s["metadata"]["name"]: s["stringData"] for s in by_kind(docs, "Secret")}["lw-layerwatch-tap-env"]
+    assert tap["LAYERWATCH_TAP_STREAM_MAXLEN"] == sidecar["LAYERWATCH_STREAM_MAXLEN"] == "50000"
     assert sidecar["LAYERWATCH_CONSUMER"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert sidecar["LAYERWATCH_EXPECT_GPU"] == "false"
 
