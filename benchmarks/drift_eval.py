@@ -77,16 +77,25 @@ class Cache:
         return self.root / f"{key}.{ext}"
 
 
-def load_bank(kind: str, model: Any) -> Any:
-    """The lens bank to evaluate: the shipped ONNX bundle when available, else the logit lens."""
-    if kind in ("auto", "bundle"):
-        try:
-            from monitor.lenses import reference_bank  # type: ignore[attr-defined]
+def load_bank(kind: str, model: Any, bundle: str | None = None) -> Any:
+    """The lens bank to evaluate.
 
-            return reference_bank()
-        except (ImportError, AttributeError) as exc:
-            if kind == "bundle":
-                raise SystemExit(f"no lens bundle available: {exc}") from exc
+    ``bundle``: the reference model's ONNX lens bundle (tuned lens + probes; trained and cached
+    once if missing). ``auto``: that bundle when it is already cached, else the PyTorch logit lens.
+    ``logit``: the logit lens (no probes). ``bundle`` (a path) overrides all of them.
+    """
+    if bundle:
+        from monitor.adapters import model_fingerprint
+        from monitor.lenses import LensBank
+
+        return LensBank.load(bundle, expected_fingerprint=model_fingerprint(model),
+                             threads=max(1, min(2, os.cpu_count() or 1)))
+    if kind in ("auto", "bundle"):
+        from monitor.lenses.build import reference_bank, reference_bundle_dir
+
+        cached = any((reference_bundle_dir(None, b) / "manifest.json").exists() for b in ("full", "demo"))
+        if kind == "bundle" or cached:
+            return reference_bank(threads=max(1, min(2, os.cpu_count() or 1)))
     from monitor.sidecar.torch_lens import TorchLogitLens
 
     return TorchLogitLens(model)
@@ -229,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "layerwatch", "drift_eval"))
     ap.add_argument("--out", default="bench-results/drift_eval.json")
     ap.add_argument("--bank", choices=("auto", "bundle", "logit"), default="auto")
+    ap.add_argument("--bundle", default=None, help="lens bundle directory to evaluate (overrides --bank)")
     ap.add_argument("--n-baseline", type=int, default=1200)
     ap.add_argument("--n-normal", type=int, default=1000)
     ap.add_argument("--n-shift", type=int, default=400)
@@ -262,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = texts_for_eval(cache, args.n_baseline, args.n_normal, args.n_shift, args.refresh_texts)
     if args.only:
         sets = {k: v for k, v in sets.items() if k in args.only.split(",")}
-    bank = None if args.capture_only else load_bank(args.bank, model)
+    bank = None if args.capture_only else load_bank(args.bank, model, args.bundle)
     readings: dict[str, ReadingArrays] = {}
     finals: dict[str, np.ndarray] = {}
     for name, texts in sets.items():
