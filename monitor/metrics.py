@@ -30,6 +30,7 @@ TAP_DROP_REASONS = (
     "transport_error",  # publishing failed (connection refused, timeout, ...)
     "transport_down",  # dropped without trying while the transport is backing off
     "hook_error",  # an exception inside a hook (the request itself still succeeds)
+    "request_error",  # the request raised inside tap.request(): its partial capture is dropped
     "encode_error",  # the sample could not be encoded (e.g. over the size limit)
     "closed",  # the tap was closed or its flush deadline passed
 )

@@ -68,7 +68,7 @@ class SidecarSettings(BaseSettings):
     claim_idle_ms: int = Field(30_000, ge=100, description="Reclaim entries pending longer than this (their replica died).")
     claim_interval_s: float = Field(5.0, gt=0, description="How often to look for stale entries.")
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Bigger samples are dead-lettered (oversized).")
-    stream_maxlen: int = Field(10_000, ge=100, description="Stream bound (for the memory transport; the tap sets it for Redis).")
+    stream_maxlen: int = Field(10_000, ge=100, description="The stream's bound; must equal the taps' stream_maxlen (the tap trims Redis; the lag alert compares lag with it).")
     ledger_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long the idempotency ledger remembers a sample id.")
     ort_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads (0 = all cores).")
     expect_gpu: bool = Field(False, description="The lens bank should run on CUDA; exported so an alert fires on CPU fallback.")

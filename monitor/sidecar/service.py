@@ -29,7 +29,7 @@ import numpy as np
 from monitor.audit.records import sample_fields
 from monitor.errors import AuditError, LayerwatchError, TransportError, WireFormatError
 from monitor.lenses.readings import BankOutput, split_batch
-from monitor.metrics import SidecarMetrics
+from monitor.metrics import TAP_DROP_REASONS, SidecarMetrics
 from monitor.narratives import Narrative, build_narrative, default_decoder, tokenizer_decoder
 from monitor.sidecar.config import SidecarSettings
 from monitor.sidecar.ledger import MemoryLedger, RedisLedger
@@ -403,6 +403,7 @@ class Sidecar:
         m.anomaly_expected_fpr.labels(lab).set(self.settings.baseline.alpha)
         m.stream_maxlen.labels(lab).set(self.settings.stream_maxlen)
         m.baseline_learning.labels(lab).set(1 if self.learner is not None else 0)
+        m.baseline_learning_samples.labels(lab).set(self.learner.collected if self.learner is not None else 0)
         for reason in (*DECODE_REASONS, "processing_error"):
             m.dead_letters.labels(lab, reason)
         for reason in _TAP_REASONS:
@@ -529,8 +530,7 @@ class Sidecar:
         return connected and self.audit_ok, details
 
 
-_TAP_REASONS = frozenset({"queue_full", "queue_bytes", "transport_error", "transport_down", "hook_error",
-                          "encode_error", "closed"})
+_TAP_REASONS = frozenset(TAP_DROP_REASONS)
 
 
 def _strip_password(url: str) -> str:
