@@ -271,7 +271,9 @@ class Exporter:
             return False
         reason = None
         with self._lock:
-            if self._items + n > self.max_items:
+            if self._shutdown:  # close() won the race
+                reason = "closed"
+            elif self._items + n > self.max_items:
                 reason = "queue_full"
             elif self._bytes + item.nbytes > self.max_bytes:
                 reason = "queue_bytes"
@@ -308,8 +310,8 @@ class Exporter:
                     break
                 try:
                     self._export(batch)
-                except Exception:  # the worker must survive anything; every sample is counted
-                    pass
+                except Exception:  # unreachable by construction (_export counts every sample)
+                    pass  # but the worker must survive anything
                 finally:
                     with self._lock:
                         self._in_flight = 0
@@ -328,7 +330,10 @@ class Exporter:
         if time.monotonic() < self._down_until:
             self.drop("transport_down", total)
             return
-        counters = self._counters()
+        try:
+            counters = self._counters()
+        except Exception:
+            counters = {}
         payloads: list[bytes] = []
         stamps: list[float] = []
         for item in batch:
