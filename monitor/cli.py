@@ -21,7 +21,6 @@ _COMMAND_MODULES = (
     "monitor.drift.cli",
     "monitor.audit.cli",
     "monitor.corpora_cli",
-    "monitor.tap.cli",
 )
 
 

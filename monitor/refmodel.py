@@ -57,7 +57,7 @@ def cached_model_dir(cache_dir: Path | None = None) -> Path:
     )
     # A GGUF-loaded model refuses save_pretrained until its quantizer is dropped.
     if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = out.with_name(out.name + ".partial")
