@@ -213,7 +213,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None, baseline: Any, out: Path,
                    model_name: str) -> tuple[Any, Any, int]:
     metrics_port = args.metrics_port or _free_port()
-    common = {"group": "demo", "model_name": model_name, "batch_max": 16, "batch_wait_ms": 20,
+    common: dict[str, Any] = {"group": "demo", "model_name": model_name, "batch_max": 16, "batch_wait_ms": 20,
               "baseline": {"window": 80, "alpha": 0.01}, "audit": {"directory": str(out / "audit")}}
     if args.redis is None:
         from monitor.sidecar.config import load_settings
@@ -300,7 +300,7 @@ def _report(args: argparse.Namespace, sent: dict[str, Any], out: Path, metrics_p
     records = [e.record for e in search([audit_root], Query(kinds=["sample"]))]
     by_sample = {r["sample_id"]: r for r in records}
     kinds: dict[str, list[int]] = {}
-    flagged_examples = []
+    flagged_examples: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     for rid, info in sent.items():
         for s in info["sample_ids"]:
             rec = by_sample.get(s)

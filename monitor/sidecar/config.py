@@ -75,8 +75,8 @@ class SidecarSettings(BaseSettings):
     recent_narratives: int = Field(1000, ge=0, le=100_000, description="Narratives kept for /narratives/{sample_id}.")
     shutdown_timeout_s: float = Field(10.0, gt=0, description="SIGTERM deadline: finish the batch, flush the audit, ack, exit.")
     stats_interval_s: float = Field(2.0, gt=0, description="How often lag/pending are read and readiness is re-checked.")
-    audit: AuditSettings = Field(default_factory=AuditSettings)
-    baseline: BaselineSettings = Field(default_factory=BaselineSettings)
+    audit: AuditSettings = Field(default_factory=lambda: AuditSettings())
+    baseline: BaselineSettings = Field(default_factory=lambda: BaselineSettings())
 
     @model_validator(mode="after")
     def _check(self) -> SidecarSettings:

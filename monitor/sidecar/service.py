@@ -504,7 +504,8 @@ class Sidecar:
         sampled = tap.get("sampled")
         if isinstance(sampled, int) and sampled > prev["sampled"]:
             self.metrics.fleet_tap_sampled.labels(self.model_label).inc(sampled - prev["sampled"])
-        drops = tap.get("drops") if isinstance(tap.get("drops"), dict) else {}
+        raw_drops = tap.get("drops")
+        drops: dict[str, Any] = raw_drops if isinstance(raw_drops, dict) else {}
         for reason, n in drops.items():
             before = prev["drops"].get(reason, 0)
             if isinstance(n, int) and n > before and reason in _TAP_REASONS:
