@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--step", type=int, default=50)
-    ap.add_argument("--fdr", type=float, default=0.01)
+    ap.add_argument("--fdr", type=float, default=0.001)
     ap.add_argument("--raise-after", type=int, default=2)
     ap.add_argument("--clear-after", type=int, default=3)
     ap.add_argument("--mix", type=float, default=0.10)

@@ -66,7 +66,7 @@ class DriftDetector:
     """
 
     def __init__(self, baseline: Baseline, *, alpha: float = 0.01, window: int = 200, step: int = 50,
-                 fdr: float = 0.01, raise_after: int = 2, clear_after: int = 3,
+                 fdr: float = 0.001, raise_after: int = 2, clear_after: int = 3,
                  bundle_id: str | None = None, model_fingerprint: str | None = None) -> None:
         baseline.check_compatible(bundle_id=bundle_id, model_fingerprint=model_fingerprint)
         self.baseline = baseline

@@ -64,7 +64,7 @@ class WindowResult:
 class WindowTester:
     """Runs all two-sample tests of one window against a baseline."""
 
-    def __init__(self, baseline: Baseline, *, fdr: float = 0.01, alpha: float = 0.01,
+    def __init__(self, baseline: Baseline, *, fdr: float = 0.001, alpha: float = 0.01,
                  correction: str = "bh") -> None:
         if correction not in ("bh", "holm"):
             raise ValueError("correction must be 'bh' or 'holm'")
@@ -211,7 +211,7 @@ class _Buffer:
 class SlidingWindowMonitor:
     """Keeps the last ``window`` samples, tests them every ``step`` samples, drives the alert."""
 
-    def __init__(self, baseline: Baseline, *, window: int = 200, step: int = 50, fdr: float = 0.01,
+    def __init__(self, baseline: Baseline, *, window: int = 200, step: int = 50, fdr: float = 0.001,
                  alpha: float = 0.01, raise_after: int = 2, clear_after: int = 3,
                  correction: str = "bh") -> None:
         if window < 20 or not 0 < step <= window:
