@@ -109,11 +109,11 @@ def _fit(args: argparse.Namespace) -> int:
     from monitor.lenses.build import fit_bundle
     from monitor.lenses.tuned import PLANS
 
-    model, tok, name = _load_model(args.model)
+    probes = dict(_parse_probe(s) for s in args.probe)
     plan = PLANS[args.budget]
     if args.seconds is not None:
         plan = replace(plan, budget_s=float(args.seconds))
-    probes = dict(_parse_probe(s) for s in args.probe)
+    model, tok, name = _load_model(args.model)
     fit_bundle(args.out, model, tok, budget=plan if args.seconds is not None else args.budget, work=args.work,
                builtin_probes=() if args.no_builtin_probes else ("language", "topic"), probe_files=probes,
                k=args.k, model_name=name, heldout_tokens=args.heldout_tokens, progress=not args.no_progress)

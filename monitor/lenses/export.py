@@ -12,16 +12,22 @@ Outputs (B dynamic, L dynamic, k fixed at export)
     ``probe_<name>`` float32 [B, L, C] per probe; with ``debug=True`` also ``log_probs`` [B, L, V]
     (for the parity test only; the production graph keeps full-vocabulary tensors inside).
 
-The arithmetic avoids every full-vocabulary pass it can (they, not the matrix product, are what
-makes a naive bank slow on CPU):
+Full-vocabulary work is what makes a lens bank slow on CPU: the matrix product that produces the
+logits is unavoidable (the roofline), every further pass over [B, L, V] is overhead. The graph
+keeps that overhead small:
 
-* the maximum of each row comes from ``TopK`` (needed anyway), the row's log-partition from one
-  ``Exp`` + ``ReduceSum``;
-* entropy ``H = lse - sum(e * z) / sum(e)`` with ``e = exp(z - max)``;
-* ``KL(final || lens) = lse_l - H_f - p_f . z_l``, and ``p_f . z_l = s_l . (W^T p_f)``: one
-  [B, V] x [V, d] product per batch instead of a pass over [B, L, V];
-* the final top-1 token's logit under each lens is gathered from the logits, so its rank (the
-  number of strictly larger logits) is exact, 0 when the lens agrees.
+* the model's own distribution is computed first from state N (one [B, d] x [d, V] product):
+  its top-k, entropy, probabilities ``p_f`` and top-1 token ``t``;
+* the lens logits of layers 0..N-1 are produced **in vocabulary chunks** (``chunk`` columns,
+  1024 by default), and every statistic is taken from a chunk while it is still in cache: its
+  maximum and top-k (via the k best of 64 strided lanes, so ``TopK`` never scans a full row),
+  ``sum exp(z - max)``, ``sum exp(z - max) z``, ``sum p_f z`` (for the KL) and the count of
+  logits above ``z_t`` (for the rank); sums are taken over a strided middle axis first, which
+  vectorises; the chunks are merged at the end with the usual log-sum-exp rescaling;
+* entropy ``H = lse - sum(e z) / sum(e)``; ``KL(final || lens) = lse - H_f - sum(p_f z)``;
+* ``z_t`` under each lens is a dot product with row ``t`` of the unembedding, so a logit counts
+  toward the rank when it exceeds ``z_t`` by more than a rounding margin (1e-6 relative):
+  exact except near-ties, 0 when the lens agrees.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from monitor.lenses.model import ProbeSet, Translators
 from monitor.lenses.readout import ReadoutSpec
 
 OPSET = 17
+DEFAULT_CHUNK = 1024  # vocabulary columns per chunk: [B*L, chunk] float32 logits stay in L2/L3 cache
+GROUPS = 16  # a chunk is viewed as [GROUPS, chunk / GROUPS] for cheap strided reductions
+PAD_LOGIT = -1e30  # logit of padding columns (exp underflows to 0, never in the top-k or the rank)
 INPUT_HIDDEN = "hidden"
 INPUT_LAYER_INDEX = "layer_index"
 OUTPUTS = (
@@ -57,12 +66,20 @@ def _arr(t: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(t)
 
 
+def self_sum(g: _Graph, x: str, shape3: str) -> str:
+    """Sum over the last axis of [R, c] as [R, 1]: first over the strided groups (a vectorised
+    reduction over a middle axis), then over the short lane axis."""
+    r = g.one("ReduceSum", [g.one("Reshape", [x, shape3]), g.const_cached("ax_g", [1])], keepdims=0)
+    return g.one("ReduceSum", [r, g.const_cached("ax_last", [-1])], keepdims=1)
+
+
 class _Graph:
     """A tiny builder: unique node names, initialisers, constants."""
 
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self._consts: set[str] = set()
         self._n = 0
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None, **attrs: object) -> list[str]:
@@ -80,7 +97,11 @@ class _Graph:
         return name
 
     def const(self, name: str, value: list[int] | list[float] | np.ndarray, dtype: type = np.int64) -> str:
+        self._consts.add(name)
         return self.init(name, np.asarray(value, dtype=dtype))
+
+    def const_cached(self, name: str, value: list[int], dtype: type = np.int64) -> str:
+        return name if name in self._consts else self.const(name, value, dtype)
 
 
 def build_bank_graph(
@@ -90,6 +111,7 @@ def build_bank_graph(
     k: int = 5,
     *,
     debug: bool = False,
+    chunk: int = DEFAULT_CHUNK,
 ) -> onnx.ModelProto:
     """Build the lens-bank ONNX model (weights embedded as initialisers)."""
     d, vocab = readout.hidden_size, readout.vocab_size
@@ -122,50 +144,93 @@ def build_bank_graph(
     else:
         s = x
 
-    # --- logits stay inside the graph ---------------------------------------------------------
-    w_t = g.init("unembed_t", _arr(readout.weight).T.astype(np.float32))  # [d, V]
-    z = g.one("MatMul", [s, w_t], name="logits")  # [B, L, V]
-    if readout.bias is not None:
-        z = g.one("Add", [z, g.init("unembed_bias", _arr(readout.bias).astype(np.float32))])
+    # --- all logits from one matrix product: [B, L, V'] (V' = V padded to whole chunks) --------
+    w_full = _arr(readout.weight).T.astype(np.float32)  # [d, V]
+    bias_full = None if readout.bias is None else _arr(readout.bias).astype(np.float32)
+    width = max(GROUPS, (min(chunk, vocab + GROUPS - 1) // GROUPS) * GROUPS)
+    n_chunks = -(-vocab // width)
+    pad_v = n_chunks * width
+    lanes = width // GROUPS
+    w_pad = np.zeros((d, pad_v), np.float32)
+    w_pad[:, :vocab] = w_full
+    z = g.one("MatMul", [s, g.init("unembed_t", w_pad)], name="logits")
+    if bias_full is not None or pad_v > vocab:
+        b_pad = np.full(pad_v, PAD_LOGIT, np.float32)  # padding columns: exp -> 0, never ranked
+        b_pad[:vocab] = bias_full if bias_full is not None else 0.0
+        z = g.one("Add", [z, g.init("unembed_bias", b_pad)])
 
-    top_v, top_i = g.op("TopK", [z, g.const("k", [k])], 2, name="topk", axis=-1, largest=1, sorted=1)
-    # One fused Softmax pass; the log-partition follows from the top-1 logit and its probability
-    # (q_max >= 1/V, so the log is well conditioned).
-    q = g.one("Softmax", [z], axis=-1)  # [B, L, V]
-    top1 = g.one("Slice", [top_i, g.const("s0", [0]), g.const("s1", [1]), ax_last])  # [B, L, 1]
-    q_max = g.one("GatherElements", [q, top1], axis=2)  # [B, L, 1]
-    z_max = g.one("Slice", [top_v, "s0", "s1", ax_last])
-    lse = g.one("Sub", [z_max, g.one("Log", [q_max])])  # [B, L, 1]
-    qz = g.one("ReduceSum", [g.one("Mul", [q, z]), ax_last], keepdims=0)  # [B, L]: sum_v q(v) z(v)
-    lse2 = g.one("Squeeze", [lse, ax_last])  # [B, L]
-    entropy = g.one("Sub", [lse2, qz], name="entropy")
-    g.one("Exp", [g.one("Sub", [top_v, lse])], name="topk_probs")
-    g.one("Identity", [top_i], name="topk_ids")
+    # --- the model's own distribution (the last row is state N): p_f and its top-1 token t ------
+    zf = g.one("Gather", [z, g.const("last", -1)], axis=1)  # [B, V']
+    p_f = g.one("Softmax", [zf], axis=-1)  # [B, V']
+    _, f_top1 = g.op("TopK", [zf, g.const("one", [1])], 2, axis=-1, largest=1, sorted=1)  # [B, 1]
+    # t's logit under every lens, gathered from the same logits: the rank count below is exact
+    shape_z = g.one("Shape", [z])
+    shape_bl = g.one("Slice", [shape_z, g.const("s0", [0]), g.const("s2", [2]), g.const("ax0", [0])])  # [B, L]
+    shape_bl1 = g.one("Concat", [shape_bl, g.const("one1", [1])], axis=0)
+    thr = g.one("GatherElements", [z, g.one("Expand", [g.one("Unsqueeze", [f_top1, ax_1]), shape_bl1])],
+                axis=2)  # [B, L, 1]
+    rows = g.const("rows", [-1, 1])
+    thr = g.one("Reshape", [thr, rows])  # [R, 1], R = B * L
 
-    # --- the model's own output: the last watched state is state N ----------------------------
-    last = g.const("last", -1)
-    p_f = g.one("Gather", [q, last], axis=1)  # [B, V]
-    f_ent = g.one("Gather", [entropy, last], axis=1)  # [B]
-    g.one("Identity", [f_ent], name="final_entropy")
-    g.one("Gather", [top_i, last], axis=1, name="final_topk_ids")
-    g.one("Gather", ["topk_probs", last], axis=1, name="final_topk_probs")
+    # --- every row's statistics, chunk by chunk -------------------------------------------------
+    # The logits are viewed as [R, V'] (plain per-row broadcasting). Each chunk is sliced once into
+    # a buffer that stays in cache while its maximum (over 16 strided groups, then over the lanes),
+    # partition sums, rank count and KL term are taken; the chunks are merged at the end with the
+    # usual log-sum-exp rescaling.
+    z2 = g.one("Reshape", [z, g.const("flat2", [-1, pad_v])])  # [R, V']
+    shape3 = g.const("shape3", [0, GROUPS, lanes])
+    shape_blw = g.one("Concat", [shape_bl, g.const("w1", [width])], axis=0)
+    maxes, lane_maxes, sums, sums_ez, crosses, ranks = [], [], [], [], [], []
+    for c0 in range(0, pad_v, width):
+        lo, hi = g.const(f"c0_{c0}", [c0]), g.const(f"c1_{c0}", [c0 + width])
+        zc = g.one("Slice", [z2, lo, hi, ax_last])  # [R, width]
+        lane_max = g.one("ReduceMax", [g.one("Reshape", [zc, shape3])], axes=[1], keepdims=0)  # [R, lanes]
+        m = g.one("ReduceMax", [lane_max], axes=[-1], keepdims=1)  # [R, 1]
+        e = g.one("Exp", [g.one("Sub", [zc, m])])
+        lane_maxes.append(lane_max)
+        maxes.append(m)
+        sums.append(self_sum(g, e, shape3))
+        sums_ez.append(self_sum(g, g.one("Mul", [e, zc]), shape3))
+        ranks.append(self_sum(g, g.one("Cast", [g.one("Greater", [zc, thr])], to=TensorProto.FLOAT), shape3))
+        pf_c = g.one("Unsqueeze", [g.one("Slice", [p_f, lo, hi, ax_last]), ax_last])  # [B, width, 1]
+        cross = g.one("MatMul", [g.one("Reshape", [zc, shape_blw]), pf_c])  # [B, L, 1]: sum_v p_f(v) z(v)
+        crosses.append(g.one("Reshape", [cross, rows]))
 
-    # KL(final || lens_l) = lse_l - H_f - sum_v p_f(v) z_l(v): one batched product z @ p_f
-    cross = g.one("MatMul", [z, g.one("Unsqueeze", [p_f, ax_last])])  # [B, L, 1]
-    cross = g.one("Squeeze", [cross, ax_last])
-    kl = g.one("Sub", [lse2, g.one("Unsqueeze", [f_ent, ax_1])])
-    kl = g.one("Sub", [kl, cross])
+    # --- merge the chunks ([R, C] -> [R, 1] -> [B, L]) ------------------------------------------
+    m_all = g.one("Concat", maxes, axis=-1)  # [R, C]
+    m_max = g.one("ReduceMax", [m_all], axes=[-1], keepdims=1)
+    scale = g.one("Exp", [g.one("Sub", [m_all, m_max])])
+    sum_e = g.one("ReduceSum", [g.one("Mul", [g.one("Concat", sums, axis=-1), scale]), ax_last], keepdims=1)
+    sum_ez = g.one("ReduceSum", [g.one("Mul", [g.one("Concat", sums_ez, axis=-1), scale]), ax_last], keepdims=1)
+    lse = g.one("Add", [m_max, g.one("Log", [sum_e])])  # [R, 1]
+    ent = g.one("Reshape", [g.one("Sub", [lse, g.one("Div", [sum_ez, sum_e])]), shape_bl], name="entropy")
+    h_f = g.one("Gather", [ent, "last"], axis=1, name="final_entropy")  # [B]
+    cross = g.one("Reshape", [g.one("ReduceSum", [g.one("Concat", crosses, axis=-1), ax_last], keepdims=1),
+                              shape_bl])  # [B, L]
+    # KL(final || lens) = lse_l - H_f - sum_v p_f(v) z_l(v)  (0 up to rounding at the last row)
+    lse_bl = g.one("Reshape", [lse, shape_bl])
+    kl = g.one("Sub", [g.one("Sub", [lse_bl, g.one("Unsqueeze", [h_f, ax_1])]), cross])
     g.one("Relu", [kl], name="kl_to_final")
-
-    # rank of the final top-1 under each lens = number of strictly larger logits
-    f_top1 = g.one("Gather", [top1, g.const("last1", [-1])], axis=1)  # [B, 1, 1]
-    shape_bl1 = g.one("Concat", [g.one("Slice", [g.one("Shape", [z]), g.const("r0", [0]), g.const("r2", [2])]),
-                                 g.const("one1", [1])], axis=0)
-    idx = g.one("Expand", [f_top1, shape_bl1])  # [B, L, 1]
-    z_at = g.one("GatherElements", [z, idx], axis=2)  # [B, L, 1]
-    above = g.one("Cast", [g.one("Greater", [z, z_at])], to=TensorProto.FLOAT)
-    rank = g.one("ReduceSum", [above, ax_last], keepdims=0)
-    g.one("Cast", [rank], name="final_top1_rank", to=TensorProto.INT64)
+    rank = g.one("ReduceSum", [g.one("Concat", ranks, axis=-1), ax_last], keepdims=1)
+    g.one("Cast", [g.one("Reshape", [rank, shape_bl])], to=TensorProto.INT64, name="final_top1_rank")
+    # top-k: the k best lanes hold the k best logits (a lane's max bounds its 16 members); gather
+    # those lanes' members from the logits and take the top-k of these 16 k candidates.
+    kk = min(k, n_chunks * lanes)
+    _, lane_top = g.op("TopK", [g.one("Concat", lane_maxes, axis=-1), g.const("kk", [kk])], 2, axis=-1,
+                       largest=1, sorted=1)  # [R, kk]; global lane index = chunk * lanes + lane
+    chunk_of = g.one("Div", [lane_top, g.const("lanes", [lanes])])
+    base = g.one("Add", [g.one("Mul", [chunk_of, g.const("width", [width])]),
+                         g.one("Mod", [lane_top, "lanes"])])  # [R, kk]: column of each lane's member 0
+    members = g.one("Add", [g.one("Unsqueeze", [base, g.const("ax_m2", [-2])]),
+                            g.const("member_offsets", (np.arange(GROUPS) * lanes).reshape(GROUPS, 1))])
+    members = g.one("Reshape", [members, g.const("flat", [0, GROUPS * kk])])  # [R, G*kk]
+    top_v, top_p = g.op("TopK", [g.one("GatherElements", [z2, members], axis=1), g.const("k", [k])], 2, axis=-1,
+                        largest=1, sorted=1)  # [R, k]
+    shape_blk = g.one("Concat", [shape_bl, g.const("k1", [k])], axis=0)
+    top_i = g.one("Reshape", [g.one("GatherElements", [members, top_p], axis=1), shape_blk], name="topk_ids")
+    g.one("Reshape", [g.one("Exp", [g.one("Sub", [top_v, lse])]), shape_blk], name="topk_probs")
+    g.one("Gather", [top_i, "last"], axis=1, name="final_topk_ids")
+    g.one("Gather", ["topk_probs", "last"], axis=1, name="final_topk_probs")
 
     outputs = [
         helper.make_tensor_value_info("topk_ids", TensorProto.INT64, ["batch", "layers", k]),
@@ -192,8 +257,9 @@ def build_bank_graph(
         g.one("Transpose", [prob], perm=[1, 0, 2], name=f"probe_{p.name}")
         outputs.append(helper.make_tensor_value_info(f"probe_{p.name}", TensorProto.FLOAT,
                                                      ["batch", "layers", len(p.labels)]))
-    if debug:
-        g.one("Sub", [z, lse], name="log_probs")
+    if debug:  # full log-probabilities, for the parity test only
+        lp = g.one("Sub", [g.one("Slice", [z2, "s0", g.const("vocab", [vocab]), ax_last]), lse])
+        g.one("Reshape", [lp, g.one("Concat", [shape_bl, g.const("v1", [vocab])], axis=0)], name="log_probs")
         outputs.append(helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", "layers", vocab]))
 
     inputs = [

@@ -29,6 +29,7 @@ from monitor.lenses.readings import BankOutput, SampleReadings, split_batch
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEFAULT_MAX_BATCH = 16
+DISABLED_OPTIMIZERS = ["GatherSliceToSplitFusion"]
 
 
 def _provider_list(providers: str | Sequence[str]) -> tuple[list[str], bool]:
@@ -60,6 +61,24 @@ def specialise(model: Any, layer_index: np.ndarray) -> Any:
     return model
 
 
+def quantise_unembedding(model: Any) -> Any:
+    """Dynamically quantise the logits product (``MatMul`` named ``logits``) to int8 weights."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    node = next((n.name for n in model.graph.node if "logits" in n.output), None)
+    if node is None:
+        raise BundleError("int8: the graph has no 'logits' product to quantise")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+        onnx.save_model(model, src)
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], nodes_to_quantize=[node],
+                         per_channel=True, weight_type=QuantType.QInt8)
+        return onnx.load(dst)
+
+
 class LensBank:
     """Lens readings of hidden states, computed by ONNX Runtime from a verified bundle."""
 
@@ -86,6 +105,7 @@ class LensBank:
         }
         self.provider: str = session.get_providers()[0]
         self.max_batch = max_batch
+        self.precision = "fp32"
         self._outputs = [o.name for o in session.get_outputs()]
 
     # ------------------------------------------------------------------ loading
@@ -99,6 +119,7 @@ class LensBank:
         threads: int | None = None,
         layers: Sequence[int] | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        precision: str = "fp32",
     ) -> LensBank:
         """Verify the bundle at ``path`` and open it.
 
@@ -109,6 +130,9 @@ class LensBank:
         ``layers``: read only this subset of the bundle's layers (must end with state N: the
         cheaper mode of the throughput benchmark). ``max_batch``: larger batches are split, which
         bounds memory at about ``max_batch * layers * vocab * 4`` bytes per intermediate.
+        ``precision``: ``"fp32"`` (exact, the default) or ``"int8"`` (the unembedding product
+        dynamically quantised to int8 at load time: faster on CPUs with VNNI/AMX, at the
+        fidelity cost the throughput benchmark reports).
         """
         import onnx
         import onnxruntime as ort
@@ -129,6 +153,10 @@ class LensBank:
             raise BundleError(f"lens bundle {path}: cannot read {graph_path.name}: {exc}") from exc
         index = np.array([all_layers.index(x) for x in chosen], dtype=np.int64)
         specialise(model, index)
+        if precision == "int8":
+            model = quantise_unembedding(model)
+        elif precision != "fp32":
+            raise ConfigError(f"precision: {precision!r} is not 'fp32' or 'int8'")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -136,7 +164,11 @@ class LensBank:
             opts.inter_op_num_threads = 1
         plist, cuda_demanded = _provider_list(providers)
         try:
-            session = ort.InferenceSession(model.SerializeToString(), opts, providers=plist)
+            # GatherSliceToSplitFusion would turn the per-chunk slices of the logits into one Split,
+            # materialising every chunk before any is used: the cache locality the graph is built
+            # for would be lost.
+            session = ort.InferenceSession(model.SerializeToString(), opts, providers=plist,
+                                           disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as exc:  # onnxruntime's own exception types are not public
             raise BundleError(f"lens bundle {path}: ONNX Runtime cannot open {graph_path.name}: {exc}") from exc
         del model
@@ -146,7 +178,9 @@ class LensBank:
                 f"{session.get_providers()[0]} (no GPU, or onnxruntime-gpu missing / mismatched CUDA); "
                 "use providers='auto' to fall back to the CPU"
             )
-        return cls(bundle, session, chosen, max_batch=max_batch)
+        bank = cls(bundle, session, chosen, max_batch=max_batch)
+        bank.precision = precision
+        return bank
 
     # ------------------------------------------------------------------ reading
     @property
