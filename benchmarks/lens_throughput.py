@@ -61,25 +61,22 @@ def _ort_matmul_session(w_t: np.ndarray, threads: int) -> Any:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _debug_log_probs(bundle: Path, layers: tuple[int, ...], threads: int, precision: str) -> Any:
-    """A session of the bundle's graph that also returns full log-probs (fidelity measurement)."""
-    import onnx
+def _debug_log_probs(readout: Any, tr: Any, probes: Any, layers: tuple[int, ...], k: int, threads: int,
+                     precision: str) -> Any:
+    """A session of the bank's graph that also returns full log-probs (fidelity measurement)."""
     import onnxruntime as ort
 
-    from monitor.lenses.bundle import verify_bundle
-    from monitor.lenses.runtime import quantise_unembedding, specialise
+    from monitor.lenses.export import build_bank_graph
+    from monitor.lenses.runtime import DISABLED_OPTIMIZERS, quantise_unembedding, specialise
 
-    b = verify_bundle(bundle)
-    model = onnx.load(str(b.path(b.manifest["graph"]["file"])))
-    z_src = next(n.input[0] for n in model.graph.node if n.op_type == "Softmax")  # the logits
-    model.graph.node.append(onnx.helper.make_node("LogSoftmax", [z_src], ["log_probs"], axis=-1, name="debug_lp"))
-    model.graph.output.append(onnx.helper.make_tensor_value_info("log_probs", onnx.TensorProto.FLOAT, None))
-    specialise(model, np.array([b.layers.index(x) for x in layers], dtype=np.int64))
+    model = specialise(build_bank_graph(readout, tr, probes, k, debug=True),
+                       np.array([tr.layers.index(x) for x in layers], dtype=np.int64))
     if precision == "int8":
         model = quantise_unembedding(model)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
 def real_states(n: int) -> np.ndarray:
@@ -122,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
 
     g = onnx.load(str(b.path(b.manifest["graph"]["file"])))
     inits = {i.name: i for i in g.graph.initializer}
-    w_t = numpy_helper.to_array(inits["unembed_t"])
-    bias = numpy_helper.to_array(inits["unembed_bias"]) if "unembed_bias" in inits else None
+    vocab = int(b.manifest["model"]["vocab_size"])
+    w_t = np.ascontiguousarray(numpy_helper.to_array(inits["unembed_t"])[:, :vocab])  # the graph pads V
+    bias = numpy_helper.to_array(inits["unembed_bias"])[:vocab] if "unembed_bias" in inits else None
+    if bias is not None and not bias.any():  # only padding: the model has no bias
+        bias = None
     ro = b.manifest["lens"]["readout"]
     readout = ReadoutSpec(ro["norm"], float(ro["eps"]), torch.from_numpy(np.ascontiguousarray(w_t.T)),
                           torch.from_numpy(bias) if bias is not None else None)
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     load2 = os.getloadavg()[0]
 
     # fidelity of the cheaper modes against the full bank, on all captured samples
-    full_lp = _debug_log_probs(bundle_dir, layers, n_cores, "fp32")
-    q8_lp = _debug_log_probs(bundle_dir, layers, n_cores, "int8")
+    full_lp = _debug_log_probs(readout, tr, probes, layers, bank.k, n_cores, "fp32")
+    q8_lp = _debug_log_probs(readout, tr, probes, layers, bank.k, n_cores, "int8")
     h = states.astype(np.float32)
     kls, agree = [], []
     for i in range(0, len(h), 8):

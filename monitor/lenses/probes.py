@@ -105,30 +105,34 @@ def last_token_states(
 
 
 def fit_logistic(
-    x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float | torch.Tensor, *, max_iter: int = 200
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float | torch.Tensor, *, max_iter: int = 100,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression per group: ``x`` [G, n, f], ``y`` [n] -> (W [G, f, C], b [G, C]).
 
     The G independent problems (one per layer) are solved jointly by L-BFGS on the sum of their
-    losses; ``l2`` is a scalar or one value per group (on the mean loss, weights only)."""
+    losses (float32 on standardised features); ``l2`` is a scalar or one value per group (on the
+    mean loss, weights only); ``init`` warm-starts from a previous solution."""
     g, _, f = x.shape
-    w = torch.zeros(g, f, n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(g, n_classes, dtype=torch.float64, requires_grad=True)
-    x64 = x.double()
-    lam = torch.as_tensor(l2, dtype=torch.float64).reshape(-1, 1, 1).expand(g, 1, 1)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
+    w0 = init[0].clone() if init is not None else torch.zeros(g, f, n_classes)
+    b0 = init[1].clone() if init is not None else torch.zeros(g, n_classes)
+    w = w0.float().requires_grad_(True)
+    b = b0.float().requires_grad_(True)
+    lam = torch.as_tensor(l2, dtype=torch.float32).reshape(-1, 1, 1).expand(g, 1, 1)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
                             history_size=20, line_search_fn="strong_wolfe")
+    yy = y.repeat(g)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        logits = torch.bmm(x64, w) + b[:, None]
-        ce = nn.functional.cross_entropy(logits.reshape(-1, n_classes), y.repeat(g), reduction="none")
+        logits = torch.bmm(x, w) + b[:, None]
+        ce = nn.functional.cross_entropy(logits.reshape(-1, n_classes), yy, reduction="none")
         loss = ce.view(g, -1).mean(1).sum() + (lam * w.pow(2)).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return w.detach().float(), b.detach().float()
+    return w.detach(), b.detach()
 
 
 def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +147,7 @@ def _accuracy(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor
 
 
 def fit_probe_layers(
-    train_x: np.ndarray, train_y: np.ndarray, n_classes: int, *, seed: int = 0, max_iter: int = 200
+    train_x: np.ndarray, train_y: np.ndarray, n_classes: int, *, seed: int = 0, max_iter: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Fit one probe per layer on states [n, S, d]; returns weights on *raw* states
     (standardisation folded in) [S, d, C], biases [S, C] and the chosen L2 per layer."""
@@ -156,13 +160,15 @@ def fit_probe_layers(
     n_val = max(1, n // 5)
     val, fit = torch.from_numpy(perm[:n_val]), torch.from_numpy(perm[n_val:])
     best = np.full(x.shape[0], -1.0)
-    chosen = np.full(x.shape[0], L2_GRID[0])
-    for lam in L2_GRID:
-        w, b = fit_logistic(xs[:, fit], y[fit], n_classes, lam, max_iter=max_iter)
+    chosen = np.full(x.shape[0], L2_GRID[-1])
+    prev = None
+    for lam in reversed(L2_GRID):  # strongest regularisation first, each fit warm-starts the next
+        w, b = fit_logistic(xs[:, fit], y[fit], n_classes, lam, max_iter=max_iter, init=prev)
+        prev = (w, b)
         acc = _accuracy(xs[:, val], w, b, y[val])
         better = acc > best + 1e-9
         best[better], chosen[better] = acc[better], lam
-    w, b = fit_logistic(xs, y, n_classes, torch.from_numpy(chosen), max_iter=max_iter)
+    w, b = fit_logistic(xs, y, n_classes, torch.from_numpy(chosen).float(), max_iter=max_iter, init=prev)
     # fold the standardisation: ((h - mu) / sd) @ w + b = h @ (w / sd) + (b - (mu / sd) @ w)
     w_raw = w / sd.transpose(1, 2)
     b_raw = b - torch.bmm(mu / sd, w).squeeze(1)
@@ -177,7 +183,7 @@ def probe_accuracy(states: np.ndarray, labels: np.ndarray, weight: torch.Tensor,
 
 def bag_of_tokens_accuracy(
     train_ids: list[list[int]], train_y: np.ndarray, test_ids: list[list[int]], test_y: np.ndarray,
-    n_classes: int, max_iter: int = 200,
+    n_classes: int, max_iter: int = 100,
 ) -> float:
     """Held-out accuracy of a logistic regression on token counts (the words-alone baseline)."""
     vocab = sorted({t for ids in train_ids for t in ids})
@@ -225,7 +231,7 @@ def train_probe_set(
     *,
     max_tokens: int = 64,
     batch_size: int = 16,
-    max_iter: int = 200,
+    max_iter: int = 100,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> ProbeSet:
