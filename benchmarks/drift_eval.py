@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    # the baseline itself, for `layerwatch score --baseline ... --bundle ...` backtests
+    out.with_name(out.stem + "_baseline.json").write_text(baseline.dumps())
     print_table(result)
     print(f"\nwrote {out}")
     return 0
