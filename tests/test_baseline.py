@@ -147,7 +147,7 @@ def test_file_store_promote_and_rollback(tmp_path: Path) -> None:
     assert store.rollback() == a.id and store.active_id() == a.id
     with pytest.raises(BaselineError, match="no earlier baseline"):
         store.rollback()
-    assert set(store.list()) == {a.id, b.id}
+    assert set(store.ids()) == {a.id, b.id}
 
 
 def test_promoting_an_unknown_baseline_is_refused(tmp_path: Path) -> None:
