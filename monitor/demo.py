@@ -170,7 +170,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"   ready in {time.monotonic() - t0:.1f}s")
 
     _say("[4/7]", "sidecar and inference server")
-    sidecar, sidecar_proc, metrics_port = _start_sidecar(args, bank, bundle_path, baseline, out, MODEL_NAME)
+    sidecar, sidecar_proc, metrics_port = _start_sidecar(args, bank, bundle_path, baseline, out, MODEL_NAME, tok)
     import uvicorn
 
     import monitor
@@ -211,7 +211,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None, baseline: Any, out: Path,
-                   model_name: str) -> tuple[Any, Any, int]:
+                   model_name: str, tokenizer: Any) -> tuple[Any, Any, int]:
     metrics_port = args.metrics_port or _free_port()
     common: dict[str, Any] = {"group": "demo", "model_name": model_name, "batch_max": 16, "batch_wait_ms": 20,
               "baseline": {"window": 80, "alpha": 0.01}, "audit": {"directory": str(out / "audit")}}
@@ -221,7 +221,7 @@ def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None
         from monitor.sidecar.service import Sidecar
 
         settings = load_settings(transport="memory://demo", consumer="demo-sidecar", http_port=metrics_port, **common)
-        sc = Sidecar(settings, bank=bank, baseline=baseline).start()
+        sc = Sidecar(settings, bank=bank, baseline=baseline, tokenizer=tokenizer).start()
         SidecarHTTPServer(sc, "127.0.0.1", metrics_port).start()
         return sc, None, metrics_port
     if bundle_path is None:
@@ -237,6 +237,8 @@ def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None
            "LAYERWATCH_BUNDLE": str(bundle_path), "LAYERWATCH_HTTP_PORT": str(metrics_port),
            "LAYERWATCH_BATCH_MAX": "16", "LAYERWATCH_BASELINE__WINDOW": "80",
            "LAYERWATCH_AUDIT__DIRECTORY": str(out / "audit")}
+    if getattr(tokenizer, "name_or_path", ""):
+        env["LAYERWATCH_TOKENIZER"] = str(tokenizer.name_or_path)
     os.environ["LAYERWATCH_TAP_STREAM"] = stream
     proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "sidecar"], env=env)
     _wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 180)

@@ -340,3 +340,24 @@ def test_readiness_reflects_a_redis_outage_and_recovers(tmp_path: Path, tiny: to
         finally:
             http.close()
             sc.stop(10)
+
+
+def test_narratives_print_tokens_with_the_configured_tokenizer(tmp_path: Path, reference_model: Any) -> None:
+    """With ``tokenizer`` set, narrative sentences show decoded tokens (' Paris'), not ids."""
+    model, tok = reference_model
+    MemoryTransport.reset_all()
+    settings = load_settings(transport="memory://tok", group="g", http_port=0, batch_wait_ms=10,
+                             tokenizer=tok.name_or_path, audit={"directory": tmp_path / "a"},
+                             baseline={"learn_samples": 400})
+    sc = Sidecar(settings, bank=TorchLogitLens(model))
+    tap = monitor.attach(model, sample_rate=1.0, transport="memory://tok")
+    with tap.request("capital") as h, torch.no_grad():
+        model(**tok("The capital of France is", return_tensors="pt"))
+    tap.flush(10)
+    tap.close()
+    sc.step()
+    item = sc.narrative(h.sample_ids[0])
+    assert item is not None
+    assert item["narrative"]["final"]["top"][0][0] == " Paris"
+    assert "L30: leaning ' Paris'" in item["text"]
+    sc.stop(5)

@@ -61,6 +61,7 @@ class SidecarSettings(BaseSettings):
     consumer: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="This replica's consumer name (default: hostname-pid).")
     model_name: str | None = Field(None, description="Model label in metrics (default: the label in each sample).")
     bundle: Path | None = Field(None, description="Lens bundle directory (manifest.json + ONNX files).")
+    tokenizer: Path | None = Field(None, description="Hugging Face tokenizer directory used to print tokens in narratives (default: token ids as <id>).")
     http_host: str = Field("0.0.0.0", description="Bind address of /metrics, /healthz, /readyz, /narratives.")
     http_port: int = Field(9400, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
     batch_max: int = Field(16, ge=1, le=1024, description="Largest micro-batch.")

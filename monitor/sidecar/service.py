@@ -95,6 +95,13 @@ class Sidecar:
         self.registry = self.metrics.registry
         self.bank = bank if bank is not None else self._load_bank()
         tok = tokenizer if tokenizer is not None else getattr(self.bank, "tokenizer", None)
+        if tok is None and settings.tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(str(settings.tokenizer))
+            except (OSError, ValueError) as exc:
+                raise LayerwatchError(f"tokenizer: cannot load a tokenizer from {settings.tokenizer}: {exc}") from exc
         self.decode_token = tokenizer_decoder(tok) if tok is not None else default_decoder
         self.transport = transport or open_transport(
             settings.transport, stream=settings.stream, maxlen=settings.stream_maxlen)
