@@ -257,7 +257,9 @@ def test_fit_bundle_on_a_tiny_model_end_to_end(tmp_path: Path) -> None:
                 lab = str(rng.choice(["a", "b"]))
                 words = WORDS[:17] if lab == "a" else WORDS[17:]
                 fh.write(json.dumps({"text": " ".join(rng.choice(words, 5)), "label": lab}) + "\n")
-    plan = TunedPlan("tiny", budget_s=60.0, train_tokens=3000, batch_tokens=64, lr=1e-3, steps=15)
+    # A generous wall-clock budget: the fit must end on its step count, not on a busy machine's clock,
+    # or the resumed fit below would legitimately train further.
+    plan = TunedPlan("tiny", budget_s=3600.0, train_tokens=3000, batch_tokens=64, lr=1e-3, steps=15)
     man = fit_bundle(tmp_path / "bundle", model, tok, budget=plan, builtin_probes=(),
                      probe_files={"kind": (str(tmp_path / "p.train.jsonl"), str(tmp_path / "p.heldout.jsonl"))},
                      calibration_texts=sentences(300), heldout_texts=sentences(60, seed=9), heldout_tokens=600,

@@ -64,8 +64,10 @@ def save_weights(path: Path, translators: Translators, probes: tuple[ProbeSet, .
     for p in probes:
         tensors[f"probe.{p.name}.weight"] = p.weight.detach().float().contiguous()
         tensors[f"probe.{p.name}.bias"] = p.bias.detach().float().contiguous()
-    save_file(tensors, str(path), metadata={"kind": translators.kind,
-                                            "layers": json.dumps(list(translators.layers))})
+    # One metadata key: safetensors writes its metadata map in hash-map order, so several keys
+    # would make identical weights give different bytes (and a different sha256 in the manifest).
+    meta = json.dumps({"kind": translators.kind, "layers": list(translators.layers)}, sort_keys=True)
+    save_file(tensors, str(path), metadata={"layerwatch": meta})
 
 
 def load_weights(bundle_root: Path, manifest: dict[str, Any]) -> tuple[Translators, tuple[ProbeSet, ...]]:
