@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{record['mean_top1_agreement_0_29']['init_only']:>8.3f} {record['mean_top1_agreement_0_29']['tuned']:>8.3f} "
           f"{0.30:>8.2f}")
     print(f"tuned lens: {record['tuned_lens_seconds']:.0f}s on 2 cores (collect {record['collect_seconds']:.0f}s, "
-          f"init {record['init_seconds']}s, fine-tune {record['finetune_seconds']}s); {record['cached_positions']} "
+          f"init {record['init_seconds']:.0f}s, fine-tune {record['finetune_seconds'] or 0:.0f}s); {record['cached_positions']} "
           f"cached positions, {record['finetune_positions_seen']} fine-tune samples x 30 layers; "
           f"load average {load1:.1f} -> {load2:.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ class ProbePlan:
     max_tokens: int
 
 
-PROBE_PLANS = {"demo": ProbePlan(50, 20, 32), "full": ProbePlan(150, 50, 48)}
+PROBE_PLANS = {"demo": ProbePlan(50, 20, 32), "full": ProbePlan(100, 40, 40)}
 HELDOUT_TOKENS = {"demo": 1024, "full": 4096}
 CALIBRATION_SOURCE = "monitor.corpora.english_prose('train') packed into 128-token chunks"
 HELDOUT_SOURCE = "monitor.corpora.english_prose('heldout') packed into 128-token chunks"

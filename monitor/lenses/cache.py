@@ -89,8 +89,9 @@ class StateCache:
         return cache
 
     def save_meta(self) -> None:
-        self.states.flush()
-        self.tokens.flush()
+        for arr in (self.states, self.tokens):
+            if isinstance(arr, np.memmap):
+                arr.flush()
         tmp = self.root / (META + ".tmp")
         tmp.write_text(json.dumps(self.meta, indent=1))
         os.replace(tmp, self.root / META)

@@ -33,6 +33,7 @@ keeps that overhead small:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -82,21 +83,21 @@ class _Graph:
         self._consts: set[str] = set()
         self._n = 0
 
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None, **attrs: object) -> list[str]:
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None, **attrs: Any) -> list[str]:
         self._n += 1
         base = name or f"{op_type.lower()}_{self._n}"
         outs = [base] if n_out == 1 else [f"{base}_{i}" for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"n{self._n}_{op_type}", **attrs))
         return outs
 
-    def one(self, op_type: str, inputs: list[str], name: str | None = None, **attrs: object) -> str:
+    def one(self, op_type: str, inputs: list[str], name: str | None = None, **attrs: Any) -> str:
         return self.op(op_type, inputs, 1, name, **attrs)[0]
 
     def init(self, name: str, value: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name))
         return name
 
-    def const(self, name: str, value: list[int] | list[float] | np.ndarray, dtype: type = np.int64) -> str:
+    def const(self, name: str, value: Any, dtype: type = np.int64) -> str:
         self._consts.add(name)
         return self.init(name, np.asarray(value, dtype=dtype))
 

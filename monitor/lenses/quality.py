@@ -60,15 +60,15 @@ def evaluate_lenses(
     report: dict[str, Any] = {"layers": layers, "positions": n, "final_layer": s_count - 1}
     last = s_count - 1
     for name, acc in sums.items():
-        kl = acc["kl"] / n
-        agree = acc["agree"] / n
-        ce = acc["ce"] / max(ce_count, 1)
+        mean_kl = acc["kl"] / n
+        mean_agree = acc["agree"] / n
+        mean_ce = acc["ce"] / max(ce_count, 1)
         report[name] = {
-            "kl_to_final_nats": [round(float(x), 4) for x in kl],
-            "top1_agreement": [round(float(x), 4) for x in agree],
-            "cross_entropy_nats": [round(float(x), 4) for x in ce],
-            "mean_kl_before_last": round(float(kl[:last].mean()), 4),
-            "mean_top1_agreement_before_last": round(float(agree[:last].mean()), 4),
+            "kl_to_final_nats": [round(float(x), 4) for x in mean_kl],
+            "top1_agreement": [round(float(x), 4) for x in mean_agree],
+            "cross_entropy_nats": [round(float(x), 4) for x in mean_ce],
+            "mean_kl_before_last": round(float(mean_kl[:last].mean()), 4),
+            "mean_top1_agreement_before_last": round(float(mean_agree[:last].mean()), 4),
         }
     if "logit" in sums and "tuned" in sums:
         t, lo = np.array(report["tuned"]["kl_to_final_nats"]), np.array(report["logit"]["kl_to_final_nats"])

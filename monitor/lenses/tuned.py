@@ -76,7 +76,7 @@ PLANS: dict[str, TunedPlan] = {
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    return rng.bit_generator.state  # type: ignore[no-any-return]
+    return dict(rng.bit_generator.state)
 
 
 def _atomic_json(path: Path, doc: dict[str, Any]) -> None:
