@@ -38,6 +38,13 @@ def register(sub: Any) -> None:
     exp.add_argument("--k", type=int, default=5)
     exp.set_defaults(handler=_export_logit)
 
+    rx = lsub.add_parser("reexport", help="re-export a bundle's trained lenses with this version's ONNX graph")
+    rx.add_argument("bundle", type=Path)
+    rx.add_argument("--out", required=True, type=Path)
+    rx.add_argument("--model", default="smollm2")
+    rx.add_argument("--k", type=int, default=None, help="top-k (default: the bundle's)")
+    rx.set_defaults(handler=_reexport)
+
     q = lsub.add_parser("quality", help="held-out quality per layer (KL, top-1 agreement, cross-entropy)")
     q.add_argument("bundle", type=Path)
     q.add_argument("--model", default="smollm2")
@@ -126,6 +133,21 @@ def _export_logit(args: argparse.Namespace) -> int:
     model, tok, name = _load_model(args.model)
     man = export_logit_lens(args.out, model, tok, model_name=name, k=args.k)
     print(f"logit-lens bundle {man['bundle_id']} written to {args.out}")
+    return 0
+
+
+def _reexport(args: argparse.Namespace) -> int:
+    from monitor.adapters import model_fingerprint
+    from monitor.lenses.bundle import verify_bundle
+    from monitor.lenses.writer import load_weights, write_bundle
+
+    model, tok, name = _load_model(args.model)
+    b = verify_bundle(args.bundle, model_fingerprint(model))
+    tr, probes = load_weights(b.root, b.manifest)
+    m = b.manifest
+    man = write_bundle(args.out, model, tr, probes, tokenizer=tok, model_name=m["model"].get("name", name),
+                       k=args.k or int(m["lens"]["k"]), quality=m.get("quality"), training=m.get("training"))
+    print(f"bundle {b.bundle_id} re-exported as {man['bundle_id']} to {args.out}")
     return 0
 
 

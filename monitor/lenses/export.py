@@ -127,11 +127,13 @@ def build_bank_graph(
     if translators.kind != "logit":
         mats = g.init("translator_matrix", _arr(translators.matrix).astype(np.float32))
         bias = g.init("translator_bias", _arr(translators.bias).astype(np.float32))
-        m_sel = g.one("Gather", [mats, INPUT_LAYER_INDEX], axis=0)  # [L, d, d]
-        c_sel = g.one("Gather", [bias, INPUT_LAYER_INDEX], axis=0)  # [L, d]
-        xt = g.one("Transpose", [x], perm=[1, 0, 2])  # [L, B, d]
-        xm = g.one("MatMul", [xt, m_sel])  # [L, B, d]
-        xm = g.one("Add", [xm, g.one("Unsqueeze", [c_sel, ax_1])])
+        # (outputs named tr_*: the runtime replaces this block by per-layer products once the
+        # watched layers are known, see monitor.lenses.runtime.specialise)
+        m_sel = g.one("Gather", [mats, INPUT_LAYER_INDEX], name="tr_m", axis=0)  # [L, d, d]
+        c_sel = g.one("Gather", [bias, INPUT_LAYER_INDEX], name="tr_c", axis=0)  # [L, d]
+        xt = g.one("Transpose", [x], name="tr_xt", perm=[1, 0, 2])  # [L, B, d]
+        xm = g.one("MatMul", [xt, m_sel], name="tr_xm")  # [L, B, d]
+        xm = g.one("Add", [xm, g.one("Unsqueeze", [c_sel, ax_1], name="tr_cu")], name="tr_xa")
         x = g.one("Transpose", [xm], perm=[1, 0, 2], name="translated")  # [B, L, d]
 
     # --- gain-free final normalisation -------------------------------------------------------
@@ -181,43 +183,48 @@ def build_bank_graph(
     z2 = g.one("Reshape", [z, g.const("flat2", [-1, pad_v])])  # [R, V']
     shape3 = g.const("shape3", [0, GROUPS, lanes])
     shape_blw = g.one("Concat", [shape_bl, g.const("w1", [width])], axis=0)
-    maxes, lane_maxes, sums, sums_ez, crosses, ranks = [], [], [], [], [], []
+    per_chunk = []
     for c0 in range(0, pad_v, width):
         lo, hi = g.const(f"c0_{c0}", [c0]), g.const(f"c1_{c0}", [c0 + width])
         zc = g.one("Slice", [z2, lo, hi, ax_last])  # [R, width]
         lane_max = g.one("ReduceMax", [g.one("Reshape", [zc, shape3])], axes=[1], keepdims=0)  # [R, lanes]
         m = g.one("ReduceMax", [lane_max], axes=[-1], keepdims=1)  # [R, 1]
         e = g.one("Exp", [g.one("Sub", [zc, m])])
-        lane_maxes.append(lane_max)
-        maxes.append(m)
-        sums.append(self_sum(g, e, shape3))
-        sums_ez.append(self_sum(g, g.one("Mul", [e, zc]), shape3))
-        ranks.append(self_sum(g, g.one("Cast", [g.one("Greater", [zc, thr])], to=TensorProto.FLOAT), shape3))
+        sum_e_c = self_sum(g, e, shape3)
+        sum_ez_c = self_sum(g, g.one("Mul", [e, zc]), shape3)
+        rank_c = self_sum(g, g.one("Cast", [g.one("Greater", [zc, thr])], to=TensorProto.FLOAT), shape3)
         pf_c = g.one("Unsqueeze", [g.one("Slice", [p_f, lo, hi, ax_last]), ax_last])  # [B, width, 1]
-        cross = g.one("MatMul", [g.one("Reshape", [zc, shape_blw]), pf_c])  # [B, L, 1]: sum_v p_f(v) z(v)
-        crosses.append(g.one("Reshape", [cross, rows]))
+        cross_c = g.one("Reshape", [g.one("MatMul", [g.one("Reshape", [zc, shape_blw]), pf_c]), rows])
+        # one [R, 5 + lanes] block per chunk, consumed in chunk order: ONNX Runtime's topological
+        # order then finishes a chunk (while it is in cache) before it slices the next one
+        per_chunk.append(g.one("Concat", [m, sum_e_c, sum_ez_c, rank_c, cross_c, lane_max], axis=-1))
 
-    # --- merge the chunks ([R, C] -> [R, 1] -> [B, L]) ------------------------------------------
-    m_all = g.one("Concat", maxes, axis=-1)  # [R, C]
-    m_max = g.one("ReduceMax", [m_all], axes=[-1], keepdims=1)
-    scale = g.one("Exp", [g.one("Sub", [m_all, m_max])])
-    sum_e = g.one("ReduceSum", [g.one("Mul", [g.one("Concat", sums, axis=-1), scale]), ax_last], keepdims=1)
-    sum_ez = g.one("ReduceSum", [g.one("Mul", [g.one("Concat", sums_ez, axis=-1), scale]), ax_last], keepdims=1)
+    # --- merge the chunks ([R, C, 5 + lanes] -> [R, 1] -> [B, L]) -------------------------------
+    n_stats = 5 + lanes
+    stats = g.one("Reshape", [g.one("Concat", per_chunk, axis=-1), g.const("stats3", [0, n_chunks, n_stats])])
+    m_all, sums, sums_ez, ranks, crosses, lane_all = g.op(
+        "Split", [stats, g.const("split", [1, 1, 1, 1, 1, lanes])], 6, axis=2)
+    ax2 = g.const_cached("ax2", [2])
+    m_all, sums, sums_ez, ranks, crosses = (g.one("Squeeze", [t, ax2]) for t in (m_all, sums, sums_ez, ranks, crosses))
+    m_max = g.one("ReduceMax", [m_all], axes=[-1], keepdims=1)  # [R, 1]
+    scale = g.one("Exp", [g.one("Sub", [m_all, m_max])])  # [R, C]
+    sum_e = g.one("ReduceSum", [g.one("Mul", [sums, scale]), ax_last], keepdims=1)
+    sum_ez = g.one("ReduceSum", [g.one("Mul", [sums_ez, scale]), ax_last], keepdims=1)
     lse = g.one("Add", [m_max, g.one("Log", [sum_e])])  # [R, 1]
     ent = g.one("Reshape", [g.one("Sub", [lse, g.one("Div", [sum_ez, sum_e])]), shape_bl], name="entropy")
     h_f = g.one("Gather", [ent, "last"], axis=1, name="final_entropy")  # [B]
-    cross = g.one("Reshape", [g.one("ReduceSum", [g.one("Concat", crosses, axis=-1), ax_last], keepdims=1),
-                              shape_bl])  # [B, L]
+    cross = g.one("Reshape", [g.one("ReduceSum", [crosses, ax_last], keepdims=1), shape_bl])  # [B, L]
     # KL(final || lens) = lse_l - H_f - sum_v p_f(v) z_l(v)  (0 up to rounding at the last row)
     lse_bl = g.one("Reshape", [lse, shape_bl])
     kl = g.one("Sub", [g.one("Sub", [lse_bl, g.one("Unsqueeze", [h_f, ax_1])]), cross])
     g.one("Relu", [kl], name="kl_to_final")
-    rank = g.one("ReduceSum", [g.one("Concat", ranks, axis=-1), ax_last], keepdims=1)
+    rank = g.one("ReduceSum", [ranks, ax_last], keepdims=1)
     g.one("Cast", [g.one("Reshape", [rank, shape_bl])], to=TensorProto.INT64, name="final_top1_rank")
     # top-k: the k best lanes hold the k best logits (a lane's max bounds its 16 members); gather
     # those lanes' members from the logits and take the top-k of these 16 k candidates.
     kk = min(k, n_chunks * lanes)
-    _, lane_top = g.op("TopK", [g.one("Concat", lane_maxes, axis=-1), g.const("kk", [kk])], 2, axis=-1,
+    lane_flat = g.one("Reshape", [lane_all, g.const("lanes_flat", [0, n_chunks * lanes])])  # [R, C * lanes]
+    _, lane_top = g.op("TopK", [lane_flat, g.const("kk", [kk])], 2, axis=-1,
                        largest=1, sorted=1)  # [R, kk]; global lane index = chunk * lanes + lane
     chunk_of = g.one("Div", [lane_top, g.const("lanes", [lanes])])
     base = g.one("Add", [g.one("Mul", [chunk_of, g.const("width", [width])]),

@@ -50,12 +50,45 @@ def _provider_list(providers: str | Sequence[str]) -> tuple[list[str], bool]:
 
 
 def specialise(model: Any, layer_index: np.ndarray) -> Any:
-    """Turn the ``layer_index`` input of ``model`` (an ``onnx.ModelProto``) into a constant."""
-    from onnx import numpy_helper
+    """Bake the watched layers into ``model`` (an ``onnx.ModelProto``, changed in place).
+
+    The ``layer_index`` input becomes a constant (ONNX Runtime folds the probe-weight gathers
+    once), and the translator block (one batched [L, B, d] x [L, d, d] product, whose weights
+    would be re-packed on every call) is replaced by one 2-D product per watched layer with a
+    constant weight, which ONNX Runtime pre-packs at load; identity translators (state N) are
+    skipped."""
+    from onnx import helper, numpy_helper
 
     keep = [i for i in model.graph.input if i.name != "layer_index"]
     del model.graph.input[:]
     model.graph.input.extend(keep)
+    inits = {t.name: t for t in model.graph.initializer}
+    if "translator_matrix" in inits:
+        mats = numpy_helper.to_array(inits["translator_matrix"])[layer_index]
+        bias = numpy_helper.to_array(inits["translator_bias"])[layer_index]
+        old = [n for n in model.graph.node if any(o.startswith("tr_") or o == "translated" for o in n.output)]
+        for n in old:
+            model.graph.node.remove(n)
+        for name in ("translator_matrix", "translator_bias"):
+            model.graph.initializer.remove(inits[name])
+        d = mats.shape[1]
+        eye = np.eye(d, dtype=mats.dtype)
+        new = [helper.make_node("Split", ["hidden", "tr_split"], [f"tr_h{i}" for i in range(len(layer_index))],
+                                axis=1, name="tr_split_node")]
+        model.graph.initializer.append(numpy_helper.from_array(np.ones(len(layer_index), np.int64), "tr_split"))
+        outs = []
+        for i in range(len(layer_index)):
+            if np.array_equal(mats[i], eye) and not bias[i].any():
+                outs.append(f"tr_h{i}")  # identity (the final state): no work, exact
+                continue
+            model.graph.initializer.extend([numpy_helper.from_array(mats[i], f"tr_w{i}"),
+                                            numpy_helper.from_array(bias[i], f"tr_b{i}")])
+            new += [helper.make_node("MatMul", [f"tr_h{i}", f"tr_w{i}"], [f"tr_mm{i}"], name=f"tr_mm_node{i}"),
+                    helper.make_node("Add", [f"tr_mm{i}", f"tr_b{i}"], [f"tr_o{i}"], name=f"tr_add_node{i}")]
+            outs.append(f"tr_o{i}")
+        new.append(helper.make_node("Concat", outs, ["translated"], axis=1, name="tr_concat_node"))
+        for j, n in enumerate(new):
+            model.graph.node.insert(j, n)
     if any("layer_index" in node.input for node in model.graph.node):
         model.graph.initializer.append(numpy_helper.from_array(layer_index.astype(np.int64), "layer_index"))
     return model
