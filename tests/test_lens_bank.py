@@ -26,7 +26,7 @@ from monitor.lenses.export import OPSET, build_bank_graph
 from monitor.lenses.model import ProbeSet, TorchLensBank, Translators
 from monitor.lenses.readings import SampleReadings
 from monitor.lenses.readout import readout_spec
-from monitor.lenses.runtime import LensBank
+from monitor.lenses.runtime import DISABLED_OPTIMIZERS, LensBank, specialise
 from monitor.lenses.writer import export_logit_lens, write_bundle
 from tests.conftest import make_tiny
 
@@ -349,11 +349,13 @@ def test_parity_onnx_vs_pytorch_on_smollm2(reference_model) -> None:  # noqa: AN
         states.append(collect_states(model, parts, ids)[:, 0, -1])
     h = torch.stack(states)  # [B, S, d]
     for lens in (tr, Translators.identity(tr.layers, parts.hidden_size)):
-        graph = build_bank_graph(readout_spec(parts), lens, (), k=10, debug=True)
-        sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        # the production path: layers baked in at load (per-layer translator products)
+        graph = specialise(build_bank_graph(readout_spec(parts), lens, (), k=10, debug=True),
+                           np.arange(parts.n_states))
+        sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=DISABLED_OPTIMIZERS)
         names = [o.name for o in sess.get_outputs()]
-        got = dict(zip(names, sess.run(None, {"hidden": h.numpy(), "layer_index": np.arange(parts.n_states)}),
-                       strict=True))
+        got = dict(zip(names, sess.run(None, {"hidden": h.numpy()}), strict=True))
         with torch.no_grad():  # the PyTorch reference: the model's own final norm and LM head
             ref = parts.final_logits(lens.apply(h)).float().log_softmax(-1)
         assert np.abs(got["log_probs"] - ref.numpy()).max() <= 1e-4
