@@ -319,6 +319,22 @@ def test_manifest_records_identity_checksums_and_a_content_id(tiny_bundle) -> No
     assert doc["bundle_id"].startswith("lwb-") and doc["created_at"].endswith("Z")
 
 
+def test_weights_round_trip_keeps_probe_metrics(tiny_bundle, tmp_path: Path) -> None:  # noqa: ANN001
+    """Re-exporting a bundle from its weights keeps translators, probe labels and probe metrics."""
+    from monitor.lenses.bundle import verify_bundle
+    from monitor.lenses.writer import load_weights
+
+    path, model = tiny_bundle
+    b = verify_bundle(path)
+    tr, probes = load_weights(b.root, b.manifest)
+    probes[0].metrics["heldout_accuracy"] = [0.5, 0.6, 0.7]
+    write_bundle(tmp_path / "again", model, tr, probes, k=4)
+    b2 = verify_bundle(tmp_path / "again")
+    tr2, probes2 = load_weights(b2.root, b2.manifest)
+    torch.testing.assert_close(tr2.matrix, tr.matrix)
+    assert probes2[0].metrics["heldout_accuracy"] == [0.5, 0.6, 0.7] and probes2[1].labels == ("en", "de")
+
+
 def test_logit_lens_bundle_on_tiny_model_has_no_translators(tmp_path: Path) -> None:
     """The logit-lens bundle's graph has no translator weights and reads like the model's own head."""
     model = make_tiny("gpt2")

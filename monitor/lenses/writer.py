@@ -79,7 +79,7 @@ def load_weights(bundle_root: Path, manifest: dict[str, Any]) -> tuple[Translato
     tr = Translators(manifest["lens"]["kind"], layers, t["translator.matrix"], t["translator.bias"])
     probes = tuple(
         ProbeSet(p["name"], tuple(p["labels"]), layers, t[f"probe.{p['name']}.weight"],
-                 t[f"probe.{p['name']}.bias"], p.get("metrics", {}))
+                 t[f"probe.{p['name']}.bias"], {k: v for k, v in p.items() if k not in ("name", "labels")})
         for p in manifest.get("probes", [])
     )
     return tr, probes
