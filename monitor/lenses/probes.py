@@ -270,6 +270,8 @@ def train_probe_set(
         "control_accuracy": [round(float(a), 4) for a in ctrl],
         "selectivity": [round(float(a - c), 4) for a, c in zip(acc, ctrl, strict=True)],
         "bag_of_tokens_accuracy": round(bot, 4),
+        # the control labels' own majority rate: texts often end in the same few token types
+        "control_majority_accuracy": round(float(np.mean(ctr_te == np.bincount(ctr_tr).argmax())), 4),
         "majority_accuracy": round(majority, 4),
         "l2": [float(x) for x in l2],
         "best_layer": int(np.argmax(acc)),
