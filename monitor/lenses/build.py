@@ -7,7 +7,8 @@ interrupted run resumes where it stopped.
 
 Budgets (``--budget``):
 
-- ``demo``: ~4 minutes of tuned-lens training on 16k token positions, small probe sets; made for
+- ``demo``: 4 minutes of tuned-lens training on 16k token positions, small probe sets (~6 minutes
+  in all on a quiet 2-core machine, ~11 with the machine busy); made for
   the first demo run (the whole demo must finish within ~15 minutes on 2 cores);
 - ``full``: the default, ~25 minutes of tuned-lens training on up to 65k token positions.
 """
@@ -50,7 +51,7 @@ class ProbePlan:
     max_tokens: int
 
 
-PROBE_PLANS = {"demo": ProbePlan(50, 20, 32), "full": ProbePlan(100, 40, 40)}
+PROBE_PLANS = {"demo": ProbePlan(40, 15, 32), "full": ProbePlan(100, 40, 40)}
 HELDOUT_TOKENS = {"demo": 1024, "full": 4096}
 CALIBRATION_SOURCE = "monitor.corpora.english_prose('train') packed into 128-token chunks"
 HELDOUT_SOURCE = "monitor.corpora.english_prose('heldout') packed into 128-token chunks"
