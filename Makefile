@@ -13,6 +13,7 @@ services:
 	@scripts/services.sh
 
 demo: setup
+	@scripts/corpora.sh
 	@. $(VENV)/bin/activate && HF_HUB_OFFLINE=1 layerwatch demo
 
 test: setup services

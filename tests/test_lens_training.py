@@ -29,6 +29,7 @@ from monitor.lenses.tuned import (
     finetune,
     kl_rows,
     layer_kl,
+    _spd_solve,
     least_squares_init,
 )
 from tests.conftest import make_tiny
@@ -119,6 +120,21 @@ def test_least_squares_init_recovers_an_affine_relation() -> None:
     kl = layer_kl(spec, a, b, states, u, c, exact=True)
     zero = layer_kl(spec, torch.zeros_like(a), torch.zeros_like(b), states, u, c, exact=True)
     assert (kl < 1e-3).all() and (zero > 0.5).all()
+
+
+def test_spd_solve_matches_numpy_and_survives_a_singular_matrix() -> None:
+    """The ridge solve: exact on SPD matrices, least squares (finite) where Cholesky fails."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 6, generator=g, dtype=torch.float64)
+    m = x.transpose(1, 2) @ x + 0.1 * torch.eye(6, dtype=torch.float64)
+    m[2] = torch.zeros(6, 6, dtype=torch.float64)
+    m[2, 0, 0] = 1.0  # singular: Cholesky fails
+    rhs = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    sol = _spd_solve(m, rhs)
+    for i in range(2):
+        np.testing.assert_allclose(sol[i].numpy(), np.linalg.solve(m[i].numpy(), rhs[i].numpy()), rtol=1e-9)
+    assert torch.isfinite(sol[2]).all()
+    np.testing.assert_allclose(sol[2, 0].numpy(), rhs[2, 0].numpy(), rtol=1e-9)
 
 
 def test_finetune_lowers_kl_from_the_logit_lens_and_resumes(tmp_path: Path) -> None:

@@ -146,6 +146,22 @@ def kl_rows(readout: ReadoutSpec, s: torch.Tensor, u: torch.Tensor, c: torch.Ten
 
 
 # --------------------------------------------------------------------------- initialisation
+def _spd_solve(m: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve ``m x = rhs`` for a batch of symmetric positive definite ``m`` (ridge Gram matrices),
+    one Cholesky factorisation per matrix. (The batched LU path of ``torch.linalg.solve`` failed
+    at random on a fresh machine with "Pivots given to lu_solve must all be greater or equal to
+    1" on matrices whose smallest eigenvalue was 0.7 or more.) A matrix that is not numerically
+    positive definite falls back to least squares."""
+    out = torch.empty_like(rhs)
+    for i in range(m.shape[0]):
+        chol, info = torch.linalg.cholesky_ex(m[i])
+        if int(info) == 0:
+            out[i] = torch.cholesky_solve(rhs[i], chol)
+        else:
+            out[i] = torch.linalg.lstsq(m[i], rhs[i]).solution
+    return out
+
+
 @torch.no_grad()
 def least_squares_init(
     readout: ReadoutSpec, states: np.ndarray, n_layers: int, ridge: float = 1e-3, block: int = 1024,
@@ -168,7 +184,7 @@ def least_squares_init(
     eye = torch.eye(d + 1, dtype=torch.float64)
     eye[d, d] = 0.0  # the bias is not penalised
     diag = torch.diagonal(gram, dim1=1, dim2=2).mean(1)  # a scale-aware ridge per layer
-    sol = torch.linalg.solve(gram + ridge * diag[:, None, None] * eye, cross)  # [L, d+1, d]
+    sol = _spd_solve(gram + ridge * diag[:, None, None] * eye, cross)  # [L, d+1, d]
     a = (sol[:, :d] - torch.eye(d, dtype=torch.float64)).float()
     b = sol[:, d].float()
     return a.contiguous(), b.contiguous()
