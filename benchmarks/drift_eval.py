@@ -127,11 +127,17 @@ def texts_for_eval(cache: Cache, n_baseline: int, n_normal: int, n_shift: int,
     return sets
 
 
+def states_key(fp: str, max_tokens: int, texts: list[str], positions: str) -> str:
+    # "last" keeps the key of the caches written before positions were selectable
+    return _key("states", fp, max_tokens, texts) if positions == "last" else _key("states", fp, max_tokens, texts,
+                                                                                   positions)
+
+
 def states_for(cache: Cache, name: str, texts: list[str], model: Any, tok: Any, fp: str,
-               max_tokens: int, batch_size: int) -> tuple[np.ndarray, tuple[int, ...]]:
+               max_tokens: int, batch_size: int, positions: str = "last") -> tuple[np.ndarray, tuple[int, ...]]:
     from monitor.drift.offline import capture_states
 
-    key = _key("states", fp, max_tokens, texts)
+    key = states_key(fp, max_tokens, texts, positions)
     p = cache.path(key, "npy")
     meta = cache.path(key, "json")
     if p.exists() and meta.exists():
@@ -143,7 +149,7 @@ def states_for(cache: Cache, name: str, texts: list[str], model: Any, tok: Any, 
             print(f"  [{name}] captured {done}/{total} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
     states, layers, _ = capture_states(model, tok, texts, batch_size=batch_size, max_tokens=max_tokens,
-                                       progress=prog)
+                                       positions=positions, progress=prog)
     np.save(p, states)
     meta.write_text(json.dumps({"name": name, "layers": list(layers), "n": len(texts)}))
     return states, layers
@@ -244,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-shift", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--positions", choices=("last", "mean"), default="last",
+                    help="what the tap captures per text: the last prompt token or the mean over the prompt")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--step", type=int, default=50)
@@ -276,10 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     readings: dict[str, ReadingArrays] = {}
     finals: dict[str, np.ndarray] = {}
     for name, texts in sets.items():
-        states, layers = states_for(cache, name, texts, model, tok, fp, args.max_tokens, args.batch_size)
+        states, layers = states_for(cache, name, texts, model, tok, fp, args.max_tokens, args.batch_size,
+                                    args.positions)
         if bank is None:
             continue
-        skey = _key("states", fp, args.max_tokens, texts)
+        skey = states_key(fp, args.max_tokens, texts, args.positions)
         readings[name] = readings_for(cache, skey, states, layers, bank, args.batch_size)
         finals[name] = final_hidden(states, layers, model)
         print(f"  [{name}] {len(texts)} texts ready", file=sys.stderr, flush=True)

@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.lenses.readings import LayerReading, SampleReadings
+import numpy as np
+
+from monitor.lenses.readings import BankOutput, LayerReading, SampleReadings
 
 TokenDecoder = Callable[[int], str]
 
@@ -60,22 +62,19 @@ def changes_of_mind(readings: SampleReadings) -> list[int]:
     return out
 
 
-def _probe_summary(reading: LayerReading, labels: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+def _probe_summary(probes: dict[str, list[float]], labels: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """Per probe: the winning label, its probability and every label's probability (rounded)."""
     out = {}
-    for name, probs in reading.probes.items():
+    for name, probs in probes.items():
         names = labels.get(name) or tuple(str(i) for i in range(len(probs)))
         best = max(range(len(probs)), key=probs.__getitem__)
-        out[name] = {
-            "label": names[best],
-            "p": round(probs[best], 4),
-            "probs": {n: round(p, 4) for n, p in zip(names, probs, strict=False)},
-        }
+        out[name] = {"label": names[best], "p": probs[best], "probs": dict(zip(names, probs, strict=False))}
     return out
 
 
 def sentence(reading: LayerReading, decode: TokenDecoder, probes: dict[str, Any]) -> str:
     """One human sentence for one layer."""
-    parts = [f"L{reading.layer}: leaning {decode(reading.top1)!r} ({reading.confidence:.2f})"]
+    parts = [f"L{reading.layer}: leaning {decode(reading.topk_ids[0])!r} ({reading.topk_probs[0]:.2f})"]
     parts += [f"{name}={p['label']} {p['p']:.2f}" for name, p in probes.items()]
     return ", ".join(parts)
 
@@ -115,6 +114,12 @@ class Narrative:
         return "\n".join(lines)
 
 
+def _round4(x: Any) -> Any:
+    """Round to 4 decimals (vectorised; float64 first so that the JSON shows 0.1235, not the
+    float32 neighbour 0.12349999...)."""
+    return np.round(np.asarray(x, dtype=np.float64), 4).tolist()
+
+
 def build_narrative(
     readings: SampleReadings,
     *,
@@ -124,30 +129,66 @@ def build_narrative(
     decode: TokenDecoder = default_decoder,
     top_n: int = 5,
     metadata: dict[str, Any] | None = None,
+    rounded: dict[str, Any] | None = None,
 ) -> Narrative:
-    """Build the narrative of one sample from its lens readings."""
+    """Build the narrative of one sample from its lens readings.
+
+    ``rounded``: this sample's values already rounded (see :func:`narratives_for_batch`, which
+    rounds a whole batch in a few numpy calls); computed here when not given."""
+    rs = readings.layers
+    if rounded is None:
+        rounded = {
+            "top": _round4([r.topk_probs[:top_n] for r in rs]), "entropy": _round4([r.entropy for r in rs]),
+            "kl": _round4([r.kl_to_final for r in rs]),
+            "probes": {k: _round4([r.probes[k] for r in rs]) for k in (rs[0].probes if rs else {})},
+            "final_top": _round4(readings.final_topk_probs[:top_n]), "final_entropy": _round4(readings.final_entropy),
+        }
     layers = []
-    for r in readings.layers:
-        probes = _probe_summary(r, readings.probe_labels)
+    for i, r in enumerate(rs):
+        probes = _probe_summary({k: v[i] for k, v in rounded["probes"].items()}, readings.probe_labels)
         layers.append({
             "layer": r.layer,
-            "top": [[decode(t), round(p, 4)] for t, p in zip(r.topk_ids[:top_n], r.topk_probs[:top_n], strict=False)],
-            "entropy": round(r.entropy, 4),
-            "kl_to_final": round(r.kl_to_final, 4),
+            "top": [[decode(t), p] for t, p in zip(r.topk_ids[:top_n], rounded["top"][i], strict=False)],
+            "entropy": rounded["entropy"][i],
+            "kl_to_final": rounded["kl"][i],
             "final_top1_rank": r.final_top1_rank,
             "probes": probes,
             "sentence": sentence(r, decode, probes),
         })
     final = {
-        "top": [[decode(t), round(p, 4)] for t, p in
-                zip(readings.final_topk_ids[:top_n], readings.final_topk_probs[:top_n], strict=False)],
-        "entropy": round(readings.final_entropy, 4),
+        "top": [[decode(t), p] for t, p in zip(readings.final_topk_ids[:top_n], rounded["final_top"], strict=False)],
+        "entropy": rounded["final_entropy"],
     }
     return Narrative(
         sample_id=sample_id, request_id=request_id, model=model, readings=readings, layers=layers,
         final=final, prediction_depth=prediction_depth(readings), changes_of_mind=changes_of_mind(readings),
         metadata=dict(metadata or {}),
     )
+
+
+def narratives_for_batch(
+    out: BankOutput,
+    readings: Sequence[SampleReadings],
+    ids: Sequence[tuple[str, str, str]],
+    *,
+    decode: TokenDecoder = default_decoder,
+    top_n: int = 5,
+    metadata: Sequence[dict[str, Any] | None] | None = None,
+) -> list[Narrative]:
+    """Narratives of a whole lens-bank batch (the sidecar's path): the rounding of every value is
+    done once for the batch with numpy. ``readings`` is ``split_batch(out, ...)``; ``ids`` holds
+    (sample_id, request_id, model) per sample."""
+    top, ent, kl = _round4(out.topk_probs[:, :, :top_n]), _round4(out.entropy), _round4(out.kl_to_final)
+    probes = {k: _round4(v) for k, v in out.probes.items()}
+    f_top, f_ent = _round4(out.final_topk_probs[:, :top_n]), _round4(out.final_entropy)
+    meta = list(metadata) if metadata is not None else [None] * len(ids)
+    return [
+        build_narrative(r, sample_id=s, request_id=q, model=m, decode=decode, top_n=top_n, metadata=md,
+                        rounded={"top": top[b], "entropy": ent[b], "kl": kl[b],
+                                 "probes": {k: v[b] for k, v in probes.items()},
+                                 "final_top": f_top[b], "final_entropy": f_ent[b]})
+        for b, (r, (s, q, m), md) in enumerate(zip(readings, ids, meta, strict=True))
+    ]
 
 
 def build_narratives(

@@ -25,11 +25,11 @@ from monitor.lenses.probes import (
 from monitor.lenses.readout import ReadoutSpec, readout_spec
 from monitor.lenses.tuned import (
     TunedPlan,
+    _spd_solve,
     final_targets,
     finetune,
     kl_rows,
     layer_kl,
-    _spd_solve,
     least_squares_init,
 )
 from tests.conftest import make_tiny

@@ -266,6 +266,9 @@ def test_http_endpoints_serve_metrics_health_readiness_and_narratives(sidecar_fa
         text = urllib.request.urlopen(base + "/metrics").read().decode()
         assert 'layerwatch_samples_processed_total{model="LlamaForCausalLM"} 1.0' in text
         assert "layerwatch_layer_kl_to_final_nats_bucket" in text
+        for layer in sc.bank.layers:  # one observation per layer and sample, counted once
+            assert f'layerwatch_layer_entropy_nats_count{{layer="{layer}",model="LlamaForCausalLM"}} 1.0' in text
+            assert f'layerwatch_layer_samples_total{{layer="{layer}",model="LlamaForCausalLM"}} 1.0' in text
         item = json.load(urllib.request.urlopen(base + f"/narratives/{h.sample_ids[0]}"))
         assert item["request_id"] == "r1" and len(item["narrative"]["layers"]) == 3
         with pytest.raises(urllib.error.HTTPError) as err:

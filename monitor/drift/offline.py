@@ -41,13 +41,17 @@ def capture_states(
     *,
     batch_size: int = 16,
     max_tokens: int = 128,
+    positions: str = "last",
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, tuple[int, ...], str]:
     """Run ``texts`` through ``model`` under the real tap; returns (states, layers, fingerprint).
 
-    ``states`` is float16 [n, L, d] in the order of ``texts`` (the wire payload of each sample at
-    its last prompt token), ``layers`` the captured state indices.
+    ``states`` is float16 [n, L, d] in the order of ``texts`` (the wire payload of each sample: its
+    last prompt token for ``positions="last"``, the mean over its prompt tokens for ``"mean"``),
+    ``layers`` the captured state indices.
     """
+    if positions not in ("last", "mean"):
+        raise BaselineError(f"positions: {positions!r} is not 'last' or 'mean' (one state per layer and text)")
     import torch
 
     import monitor
@@ -58,7 +62,7 @@ def capture_states(
     transport = open_transport(url)
     group = "offline"
     transport.ensure_group(group)
-    tap = monitor.attach(model, sample_rate=1.0, transport=transport, positions="last",
+    tap = monitor.attach(model, sample_rate=1.0, transport=transport, positions=positions,
                          queue_max_items=max(256, 2 * batch_size))
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -128,11 +132,12 @@ def readings_for_texts(
     batch_size: int = 16,
     *,
     max_tokens: int = 128,
+    positions: str = "last",
     progress: Callable[[int, int], None] | None = None,
 ) -> ReadingArrays:
     """Readings of ``texts`` as the sidecar would compute them (tap -> wire -> lens bank)."""
     states, layers, _ = capture_states(model, tokenizer, texts, batch_size=batch_size,
-                                       max_tokens=max_tokens, progress=progress)
+                                       max_tokens=max_tokens, positions=positions, progress=progress)
     return readings_from_states(bank, states, layers, batch_size=batch_size)
 
 

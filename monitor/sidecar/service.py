@@ -29,8 +29,8 @@ import numpy as np
 from monitor.audit.records import sample_fields
 from monitor.errors import AuditError, LayerwatchError, TransportError, WireFormatError
 from monitor.lenses.readings import BankOutput, split_batch
-from monitor.metrics import TAP_DROP_REASONS, SidecarMetrics
-from monitor.narratives import Narrative, build_narrative, default_decoder, tokenizer_decoder
+from monitor.metrics import TAP_DROP_REASONS, SidecarMetrics, observe_many
+from monitor.narratives import Narrative, default_decoder, narratives_for_batch, tokenizer_decoder
 from monitor.sidecar.config import SidecarSettings
 from monitor.sidecar.ledger import MemoryLedger, RedisLedger
 from monitor.transport import Entry, Transport, open_transport
@@ -112,6 +112,7 @@ class Sidecar:
         # The label is fixed at start-up (series never move): configured, else the bank's model name.
         self.model_label = settings.model_name or getattr(self.bank, "model_name", None) or "unknown"
         self._bank_index: dict[tuple[int, ...], np.ndarray] = {}
+        self._series: dict[int, dict[str, Any]] = {}
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._recent_lock = threading.Lock()
         self._stop = threading.Event()
@@ -370,11 +371,8 @@ class Sidecar:
         hidden = np.stack([smp.hidden[self._layer_index(smp.layers), -1, :] for _, smp in good])
         out = self.bank.read_arrays(hidden)
         readings = split_batch(out, self.bank.probe_labels)
-        narratives = [
-            build_narrative(r, sample_id=smp.sample_id, request_id=smp.request_id, model=smp.model,
-                            decode=self.decode_token, metadata=smp.metadata)
-            for r, (_, smp) in zip(readings, good, strict=True)
-        ]
+        narratives = narratives_for_batch(out, readings, [(smp.sample_id, smp.request_id, smp.model) for _, smp in good],
+                                          decode=self.decode_token, metadata=[smp.metadata for _, smp in good])
         scores, events = self._score(out, narratives)
         records: list[tuple[str, dict[str, Any]]] = []
         for (e, smp), nar, sc in zip(good, narratives, scores, strict=True):
@@ -469,23 +467,35 @@ class Sidecar:
 
     # ------------------------------------------------------------------ metrics and caches
     def _layer_metrics(self, out: BankOutput, narratives: list[Narrative]) -> None:
+        """Per-layer metrics of a batch: histograms observed per layer in one vectorised step,
+        probe label counts from one argmax per probe (series handles cached)."""
         m, mm = self.model_label, self.metrics
-        agree = out.topk_ids[:, :, 0] == out.final_topk_ids[:, None, 0]
+        n = out.batch_size
+        agree = (out.topk_ids[:, :, 0] == out.final_topk_ids[:, None, 0]).sum(axis=0).tolist()
+        ent, kl = out.entropy, out.kl_to_final
+        winners = {probe: probs.argmax(-1) for probe, probs in out.probes.items()}  # [B, L]
         for i, layer in enumerate(out.layers):
-            lab = str(layer)
-            ent, kl = mm.layer_entropy.labels(m, lab), mm.layer_kl.labels(m, lab)
-            for b in range(out.batch_size):
-                ent.observe(float(out.entropy[b, i]))
-                kl.observe(float(out.kl_to_final[b, i]))
-            mm.layer_samples.labels(m, lab).inc(out.batch_size)
-            mm.layer_top1_agree.labels(m, lab).inc(int(agree[:, i].sum()))
-            for probe, probs in out.probes.items():
+            s = self._layer_series(layer)
+            observe_many(s["entropy"], ent[:, i])
+            observe_many(s["kl"], kl[:, i])
+            s["samples"].inc(n)
+            if agree[i]:
+                s["agree"].inc(agree[i])
+            for probe, w in winners.items():
                 names = self.bank.probe_labels.get(probe, ())
-                for c, count in zip(*np.unique(probs[:, i].argmax(-1), return_counts=True), strict=True):
+                for c, count in zip(*np.unique(w[:, i], return_counts=True), strict=True):
                     label = names[c] if c < len(names) else str(c)
-                    mm.probe_labels.labels(m, lab, probe, label).inc(int(count))
-        for n in narratives:
-            mm.prediction_depth.labels(m).observe(n.prediction_depth)
+                    mm.probe_labels.labels(m, str(layer), probe, label).inc(int(count))
+        observe_many(mm.prediction_depth.labels(m), [nar.prediction_depth for nar in narratives])
+
+    def _layer_series(self, layer: int) -> dict[str, Any]:
+        s = self._series.get(layer)
+        if s is None:
+            m, mm, lab = self.model_label, self.metrics, str(layer)
+            s = self._series[layer] = {"entropy": mm.layer_entropy.labels(m, lab), "kl": mm.layer_kl.labels(m, lab),
+                                       "samples": mm.layer_samples.labels(m, lab),
+                                       "agree": mm.layer_top1_agree.labels(m, lab)}
+        return s
 
     def _remember(self, nar: Narrative, score: dict[str, Any]) -> None:
         if self.settings.recent_narratives <= 0:

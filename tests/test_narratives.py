@@ -1,0 +1,71 @@
+"""Narratives and per-batch bookkeeping: the sidecar's vectorised paths equal the plain ones."""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from monitor.lenses.readings import BankOutput, split_batch
+from monitor.metrics import NATS_BUCKETS, observe_many
+from monitor.narratives import build_narrative, narratives_for_batch
+
+
+def random_output(b: int = 6, layers: tuple[int, ...] = (0, 3, 7, 9), k: int = 5, seed: int = 0) -> BankOutput:
+    rng = np.random.default_rng(seed)
+    n = len(layers)
+    ids = rng.integers(0, 50, (b, n, k))
+    ids[:, -1] = ids[:, -1, :1]  # duplicates are fine; the last layer agrees with the output
+    probs = np.sort(rng.dirichlet(np.ones(20), (b, n))[:, :, :k], axis=-1)[:, :, ::-1].astype(np.float32)
+    return BankOutput(
+        layers=layers, topk_ids=ids, topk_probs=np.ascontiguousarray(probs),
+        entropy=rng.gamma(2.0, 1.0, (b, n)).astype(np.float32),
+        kl_to_final=rng.gamma(1.0, 1.0, (b, n)).astype(np.float32),
+        final_top1_rank=rng.integers(0, 4, (b, n)), final_topk_ids=ids[:, -1].copy(),
+        final_topk_probs=np.ascontiguousarray(probs[:, -1]), final_entropy=rng.gamma(2.0, 1.0, b).astype(np.float32),
+        probes={"topic": rng.dirichlet(np.ones(3), (b, n)).astype(np.float32),
+                "language": rng.dirichlet(np.ones(4), (b, n)).astype(np.float32)},
+    )
+
+
+def test_batch_narratives_equal_narratives_built_one_sample_at_a_time() -> None:
+    """narratives_for_batch (numpy rounding for the batch) gives exactly build_narrative's result."""
+    out = random_output()
+    labels = {"topic": ("code", "legal", "prose"), "language": ("en", "de", "fr", "pl")}
+    readings = split_batch(out, labels)
+    ids = [(f"s{i}", f"r{i}", "m") for i in range(out.batch_size)]
+    batch = narratives_for_batch(out, readings, ids, metadata=[{"i": i} for i in range(out.batch_size)])
+    for i, (r, nar) in enumerate(zip(readings, batch, strict=True)):
+        one = build_narrative(r, sample_id=f"s{i}", request_id=f"r{i}", model="m", metadata={"i": i})
+        assert nar.to_dict() == one.to_dict()
+        assert nar.render() == one.render() and nar.metadata == {"i": i}
+    first = batch[0].layers[0]
+    assert first["entropy"] == round(float(out.entropy[0, 0]), 4)  # 4 decimals, not a float32 neighbour
+    assert first["probes"]["topic"]["label"] == labels["topic"][int(out.probes["topic"][0, 0].argmax())]
+
+
+def test_split_batch_gives_python_values_equal_to_the_arrays() -> None:
+    """split_batch hands out plain Python ints/floats equal to the batch arrays."""
+    out = random_output(seed=1)
+    r = split_batch(out, {})[2].layers[1]
+    assert r.topk_ids == tuple(int(x) for x in out.topk_ids[2, 1]) and type(r.topk_ids[0]) is int
+    assert r.entropy == float(out.entropy[2, 1]) and type(r.entropy) is float
+    assert r.probes["topic"] == tuple(float(x) for x in out.probes["topic"][2, 1])
+
+
+def test_observe_many_matches_a_loop_of_observe() -> None:
+    """observe_many leaves the same exposition (buckets incl. values on a bound, +Inf, sum, count)."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.gamma(1.0, 3.0, 500), np.array(NATS_BUCKETS), [0.0, 1e9, np.inf]])
+    expo = []
+    for vectorised in (False, True):
+        reg = CollectorRegistry()
+        h = Histogram("x_nats", "x", ["layer"], buckets=NATS_BUCKETS, registry=reg).labels("3")
+        if vectorised:
+            observe_many(h, values[:200])
+            observe_many(h, values[200:])
+        else:
+            for v in values:
+                h.observe(float(v))
+        expo.append("\n".join(x for x in generate_latest(reg).decode().splitlines() if "_created" not in x))
+    assert expo[0] == expo[1]
+    assert 'x_nats_count{layer="3"} 513.0' in expo[1]
