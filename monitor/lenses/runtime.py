@@ -94,6 +94,20 @@ def specialise(model: Any, layer_index: np.ndarray) -> Any:
     return model
 
 
+def _release_freed_memory() -> None:
+    """Hand the memory of the Python-side graph copies (the parsed and the serialised model,
+    ~2x the weights) back to the operating system: glibc keeps freed large heaps otherwise, and
+    the sidecar's resident set would carry them for its whole life."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def quantise_unembedding(model: Any) -> Any:
     """Dynamically quantise the logits product (``MatMul`` named ``logits``) to int8 weights."""
     import tempfile
@@ -205,6 +219,7 @@ class LensBank:
         except Exception as exc:  # onnxruntime's own exception types are not public
             raise BundleError(f"lens bundle {path}: ONNX Runtime cannot open {graph_path.name}: {exc}") from exc
         del model
+        _release_freed_memory()
         if cuda_demanded and session.get_providers()[0] != CUDA:
             raise ConfigError(
                 "providers: CUDA was requested but the session runs on "
