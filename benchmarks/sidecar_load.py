@@ -75,6 +75,29 @@ def capture_samples(n: int) -> list[tuple[dict[str, Any], np.ndarray]]:
     return out
 
 
+def build_baseline_file(bundle: str, samples: list[tuple[dict[str, Any], np.ndarray]], path: Path,
+                        model_name: str) -> Path:
+    """A baseline from the readings of the captured samples, as ``layerwatch baseline build`` would."""
+    from monitor.drift.baseline import build_baseline
+    from monitor.drift.features import ReadingArrays
+    from monitor.lenses import LensBank
+
+    bank = LensBank.load(bundle)
+    hidden = np.stack([h[:, -1, :] for _, h in samples]).astype(np.float32)
+    a = ReadingArrays.from_bank_output(bank.read_arrays(hidden), dict(bank.probe_labels))
+    b = build_baseline(a, model=model_name, model_fingerprint=bank.fingerprint, bundle_id=bank.bundle_id,
+                       source="sidecar_load: captured English prose samples")
+    path.write_text(b.dumps())
+    return path
+
+
+def reference_model_dir() -> Path:
+    """The cached reference model directory (its tokenizer.json prints tokens in narratives)."""
+    from monitor.refmodel import MODEL_NAME, default_cache_dir
+
+    return Path(default_cache_dir()) / "models" / MODEL_NAME
+
+
 class Publisher(threading.Thread):
     """Publishes samples at ``rate``/s (fresh ids, created_at = publish time) until stopped."""
 
@@ -109,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--saturation-s", type=float, default=120.0)
     ap.add_argument("--steady-s", type=float, default=240.0)
-    ap.add_argument("--samples", type=int, default=200, help="distinct real samples to cycle through")
+    ap.add_argument("--samples", type=int, default=600,
+                    help="distinct real samples to cycle through (>= 400: the baseline is built from them)")
     ap.add_argument("--bundle", default=None, help="lens bundle (default: the cached reference bundle)")
     ap.add_argument("--out", default="bench-results/sidecar_load.json")
     args = ap.parse_args(argv)
@@ -124,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     samples = capture_samples(args.samples)
     stream = f"layerwatch:load:{int(time.time())}"
     work = Path(tempfile.mkdtemp(prefix="lw-load-"))
+    # Steady state of a production sidecar: a baseline loaded, every sample scored by the detector.
+    baseline_file = build_baseline_file(bundle, samples, work / "baseline.json", MODEL_NAME)
     port = 9470
     env = {**os.environ, "LAYERWATCH_TRANSPORT": args.redis, "LAYERWATCH_STREAM": stream,
            "LAYERWATCH_GROUP": "load", "LAYERWATCH_CONSUMER": "load-0", "LAYERWATCH_MODEL_NAME": MODEL_NAME,
            "LAYERWATCH_BUNDLE": bundle, "LAYERWATCH_HTTP_PORT": str(port), "LAYERWATCH_ORT_THREADS": "1",
            "LAYERWATCH_BATCH_MAX": "16", "LAYERWATCH_BATCH_WAIT_MS": "50", "LAYERWATCH_STREAM_MAXLEN": "100000",
-           "LAYERWATCH_AUDIT__DIRECTORY": str(work / "audit"), "LAYERWATCH_BASELINE__LEARN_SAMPLES": "1000000",
+           "LAYERWATCH_AUDIT__DIRECTORY": str(work / "audit"), "LAYERWATCH_BASELINE__FILE": str(baseline_file),
+           "LAYERWATCH_TOKENIZER": str(reference_model_dir()),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "monitor.cli", "sidecar"]
     if shutil.which("taskset"):
@@ -216,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         "rss_growth_after_warmup": round(growth, 4), "max_lag_saturation": max(p["lag"] for p in timeline if p["phase"] == "saturation"),
         "max_lag_half_rate": max((p["lag"] for p in timeline if p["phase"] == "half-rate"), default=0),
         "config": {"cpu_pin": "taskset -c 0" if shutil.which("taskset") else "none", "ort_threads": 1,
-                   "batch_max": 16, "fsync": "every_record", "states": 31},
+                   "batch_max": 16, "fsync": "every_record", "states": 31, "baseline": "loaded (scoring)",
+                   "tokenizer": "tokenizer.json"},
         "timeline": timeline, "machine_load_1m": os.getloadavg()[0],
     }
     rows = [("throughput at saturation (samples/s, 1 core)", result["saturation_samples_per_s"], ">= 40"),

@@ -6,6 +6,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -188,6 +189,21 @@ def test_batches_are_split_and_empty_batches_answered(tiny_bundle) -> None:  # n
     assert isinstance(out, empty) and out.batch_size == 0 and out.probes["topic"].shape == (0, 3, 3)
 
 
+def test_threads_split_a_batch_across_concurrent_runs_with_the_same_results(tiny_bundle) -> None:  # noqa: ANN001
+    """threads=N > 1 reads a batch as N concurrent single-threaded runs, in order, same readings."""
+    path, model = tiny_bundle
+    h = states_of(model, batch=7)
+    one = LensBank.load(path, threads=1)
+    three = LensBank.load(path, threads=3)
+    assert (one.workers, three.workers) == (1, 3)
+    a, b = one.read_arrays(h), three.read_arrays(h)
+    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-6)
+    np.testing.assert_allclose(a.probes["topic"], b.probes["topic"], atol=1e-6)
+    single = three.read_arrays(h[3:4])  # one sample: no split
+    np.testing.assert_array_equal(single.topk_ids, a.topk_ids[3:4])
+
+
 def test_layer_subset_reads_the_same_as_the_full_bank(tiny_bundle) -> None:  # noqa: ANN001
     """A bank loaded for a subset of layers gives exactly the full bank's readings of those layers."""
     path, model = tiny_bundle
@@ -349,6 +365,22 @@ def test_logit_lens_bundle_on_tiny_model_has_no_translators(tmp_path: Path) -> N
 
 
 # ------------------------------------------------------------------------------- real model
+def exact_log_probs(parts: Any, x: torch.Tensor) -> np.ndarray:
+    """The model's final norm and LM head applied in float64 (the model itself is untouched)."""
+    norm, head = parts.final_norm, parts.unembed
+    x64 = x.double()
+    if isinstance(norm, torch.nn.LayerNorm):
+        y = torch.nn.functional.layer_norm(x64, norm.normalized_shape, norm.weight.double(),
+                                           None if norm.bias is None else norm.bias.double(), norm.eps)
+    else:  # RMSNorm (Llama family)
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * norm.weight.double()
+    z = y @ head.weight.double().T
+    if getattr(head, "bias", None) is not None:
+        z = z + head.bias.double()
+    return z.log_softmax(-1).detach().numpy()
+
+
 @pytest.mark.real_model
 def test_parity_onnx_vs_pytorch_on_smollm2(reference_model) -> None:  # noqa: ANN001
     """On real SmolLM2 states, ONNX Runtime's log-probs match the model's own read-out within 1e-4
@@ -374,7 +406,12 @@ def test_parity_onnx_vs_pytorch_on_smollm2(reference_model) -> None:  # noqa: AN
         got = dict(zip(names, sess.run(None, {"hidden": h.numpy()}), strict=True))
         with torch.no_grad():  # the PyTorch reference: the model's own final norm and LM head
             ref = parts.final_logits(lens.apply(h)).float().log_softmax(-1)
-        assert np.abs(got["log_probs"] - ref.numpy()).max() <= 1e-4
+        # Both sides are float32 with different summation orders (logits up to ~100 in size, 49k
+        # of them): each is within 1e-4 of the exact value, their difference can reach ~1.1e-4.
+        # So ONNX Runtime is held to 1e-4 against an exact float64 read-out (the model's own
+        # final norm and LM head in float64) and to 2e-4 against the float32 PyTorch one.
+        assert np.abs(got["log_probs"] - exact_log_probs(parts, lens.apply(h))).max() <= 1e-4
+        assert np.abs(got["log_probs"] - ref.numpy()).max() <= 2e-4
         ref_top = ref.topk(10, dim=-1)
         ids = got["topk_ids"]
         mismatch = ids != ref_top.indices.numpy()

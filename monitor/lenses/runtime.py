@@ -153,6 +153,8 @@ class LensBank:
         self.provider: str = session.get_providers()[0]
         self.max_batch = max_batch
         self.precision = "fp32"
+        self.workers = 1  # concurrent single-threaded runs per batch (see ``load(threads=...)``)
+        self._pool: Any = None
         self._outputs = [o.name for o in session.get_outputs()]
 
     # ------------------------------------------------------------------ loading
@@ -207,7 +209,7 @@ class LensBank:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
-            opts.intra_op_num_threads = int(threads)
+            opts.intra_op_num_threads = 1 if int(threads) > 1 else int(threads)
             opts.inter_op_num_threads = 1
         plist, cuda_demanded = _provider_list(providers)
         try:
@@ -228,6 +230,8 @@ class LensBank:
             )
         bank = cls(bundle, session, chosen, max_batch=max_batch)
         bank.precision = precision
+        if threads and int(threads) > 1 and bank.provider == CPU:
+            bank.workers = int(threads)
         return bank
 
     # ------------------------------------------------------------------ reading
@@ -251,7 +255,16 @@ class LensBank:
         n = h.shape[0]
         if n == 0:
             return self._empty()
-        parts = [self._run(h[i : i + self.max_batch]) for i in range(0, n, self.max_batch)]
+        step = min(self.max_batch, -(-n // self.workers))  # one part per worker, at most max_batch each
+        pieces = [h[i : i + step] for i in range(0, n, step)]
+        if len(pieces) > 1 and self.workers > 1:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lens-bank")
+            parts = list(self._pool.map(self._run, pieces))
+        else:
+            parts = [self._run(p) for p in pieces]
         cat = {name: np.concatenate([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
                for name in self._outputs}
         return self._to_output(cat)
