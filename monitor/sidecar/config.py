@@ -71,7 +71,7 @@ class SidecarSettings(BaseSettings):
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Bigger samples are dead-lettered (oversized).")
     stream_maxlen: int = Field(10_000, ge=100, description="The stream's bound; must equal the taps' stream_maxlen (the tap trims Redis; the lag alert compares lag with it).")
     ledger_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long the idempotency ledger remembers a sample id.")
-    ort_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads (0 = all cores).")
+    ort_threads: int = Field(1, ge=0, description="Lens-bank CPU threads: N > 1 reads each micro-batch as N concurrent single-threaded parts; 0 = ONNX Runtime's default.")
     expect_gpu: bool = Field(False, description="The lens bank should run on CUDA; exported so an alert fires on CPU fallback.")
     recent_narratives: int = Field(1000, ge=0, le=100_000, description="Narratives kept for /narratives/{sample_id}.")
     shutdown_timeout_s: float = Field(10.0, gt=0, description="SIGTERM deadline: finish the batch, flush the audit, ack, exit.")
