@@ -204,6 +204,20 @@ def test_threads_split_a_batch_across_concurrent_runs_with_the_same_results(tiny
     np.testing.assert_array_equal(single.topk_ids, a.topk_ids[3:4])
 
 
+def test_warm_up_meets_every_batch_size_up_to_max_batch(tiny_bundle) -> None:  # noqa: ANN001
+    """warm_up runs the session once or more at each batch size 1..max_batch (the arena meets every
+    shape before real traffic), and the bank reads normally afterwards."""
+    path, model = tiny_bundle
+    bank = LensBank.load(path, max_batch=6)
+    seen: list[int] = []
+    run = bank._run
+    bank._run = lambda h: (seen.append(h.shape[0]), run(h))[1]  # type: ignore[method-assign]
+    assert bank.warm_up() >= 0.0
+    assert set(seen) == set(range(1, 7)) and seen[0] == 6
+    h = states_of(model, batch=2)
+    np.testing.assert_array_equal(bank.read_arrays(h).topk_ids, LensBank.load(path).read_arrays(h).topk_ids)
+
+
 def test_layer_subset_reads_the_same_as_the_full_bank(tiny_bundle) -> None:  # noqa: ANN001
     """A bank loaded for a subset of layers gives exactly the full bank's readings of those layers."""
     path, model = tiny_bundle

@@ -72,6 +72,7 @@ class SidecarSettings(BaseSettings):
     stream_maxlen: int = Field(10_000, ge=100, description="The stream's bound; must equal the taps' stream_maxlen (the tap trims Redis; the lag alert compares lag with it).")
     ledger_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long the idempotency ledger remembers a sample id.")
     ort_threads: int = Field(1, ge=0, description="Lens-bank CPU threads: N > 1 reads each micro-batch as N concurrent single-threaded parts; 0 = ONNX Runtime's default.")
+    warm_up: bool = Field(True, description="Read zero states at every micro-batch size at start-up, so memory is at its steady size before the first sample (a few seconds).")
     expect_gpu: bool = Field(False, description="The lens bank should run on CUDA; exported so an alert fires on CPU fallback.")
     recent_narratives: int = Field(1000, ge=0, le=100_000, description="Narratives kept for /narratives/{sample_id}.")
     shutdown_timeout_s: float = Field(10.0, gt=0, description="SIGTERM deadline: finish the batch, flush the audit, ack, exit.")

@@ -122,6 +122,8 @@ class Sidecar:
         self.processed_total = 0
         self._init_scoring(baseline)
         self._init_series()
+        if settings.warm_up and hasattr(self.bank, "warm_up"):
+            log.info("lens bank warmed up at every batch size in %.1f s", self.bank.warm_up())
         self._audit_event("sidecar_start", {"consumer": settings.consumer, "group": settings.group})
         self._audit_event("config", {"settings": _redacted_settings(settings)})
         self._audit_event("bundle_loaded", {"bundle_id": self.bank.bundle_id, "provider": self.bank.provider,
