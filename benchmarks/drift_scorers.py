@@ -1,0 +1,150 @@
+"""Ablation of the drift detector's per-sample scorer (issue 5): ``python -m benchmarks.drift_scorers``.
+
+Reuses the texts, captured states and lens readings that ``python -m benchmarks.drift_eval`` cached
+(it captures what is missing, for each ``--positions`` mode) and compares, on the same baseline /
+normal / shift sets, per kind AUROC and TPR at 1% FPR (threshold: the 99th percentile of the normal
+scores) of:
+
+* ``ref``: the production scorer (:class:`monitor.drift.score.AnomalyScorer`, Ledoit-Wolf
+  Mahalanobis over the per-layer feature vector);
+* ``pcaK``: a Mahalanobis distance in the K leading principal components of the standardised
+  features plus the residual norm over its mean variance;
+* ``knnK``: mean squared distance to the K nearest baseline samples in 64 whitened components;
+
+for the tap's ``last`` token readings, the ``mean`` readings, and both feature vectors side by side
+(``last+mean``: what a tap capturing both positions would give). Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu, sd = x.mean(0), x.std(0)
+    sd[sd < 1e-9] = 1.0  # constant features: no NaN
+    return mu, sd
+
+
+def pca_mahalanobis(base: np.ndarray, k: int) -> Scorer:
+    """Squared whitened distance in the first ``k`` components + residual over its mean variance."""
+    mu, sd = _standardiser(base)
+    z = (base - mu) / sd
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    var = s**2 / len(z)
+    v, lam = vt[:k], np.maximum(var[:k], 1e-9)
+    res_var = max(float(var[k:].mean()) if len(var) > k else 1e-6, 1e-6)
+
+    def score(x: np.ndarray) -> np.ndarray:
+        zz = (x - mu) / sd
+        c = zz @ v.T
+        return np.asarray((c**2 / lam).sum(1) + ((zz - c @ v) ** 2).sum(1) / res_var)
+
+    return score
+
+
+def knn_distance(base: np.ndarray, k: int, components: int = 64) -> Scorer:
+    """Mean squared distance to the ``k`` nearest baseline samples in whitened PCA space."""
+    mu, sd = _standardiser(base)
+    z = (base - mu) / sd
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    proj = vt[:components] / np.maximum(s[:components, None] / np.sqrt(len(z)), 1e-9)
+    zb = z @ proj.T
+
+    def score(x: np.ndarray) -> np.ndarray:
+        q = ((x - mu) / sd) @ proj.T
+        d = ((q[:, None, :] - zb[None]) ** 2).sum(-1)
+        return np.asarray(np.sort(d, 1)[:, :k].mean(1))
+
+    return score
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", required=True, help="lens bundle directory")
+    ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "layerwatch", "drift_eval"))
+    ap.add_argument("--out", default="bench-results/drift_scorers.json")
+    ap.add_argument("--modes", default="last,mean", help="comma-separated capture modes (last, mean)")
+    ap.add_argument("--n-baseline", type=int, default=1200)
+    ap.add_argument("--n-normal", type=int, default=1000)
+    ap.add_argument("--n-shift", type=int, default=400)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from benchmarks.drift_eval import (
+        Cache,
+        auroc,
+        readings_for,
+        states_for,
+        states_key,
+        texts_for_eval,
+        tpr_at_fpr,
+    )
+    from monitor.adapters import model_fingerprint
+    from monitor.drift.baseline import build_baseline
+    from monitor.drift.features import feature_matrix
+    from monitor.drift.score import AnomalyScorer
+    from monitor.lenses import LensBank
+    from monitor.refmodel import load_reference_model
+
+    modes = [m for m in args.modes.split(",") if m]
+    model, tok = load_reference_model()
+    fp = model_fingerprint(model)
+    cache = Cache(Path(args.cache_dir))
+    sets = texts_for_eval(cache, args.n_baseline, args.n_normal, args.n_shift)
+    bank = LensBank.load(args.bundle, threads=os.cpu_count() or 1)
+    feats: dict[str, dict[str, np.ndarray]] = {name: {} for name in sets}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+
+    def evaluate(label: str, scores: dict[str, np.ndarray]) -> None:
+        neg = scores["normal"]
+        results[label] = {k[6:]: {"auroc": round(auroc(neg, v), 4), "tpr_at_1pct_fpr": round(tpr_at_fpr(neg, v), 4)}
+                          for k, v in scores.items() if k.startswith("shift:")}
+
+    for mode in modes:
+        readings = {}
+        for name, texts in sets.items():
+            states, layers = states_for(cache, name, texts, model, tok, fp, args.max_tokens, 16, mode)
+            readings[name] = readings_for(cache, states_key(fp, args.max_tokens, texts, mode), states, layers, bank, 16)
+        baseline = build_baseline(readings["baseline"], model="SmolLM2-135M-Instruct", model_fingerprint=fp,
+                                  bundle_id=bank.bundle_id, source=f"english_prose heldout short ({mode})")
+        scorer = AnomalyScorer(baseline)
+        evaluate(f"ref {mode}", {n: scorer.score_arrays(a)[0] for n, a in readings.items() if n != "baseline"})
+        for name, a in readings.items():
+            feats[name][mode] = feature_matrix(a, baseline.tokens)
+    combos = [[m] for m in modes] + ([modes] if len(modes) > 1 else [])
+    for combo in combos:
+        x = {n: np.nan_to_num(np.concatenate([feats[n][m] for m in combo], 1), posinf=50.0, neginf=-50.0)
+             for n in sets}
+        tag = "+".join(combo)
+        for k in (16, 32, 64):
+            f = pca_mahalanobis(x["baseline"], k)
+            evaluate(f"pca{k} {tag}", {n: f(v) for n, v in x.items() if n != "baseline"})
+        for k in (5, 20):
+            f = knn_distance(x["baseline"], k)
+            evaluate(f"knn{k} {tag}", {n: f(v) for n, v in x.items() if n != "baseline"})
+
+    kinds = list(next(iter(results.values())))
+    print(f"{'scorer':18s} " + " ".join(f"{k:>14s}" for k in kinds) + "  mean AUROC  (AUROC/TPR@1%FPR)")
+    for label, r in results.items():
+        cells = " ".join(f"{r[k]['auroc']:.3f}/{r[k]['tpr_at_1pct_fpr']:.2f}".rjust(14) for k in kinds)
+        print(f"{label:18s} {cells}  {np.mean([r[k]['auroc'] for k in kinds]):.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"bundle_id": bank.bundle_id, "settings": vars(args), "results": results},
+                                         indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
