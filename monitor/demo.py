@@ -236,7 +236,11 @@ def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None
            "LAYERWATCH_GROUP": "demo", "LAYERWATCH_CONSUMER": "demo-sidecar", "LAYERWATCH_MODEL_NAME": model_name,
            "LAYERWATCH_BUNDLE": str(bundle_path), "LAYERWATCH_HTTP_PORT": str(metrics_port),
            "LAYERWATCH_BATCH_MAX": "16", "LAYERWATCH_BASELINE__WINDOW": "80",
-           "LAYERWATCH_AUDIT__DIRECTORY": str(out / "audit")}
+           "LAYERWATCH_AUDIT__DIRECTORY": str(out / "audit"),
+           # heads per run: each run starts a fresh trail in --out, and a head left in Redis by an
+           # earlier run would (rightly) read as records lost
+           "LAYERWATCH_AUDIT__HEAD_KEY_PREFIX": f"{stream}:audit:head:"}
+    args.head_key_prefix = f"{stream}:audit:head:"
     if getattr(tokenizer, "name_or_path", ""):
         env["LAYERWATCH_TOKENIZER"] = str(tokenizer.name_or_path)
     os.environ["LAYERWATCH_TAP_STREAM"] = stream
@@ -331,7 +335,13 @@ def _report(args: argparse.Namespace, sent: dict[str, Any], out: Path, metrics_p
     else:
         print("   no window drift alert was raised")
     trails = sorted(p for p in audit_root.iterdir() if p.is_dir())
-    reports = {t: verify_trail(t) for t in trails}
+    if args.redis:  # the separate sidecar publishes its trail's head to Redis, not to HEAD.json
+        from monitor.audit.heads import RedisHeadStore
+
+        heads = RedisHeadStore(args.redis, key_prefix=args.head_key_prefix)
+        reports = {t: verify_trail(t, head_store=heads) for t in trails}
+    else:
+        reports = {t: verify_trail(t) for t in trails}
     for t, rep in reports.items():
         status = "verified intact" if rep.status == "intact" else f"{rep.status.upper()}: {rep.first_break}"
         print(f"   audit trail {t}: {rep.records} records in {rep.segments} segment(s), {status}, head {rep.head}")
