@@ -114,6 +114,38 @@ def test_unsampled_requests_capture_nothing(memory_transport: Any, monkeypatch: 
     tap.close()
 
 
+def _layer_hook_count(model: torch.nn.Module, tap: Tap) -> int:
+    return sum(len(b._forward_hooks) + len(b._forward_pre_hooks) for b in tap.parts.blocks)
+
+
+def test_layer_hooks_are_installed_only_while_a_sampled_forward_runs(memory_transport: Any) -> None:
+    """Unsampled forwards run with no per-layer hook (PyTorch's fast path); a sampled forward has
+    them, they are gone after it, also after a forward that raised, and the capture is complete."""
+    model = make_tiny("llama")
+    tap = _attach(model, memory_transport, sample_rate=0.0)
+    seen: list[int] = []
+    probe = tap.parts.blocks[-1].register_forward_hook(lambda *_: seen.append(_layer_hook_count(model, tap)))
+    with tap.request("quiet"), torch.no_grad():
+        model(input_ids=torch.randint(3, 120, (1, 5)))
+    with tap.request("loud", force=True), torch.no_grad():
+        model(input_ids=torch.randint(3, 120, (1, 5)))
+    assert seen[0] == 1  # only the test's own probe hook
+    assert seen[1] > 1 + len(tap.parts.blocks) - 1  # every block hooked during the sampled forward
+    assert _layer_hook_count(model, tap) == 1
+    with pytest.raises(RuntimeError, match="mid-forward"), tap.request("boom", force=True), torch.no_grad():
+        h = tap.parts.blocks[0].register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("mid-forward")))
+        try:
+            model(input_ids=torch.randint(3, 120, (1, 5)))
+        finally:
+            h.remove()
+    assert _layer_hook_count(model, tap) == 1 and tap._layer_refs == 0
+    probe.remove()
+    assert tap.flush(5.0)
+    got = drain_samples(memory_transport)
+    assert [s.request_id for s in got] == ["loud"] and got[0].hidden.shape[0] == len(tap.parts.blocks) + 1
+    tap.close()
+
+
 # --------------------------------------------------------------------------- positions
 @pytest.mark.parametrize("side,rows", [("right", (0, 1, 2)), ("left", (0, 1, 2)), ("right", (1, 2)),
                                        ("left", (0, 2))])
