@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from monitor.errors import ReferenceModelUnavailable
+from monitor.errors import ConfigError, ReferenceModelUnavailable
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -82,3 +82,22 @@ def load_reference_model(cache_dir: Path | None = None) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
     model.eval()
     return model, tok
+
+
+def load_model(spec: str) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name) for a ``--model`` argument: ``smollm2`` (the reference model) or a
+    local Hugging Face directory (float32, eval mode). Used by every command that takes ``--model``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if spec in ("smollm2", "reference"):
+        model, tok = load_reference_model()
+        return model, tok, MODEL_NAME
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec)
+    if not path.is_dir():
+        raise ConfigError(f"--model {spec!r}: not 'smollm2' and not a local model directory")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    return model, tok, path.name

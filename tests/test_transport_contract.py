@@ -60,8 +60,9 @@ def test_unacked_entries_are_reclaimed_after_idle_timeout(transport: Transport) 
     first = transport.read("g", "dead-consumer", count=1, block_ms=0)
     assert [e.data for e in first] == [b"x"]
     assert transport.claim_stale("g", "c2", min_idle_ms=10_000, count=10) == []
-    time.sleep(0.05)
-    claimed = transport.claim_stale("g", "c2", min_idle_ms=20, count=10)
+    deadline = time.monotonic() + 5.0  # the entry becomes claimable once it has been idle 20 ms
+    while not (claimed := transport.claim_stale("g", "c2", min_idle_ms=20, count=10)) and time.monotonic() < deadline:
+        pass
     assert [e.data for e in claimed] == [b"x"]
     assert claimed[0].deliveries >= 2
     assert transport.stats("g").pending == 1

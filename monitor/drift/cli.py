@@ -103,7 +103,8 @@ def _progress(done: int, total: int) -> None:
 
 def _readings(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
     from monitor.adapters import model_fingerprint
-    from monitor.drift.offline import lens_bank_for, load_model, read_corpus, readings_for_texts
+    from monitor.drift.offline import lens_bank_for, read_corpus, readings_for_texts
+    from monitor.refmodel import load_model
 
     texts = read_corpus(args.corpus)
     model, tok, _name = load_model(args.model)

@@ -170,28 +170,3 @@ def lens_bank_for(model: Any, bundle: str | None = None) -> LensBankLike:
     from monitor.sidecar.torch_lens import TorchLogitLens
 
     return TorchLogitLens(model)  # type: ignore[return-value]
-
-
-def load_model(spec: str) -> tuple[Any, Any, str]:
-    """(model, tokenizer, name) for ``spec``: ``smollm2`` (the reference model) or a local
-    Hugging Face directory."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if spec in ("smollm2", "reference"):
-        from monitor.refmodel import MODEL_NAME, load_reference_model
-
-        model, tok = load_reference_model()
-        return model, tok, MODEL_NAME
-    from pathlib import Path
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(spec)
-    if not p.is_dir():
-        raise BaselineError(f"--model {spec!r}: not 'smollm2' and not a local model directory")
-    tok = AutoTokenizer.from_pretrained(str(p))
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
-    model.eval()
-    return model, tok, p.name

@@ -77,8 +77,8 @@ class StateCache:
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             if all(meta.get(k) == v for k, v in want.items()) and (root / STATES).exists():
-                states = np.load(root / STATES, mmap_mode="r+")
-                tokens = np.load(root / TOKENS, mmap_mode="r+")
+                states = np.load(root / STATES, mmap_mode="r+", allow_pickle=False)
+                tokens = np.load(root / TOKENS, mmap_mode="r+", allow_pickle=False)
                 return cls(root, states, tokens, meta)
         states = np.lib.format.open_memmap(root / STATES, mode="w+", dtype=np.float16,
                                            shape=(capacity, n_states, hidden))

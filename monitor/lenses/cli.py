@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from monitor.refmodel import load_model
 
 
 def register(sub: Any) -> None:
@@ -79,27 +80,6 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=lambda _a: (p.print_help(), 2)[1])
 
 
-def _load_model(spec: str) -> tuple[Any, Any, str]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if spec in ("smollm2", "reference"):
-        from monitor.refmodel import MODEL_NAME, load_reference_model
-
-        model, tok = load_reference_model()
-        return model, tok, MODEL_NAME
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from monitor.errors import ConfigError
-
-    path = Path(spec)
-    if not path.is_dir():
-        raise ConfigError(f"--model {spec!r}: not 'smollm2' and not a local model directory")
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    model.eval()
-    return model, tok, path.name
-
-
 def _parse_probe(spec: str) -> tuple[str, tuple[str, str]]:
     from monitor.errors import ConfigError
 
@@ -120,7 +100,7 @@ def _fit(args: argparse.Namespace) -> int:
     plan = PLANS[args.budget]
     if args.seconds is not None:
         plan = replace(plan, budget_s=float(args.seconds))
-    model, tok, name = _load_model(args.model)
+    model, tok, name = load_model(args.model)
     fit_bundle(args.out, model, tok, budget=plan if args.seconds is not None else args.budget, work=args.work,
                builtin_probes=() if args.no_builtin_probes else ("language", "topic"), probe_files=probes,
                k=args.k, model_name=name, heldout_tokens=args.heldout_tokens, progress=not args.no_progress)
@@ -130,7 +110,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _export_logit(args: argparse.Namespace) -> int:
     from monitor.lenses.writer import export_logit_lens
 
-    model, tok, name = _load_model(args.model)
+    model, tok, name = load_model(args.model)
     man = export_logit_lens(args.out, model, tok, model_name=name, k=args.k)
     print(f"logit-lens bundle {man['bundle_id']} written to {args.out}")
     return 0
@@ -141,7 +121,7 @@ def _reexport(args: argparse.Namespace) -> int:
     from monitor.lenses.bundle import verify_bundle
     from monitor.lenses.writer import load_weights, write_bundle
 
-    model, tok, name = _load_model(args.model)
+    model, tok, name = load_model(args.model)
     b = verify_bundle(args.bundle, model_fingerprint(model))
     tr, probes = load_weights(b.root, b.manifest)
     m = b.manifest
@@ -163,7 +143,7 @@ def _quality(args: argparse.Namespace) -> int:
     from monitor.lenses.readout import readout_spec
     from monitor.lenses.writer import load_weights
 
-    model, tok, _ = _load_model(args.model)
+    model, tok, _ = load_model(args.model)
     parts = find_parts(model)
     bundle = verify_bundle(args.bundle, model_fingerprint(model, parts))
     tr, _ = load_weights(bundle.root, bundle.manifest)
@@ -197,7 +177,7 @@ def _verify(args: argparse.Namespace) -> int:
     if args.model is not None:
         from monitor.adapters import model_fingerprint
 
-        model, _, _ = _load_model(args.model)
+        model, _, _ = load_model(args.model)
         expected = model_fingerprint(model)
     b = verify_bundle(args.bundle, expected)
     print(f"bundle {b.bundle_id} OK: {len(b.manifest['files'])} files verified"
@@ -223,7 +203,7 @@ def _read(args: argparse.Namespace) -> int:
     from monitor.adapters import collect_states, find_parts, model_fingerprint
     from monitor.lenses.runtime import LensBank
 
-    model, tok, _ = _load_model(args.model)
+    model, tok, _ = load_model(args.model)
     parts = find_parts(model)
     bank = LensBank.load(args.bundle, expected_fingerprint=model_fingerprint(model, parts), threads=args.threads)
     ids = tok(args.text, return_tensors="pt").input_ids

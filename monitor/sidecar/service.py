@@ -96,7 +96,7 @@ class Sidecar:
         self.bank = bank if bank is not None else self._load_bank()
         tok = tokenizer if tokenizer is not None else getattr(self.bank, "tokenizer", None)
         if tok is None and settings.tokenizer is not None:
-            tok = load_token_decoder(settings.tokenizer)
+            tok = load_tokenizer(settings.tokenizer)
         self.decode_token = tokenizer_decoder(tok) if tok is not None else default_decoder
         self.transport = transport or open_transport(
             settings.transport, stream=settings.stream, maxlen=settings.stream_maxlen)
@@ -548,7 +548,7 @@ class Sidecar:
 _TAP_REASONS = frozenset(TAP_DROP_REASONS)
 
 
-def load_token_decoder(path: Any) -> Any:
+def load_tokenizer(path: Any) -> Any:
     """A tokenizer for printing tokens in narratives, from a Hugging Face tokenizer directory.
 
     ``tokenizer.json`` is read with the ``tokenizers`` library (Rust, no torch): the sidecar stays
