@@ -151,14 +151,16 @@ def _spd_solve(m: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     one Cholesky factorisation per matrix. (The batched LU path of ``torch.linalg.solve`` failed
     at random on a fresh machine with "Pivots given to lu_solve must all be greater or equal to
     1" on matrices whose smallest eigenvalue was 0.7 or more.) A matrix that is not numerically
-    positive definite falls back to least squares."""
+    positive definite falls back to numpy's least squares."""
     out = torch.empty_like(rhs)
     for i in range(m.shape[0]):
         chol, info = torch.linalg.cholesky_ex(m[i])
         if int(info) == 0:
             out[i] = torch.cholesky_solve(rhs[i], chol)
         else:
-            out[i] = torch.linalg.lstsq(m[i], rhs[i]).solution
+            # numpy's LAPACK: torch's lstsq also returned all zeros at random on these machines
+            sol, *_ = np.linalg.lstsq(m[i].cpu().numpy(), rhs[i].cpu().numpy(), rcond=None)
+            out[i] = torch.from_numpy(sol).to(out.dtype)
     return out
 
 
