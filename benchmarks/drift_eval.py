@@ -137,6 +137,13 @@ def states_for(cache: Cache, name: str, texts: list[str], model: Any, tok: Any, 
                max_tokens: int, batch_size: int, positions: str = "last") -> tuple[np.ndarray, tuple[int, ...]]:
     from monitor.drift.offline import capture_states
 
+    if positions == "last+mean":
+        # The tap's "last+mean" payload is exactly [mean, last] of the two single modes (one bmm
+        # with a one-hot row instead of an index_select: tests/test_tap.py checks they are equal),
+        # so the cache of each mode is reused instead of capturing everything a third time.
+        mean, layers = states_for(cache, name, texts, model, tok, fp, max_tokens, batch_size, "mean")
+        last, _ = states_for(cache, name, texts, model, tok, fp, max_tokens, batch_size, "last")
+        return np.stack([mean, last], axis=2), layers
     key = states_key(fp, max_tokens, texts, positions)
     p = cache.path(key, "npy")
     meta = cache.path(key, "json")
@@ -185,7 +192,8 @@ def final_hidden(states: np.ndarray, layers: tuple[int, ...], model: Any) -> np.
     from monitor.adapters import find_parts
 
     parts = find_parts(model)
-    h = torch.from_numpy(states[:, layers.index(max(layers)), :].astype(np.float32))
+    last = states[:, :, -1] if states.ndim == 4 else states  # "last+mean": [n, L, 2, d]
+    h = torch.from_numpy(last[:, layers.index(max(layers)), :].astype(np.float32))
     with torch.no_grad():
         out = parts.final_norm(h) if parts.final_norm is not None else h
     return out.numpy().astype(np.float64)
@@ -250,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-shift", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--positions", choices=("last", "mean"), default="last",
-                    help="what the tap captures per text: the last prompt token or the mean over the prompt")
+    ap.add_argument("--positions", choices=("last", "mean", "last+mean"), default="last+mean",
+                    help="what the tap captures per text: the last prompt token, the mean over the prompt, or both "
+                         "(the lens bank reads the last token, the probes also the mean)")
+    ap.add_argument("--components", type=int, default=None,
+                    help="PPCA components of the detector's covariance (0 = Ledoit-Wolf; default: the baseline's)")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--step", type=int, default=50)
@@ -296,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     baseline = build_baseline(readings["baseline"], model="SmolLM2-135M-Instruct", model_fingerprint=fp,
-                              bundle_id=bank.bundle_id, source="english_prose heldout short")
+                              bundle_id=bank.bundle_id, source="english_prose heldout short",
+                              components=args.components)
     scorer = AnomalyScorer(baseline, alpha=args.alpha)
     last = LastLayerDetector(finals["baseline"])
 
@@ -365,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "drift_eval", "model": "SmolLM2-135M-Instruct", "model_fingerprint": fp,
         "bank": bank.bundle_id, "baseline_id": baseline.id, "n_baseline": baseline.n_samples,
         "features": baseline.detector.n_active, "shrinkage": baseline.detector.shrinkage,
+        "estimator": baseline.detector.estimator,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
         "kinds": rows, "mean": mean, "null_stream": null,
         "targets": {"auroc>=0.95_all": all(r["layerwatch_auroc"] >= 0.95 for r in rows),

@@ -55,6 +55,20 @@ def test_captured_states_match_a_direct_forward(tiny: torch.nn.Module) -> None:
         assert np.allclose(states[i].astype(np.float32), ref, atol=2e-3, rtol=2e-3)
 
 
+def test_last_plus_mean_capture_stacks_the_mean_and_the_last_token(tiny: torch.nn.Module) -> None:
+    """positions='last+mean' gives [n, L, 2, d]: the 'mean' capture, then the 'last' capture."""
+    texts = ["hello world", "a much longer text than the first one", "mid"]
+    both, layers, _ = capture_states(tiny, CharTokenizer(), texts, batch_size=2, positions="last+mean")
+    mean, _, _ = capture_states(tiny, CharTokenizer(), texts, batch_size=2, positions="mean")
+    last, _, _ = capture_states(tiny, CharTokenizer(), texts, batch_size=2, positions="last")
+    assert both.shape == (3, len(layers), 2, 32)
+    assert np.array_equal(both[:, :, 0], mean) and np.array_equal(both[:, :, 1], last)
+    a = readings_from_states(TorchLogitLens(tiny), both, layers)  # no probes: the last token only
+    assert np.allclose(a.entropy, readings_from_states(TorchLogitLens(tiny), last, layers).entropy)
+    with pytest.raises(BaselineError, match="positions: 'all' is not one of last, mean, last\+mean"):
+        capture_states(tiny, CharTokenizer(), texts, positions="all")
+
+
 def test_readings_follow_text_order(tiny: torch.nn.Module) -> None:
     """Readings come back in the order of the texts, whatever the length-sorted batching did."""
     texts = ["zz", "a long text about nothing in particular", "b", "medium text"]

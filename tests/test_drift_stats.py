@@ -88,6 +88,32 @@ def test_mahalanobis_constant_feature_is_inactive_and_finite() -> None:
     assert not m.active[2] and np.all(np.isfinite(m.distance2(probe)))
 
 
+def test_ppca_precision_inverts_the_ppca_covariance_and_keeps_contributions_exact() -> None:
+    """components=k: the precision is the inverse of V diag(lam) V^T + sigma^2 (I - V V^T) built from
+    the k leading eigenpairs of the standardised data, and contributions still sum to the distance."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12)) + 3.0
+    m = Mahalanobis.fit(x, components=4)
+    z = (x - x.mean(0)) / x.std(0)
+    w, v = np.linalg.eigh(z.T @ z / len(z))
+    w, v = w[::-1], v[:, ::-1]
+    sigma2 = w[4:].mean()
+    cov = (v[:, :4] * w[:4]) @ v[:, :4].T + sigma2 * (np.eye(12) - v[:, :4] @ v[:, :4].T)
+    np.testing.assert_allclose(m.precision, np.linalg.inv(cov), rtol=1e-6, atol=1e-8)
+    assert m.estimator == "ppca4" and m.shrinkage == pytest.approx(w[4:].sum() / w.sum())
+    c = m.contributions(x[:7])
+    assert np.allclose(c.sum(axis=1), m.distance2(x[:7]))
+
+
+def test_ppca_with_more_components_than_data_stays_finite() -> None:
+    """components >= samples or features, and constant features, give finite distances."""
+    x = np.random.default_rng(6).normal(size=(10, 30))
+    x[:, 5] = 1.0
+    for k in (1, 9, 50):
+        m = Mahalanobis.fit(x, components=k)
+        assert np.all(np.isfinite(m.distance2(x))) and np.all(np.isfinite(m.precision))
+
+
 def test_conformal_p_values_control_false_positive_rate() -> None:
     """On exchangeable null scores, P(p < alpha) stays at about alpha."""
     rng = np.random.default_rng(3)

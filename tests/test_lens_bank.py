@@ -176,6 +176,29 @@ def test_lens_bank_matches_reference_and_accepts_float16(tiny_bundle) -> None:  
              **{f"probe_{k}": v for k, v in out.probes.items()}}, ref)
 
 
+def test_context_probes_equal_the_graphs_probes_on_the_same_states(tiny_bundle) -> None:  # noqa: ANN001
+    """read_context (numpy, weights taken from the verified graph) reads exactly what the ONNX
+    graph's probes read on the same states, also on a layer subset; read_with_context adds them
+    as '<probe>@mean' with their labels."""
+    from monitor.lenses.runtime import read_with_context
+
+    path, _ = tiny_bundle
+    h = states_of(tiny_bundle[1], batch=3)
+    for layers in (None, [1, 2]):
+        bank = LensBank.load(path, layers=layers)
+        sel = h if layers is None else h[:, layers]
+        ctx = bank.read_context(sel)
+        out = bank.read_arrays(sel)
+        assert set(ctx) == {"topic@mean", "lang@mean"}
+        for name, probs in out.probes.items():
+            np.testing.assert_allclose(ctx[f"{name}@mean"], probs, atol=1e-5)
+    both, labels = read_with_context(bank, sel, sel[::-1].copy())
+    assert labels["lang@mean"] == ("en", "de") and labels["topic"] == ("a", "b", "c")
+    np.testing.assert_allclose(both.probes["topic@mean"], bank.read_context(sel[::-1].copy())["topic@mean"])
+    plain, plain_labels = read_with_context(bank, sel)
+    assert set(plain.probes) == set(plain_labels) == {"topic", "lang"}
+
+
 def test_batches_are_split_and_empty_batches_answered(tiny_bundle) -> None:  # noqa: ANN001
     """A batch larger than max_batch is split without changing results; an empty batch is answered."""
     path, model = tiny_bundle

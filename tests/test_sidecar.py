@@ -364,3 +364,43 @@ def test_narratives_print_tokens_with_the_configured_tokenizer(tmp_path: Path, r
     assert item["narrative"]["final"]["top"][0][0] == " Paris"
     assert "L30: leaning ' Paris'" in item["text"]
     sc.stop(5)
+
+
+def test_last_plus_mean_samples_get_context_probe_readings(tmp_path: Path, tiny: torch.nn.Module) -> None:
+    """A sample shipped with positions 'last+mean' is read like a 'last' one (lens on the last
+    token) plus the bundle's probes on the prompt mean ('<probe>@mean'), which reach the narrative
+    and the probe metrics; a 'last' sample in the same run has no context readings."""
+    from prometheus_client import generate_latest
+
+    from monitor.lenses.runtime import LensBank
+    from monitor.lenses.writer import write_bundle
+    from tests.test_lens_bank import random_lens
+
+    tr, probes = random_lens(tiny)
+    write_bundle(tmp_path / "bundle", tiny, tr, probes, model_name="tiny-llama", k=4)
+    MemoryTransport.reset_all()
+    url = "memory://context"
+    settings = load_settings(transport=url, group="g", http_port=0, batch_wait_ms=10,
+                             audit={"directory": tmp_path / "audit"}, baseline={"learn_samples": 400})
+    sc = Sidecar(settings, bank=LensBank.load(tmp_path / "bundle"))
+    try:
+        ids = {}
+        for mode in ("last+mean", "last"):
+            tap = monitor.attach(tiny, sample_rate=1.0, transport=url, positions=mode)
+            with tap.request(mode) as h, torch.no_grad():
+                tiny(input_ids=torch.tensor([[5, 6, 7, 8]]))
+            tap.flush(5)
+            tap.close()
+            tap.detach()
+            sc.step()
+            ids[mode] = h.sample_ids[0]
+        both, last = (sc.narrative(ids[m]) for m in ("last+mean", "last"))
+        assert both is not None and last is not None
+        layer = both["narrative"]["layers"][1]
+        assert set(layer["probes"]) == {"topic", "lang", "topic@mean", "lang@mean"}
+        assert set(last["narrative"]["layers"][1]["probes"]) == {"topic", "lang"}
+        # the lens readings come from the last token in both cases: same prompt, same readings
+        assert layer["entropy"] == last["narrative"]["layers"][1]["entropy"]
+        assert 'probe="topic@mean"' in generate_latest(sc.registry).decode()
+    finally:
+        sc.stop(5)

@@ -224,6 +224,28 @@ def test_mean_over_real_positions(rows: tuple[int, ...], memory_transport: Any) 
                                        atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_plus_mean_ships_the_mean_then_the_last_token(side: str, memory_transport: Any) -> None:
+    """positions='last+mean' gives, per layer, [the 'mean' payload, the 'last' payload] bit for bit
+    (the drift benchmark assembles it from the two single-mode captures on that guarantee)."""
+    model = make_tiny("llama")
+    ids, mask, _ = _padded_batch(side)
+    got: dict[str, dict[str, Sample]] = {}
+    for mode in ("last", "mean", "last+mean"):
+        tap = _attach(model, memory_transport, positions=mode)
+        with tap.batch(["a", "b", "c"]), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        assert tap.flush(5.0)
+        got[mode] = _by_request(drain_samples(memory_transport))
+        tap.close()
+        tap.detach()
+    for rid in "abc":
+        both = got["last+mean"][rid]
+        assert both.positions == "last+mean" and both.hidden.shape == (3, 2, 32) and both.final_topk is None
+        assert (both.hidden[:, 0] == got["mean"][rid].hidden[:, 0]).all()
+        assert (both.hidden[:, 1] == got["last"][rid].hidden[:, 0]).all()
+
+
 @pytest.mark.parametrize("n_new,cap", [(5, 16), (6, 3)])
 def test_generated_tokens(n_new: int, cap: int, memory_transport: Any) -> None:
     """positions='generated' captures the state that produced each generated token, up to the cap."""

@@ -38,10 +38,15 @@ from monitor.drift.features import (
 )
 from monitor.drift.stats import Mahalanobis, bin_counts
 from monitor.errors import BaselineError
+from monitor.lenses.readings import CONTEXT_SUFFIX
 
 SCHEMA_VERSION = 1
 MIN_SAMPLES = 400  # fit split large enough for a stable covariance, >= 120 calibration scores
 QUANTILE_LEVELS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
+# Probabilistic-PCA components of the detector's covariance (0 = Ledoit-Wolf). Chosen on the
+# evaluation benchmark's baseline (``python -m benchmarks.drift_scorers``): 16 and 32 were within
+# 0.003 mean AUROC, both above Ledoit-Wolf, 64 fell back towards it.
+DEFAULT_COMPONENTS = 16
 WINDOW_BIN_LEVELS = tuple(i / 10 for i in range(1, 10))  # decile bins for the window tests
 
 
@@ -156,6 +161,7 @@ class Baseline:
                 "scale": self.detector.scale.tolist(),
                 "active": [bool(x) for x in self.detector.active],
                 "shrinkage": self.detector.shrinkage,
+                "components": self.detector.components,
                 "precision": _enc(self.detector.precision, "float32"),
             },
             "calibration_scores": self.calibration_scores.tolist(),
@@ -199,6 +205,7 @@ class Baseline:
                 active=np.asarray(f["active"], dtype=bool),
                 precision=_dec(f["precision"]).astype(np.float64),
                 shrinkage=float(f["shrinkage"]),
+                components=int(f.get("components", 0)),
             )
             bl = cls(
                 id=str(doc["id"]),
@@ -274,6 +281,7 @@ class Baseline:
             "n_calibration": self.n_calibration,
             "layers": f"{self.layers[0]}..{self.layers[-1]} ({len(self.layers)})",
             "features": f"{self.detector.n_active} active of {self.layout.size}",
+            "estimator": self.detector.estimator,
             "shrinkage": round(self.detector.shrinkage, 4),
             "median_prediction_depth": median_depth,
             "entropy_median_by_layer": [round(float(x), 3) for x in self.quantile("entropy", 0.5)],
@@ -305,6 +313,11 @@ def window_values(a: ReadingArrays, reading: str) -> np.ndarray:
     return a.reading(reading).astype(np.float64)
 
 
+def baseline_positions(bl: Baseline) -> str:
+    """The tap positions a baseline's readings need: "last+mean" when it has context probes."""
+    return "last+mean" if any(p.endswith(CONTEXT_SUFFIX) for p in bl.probe_labels) else "last"
+
+
 def build_baseline(
     a: ReadingArrays,
     *,
@@ -317,8 +330,12 @@ def build_baseline(
     seed: int = 0,
     created_at: str | None = None,
     extra: dict[str, Any] | None = None,
+    components: int | None = None,
 ) -> Baseline:
     """Build a baseline from the readings of ``a.n`` normal samples.
+
+    ``components``: the detector's covariance estimator, :data:`DEFAULT_COMPONENTS` when None
+    (probabilistic PCA with that many components; 0 = Ledoit-Wolf, see :meth:`Mahalanobis.fit`).
 
     Raises :class:`BaselineError` with the number still needed when there are too few samples.
     """
@@ -340,11 +357,12 @@ def build_baseline(
     fit, cal = a.subset(fit_idx), a.subset(cal_idx)
     tokens = TokenTable.count(fit.token_ids())
     # Leave-one-out surprisal on the fit split: a sample's own count would make it look familiar.
-    det = Mahalanobis.fit(feature_matrix(fit, tokens, leave_one_out=True))
+    k = DEFAULT_COMPONENTS if components is None else int(components)
+    det = Mahalanobis.fit(feature_matrix(fit, tokens, leave_one_out=True), components=k)
     # Round the precision to what is stored (float32) before calibrating, so stored and live
     # scores are computed with exactly the same matrix.
     det = Mahalanobis(det.mean, det.scale, det.active, det.precision.astype(np.float32).astype(np.float64),
-                      det.shrinkage)
+                      det.shrinkage, det.components)
     cal_scores = np.sort(det.distance2(feature_matrix(cal, tokens)))
 
     levels = np.asarray(QUANTILE_LEVELS)

@@ -11,6 +11,9 @@ import json
 import sys
 from typing import Any
 
+from monitor.drift.baseline import baseline_positions
+from monitor.drift.offline import POSITIONS
+
 
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", metavar="URL", default=None,
@@ -26,6 +29,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", default=None, help="lens bundle directory (default: the logit lens)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128, help="truncate prompts to this many tokens")
+    p.add_argument("--positions", choices=POSITIONS, default=None,
+                   help="what the tap ships per text, as the tap setting 'positions' (build default: last+mean, "
+                        "the lens bank reads the last token and the probes also the prompt mean; score default: "
+                        "the baseline's)")
 
 
 def register(subparsers: Any) -> None:
@@ -40,6 +47,8 @@ def register(subparsers: Any) -> None:
     b.add_argument("--promote", action="store_true", help="make it the active baseline")
     b.add_argument("--min-samples", type=int, default=None)
     b.add_argument("--calibration-fraction", type=float, default=0.3)
+    b.add_argument("--components", type=int, default=None,
+                   help="PPCA components of the detector's covariance (0 = Ledoit-Wolf; default 16)")
     b.set_defaults(handler=_build)
 
     s = sub.add_parser("show", help="summarise a baseline (id, file, or 'active')")
@@ -110,7 +119,7 @@ def _readings(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
     model, tok, _name = load_model(args.model)
     bank = lens_bank_for(model, args.bundle)
     a = readings_for_texts(model, tok, bank, texts, args.batch_size, max_tokens=args.max_tokens,
-                           progress=_progress)
+                           positions=args.positions or "last+mean", progress=_progress)
     return a, bank, model_fingerprint(model), texts
 
 
@@ -125,7 +134,8 @@ def _build(args: argparse.Namespace) -> int:
 
     bl = build_baseline(a, model=args.model_name, model_fingerprint=fp, bundle_id=bank.bundle_id,
                         source=f"corpus {Path(args.corpus).name}", min_samples=args.min_samples or MIN_SAMPLES,
-                        calibration_fraction=args.calibration_fraction)
+                        calibration_fraction=args.calibration_fraction, components=args.components,
+                        extra={"positions": args.positions or "last+mean", "max_tokens": args.max_tokens})
     if args.out:
         Path(args.out).write_text(bl.dumps())
     if store is not None:
@@ -172,6 +182,8 @@ def _score(args: argparse.Namespace) -> int:
     from monitor.drift.score import AnomalyScorer
 
     bl = _load_ref(args, args.baseline)
+    if args.positions is None:  # score texts the way the baseline's were read
+        args.positions = str(bl.extra.get("positions") or baseline_positions(bl))
     a, bank, fp, texts = _readings(args)
     bl.check_compatible(bundle_id=bank.bundle_id, model_fingerprint=fp)
     scorer = AnomalyScorer(bl, alpha=args.alpha)

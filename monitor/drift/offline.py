@@ -34,6 +34,9 @@ class LensBankLike(Protocol):
     def read_arrays(self, hidden: np.ndarray) -> BankOutput: ...
 
 
+POSITIONS = ("last", "mean", "last+mean")  # modes with a fixed number of vectors per text
+
+
 def capture_states(
     model: Any,
     tokenizer: Any,
@@ -48,10 +51,12 @@ def capture_states(
 
     ``states`` is float16 [n, L, d] in the order of ``texts`` (the wire payload of each sample: its
     last prompt token for ``positions="last"``, the mean over its prompt tokens for ``"mean"``),
-    ``layers`` the captured state indices.
+    or [n, L, 2, d] for ``"last+mean"`` (index 0 the mean, 1 the last token); ``layers`` the
+    captured state indices.
     """
-    if positions not in ("last", "mean"):
-        raise BaselineError(f"positions: {positions!r} is not 'last' or 'mean' (one state per layer and text)")
+    if positions not in POSITIONS:
+        raise BaselineError(f"positions: {positions!r} is not one of {', '.join(POSITIONS)}")
+    per = 2 if positions == "last+mean" else 1
     import torch
 
     import monitor
@@ -94,8 +99,9 @@ def capture_states(
                     if out is None:
                         layers = s.layers
                         fingerprint = s.model_fingerprint
-                        out = np.zeros((len(texts), len(layers), s.hidden_size), dtype=np.float16)
-                    out[i] = s.hidden[:, -1, :]
+                        shape = (len(layers), per, s.hidden_size) if per > 1 else (len(layers), s.hidden_size)
+                        out = np.zeros((len(texts), *shape), dtype=np.float16)
+                    out[i] = s.hidden[:, -per:, :] if per > 1 else s.hidden[:, -1, :]
                     got += 1
                 transport.ack(group, [e.id for e in entries])
             if progress is not None:
@@ -112,15 +118,20 @@ def capture_states(
 def readings_from_states(
     bank: LensBankLike, states: np.ndarray, state_layers: Sequence[int], *, batch_size: int = 16
 ) -> ReadingArrays:
-    """Read captured states [n, L, d] with the lens bank (selecting the bank's watched layers)."""
+    """Read captured states [n, L, d] (or [n, L, 2, d] of "last+mean": the probes also read the
+    mean) with the lens bank, selecting the bank's watched layers, as the sidecar reads them."""
+    from monitor.lenses.runtime import read_with_context
+
     missing = [x for x in bank.layers if x not in state_layers]
     if missing:
         raise BaselineError(f"the lens bank watches states {missing} that were not captured")
     sel = [list(state_layers).index(x) for x in bank.layers]
     parts = []
     for start in range(0, states.shape[0], batch_size):
-        h = np.asarray(states[start:start + batch_size][:, sel, :], dtype=np.float32)
-        parts.append(ReadingArrays.from_bank_output(bank.read_arrays(h), dict(bank.probe_labels)))
+        h = np.asarray(states[start:start + batch_size][:, sel], dtype=np.float32)
+        last, context = (h[:, :, -1], h[:, :, 0]) if h.ndim == 4 else (h, None)
+        out, labels = read_with_context(bank, last, context)
+        parts.append(ReadingArrays.from_bank_output(out, labels))
     return ReadingArrays.concat(parts)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from monitor.errors import BundleError, ConfigError
 from monitor.lenses.bundle import Bundle, verify_bundle
-from monitor.lenses.readings import BankOutput, SampleReadings, split_batch
+from monitor.lenses.readings import CONTEXT_SUFFIX, BankOutput, SampleReadings, split_batch
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -156,6 +156,32 @@ class LensBank:
         self.workers = 1  # concurrent single-threaded runs per batch (see ``load(threads=...)``)
         self._pool: Any = None
         self._outputs = [o.name for o in session.get_outputs()]
+        self._context: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # probe -> (W [L, d, C], b [L, C])
+
+    @property
+    def context_probe_labels(self) -> dict[str, tuple[str, ...]]:
+        """Labels of the context readings (:meth:`read_context`): ``<probe>@mean`` per probe."""
+        return {f"{name}{CONTEXT_SUFFIX}": lab for name, lab in self.probe_labels.items() if name in self._context}
+
+    def read_context(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        """The concept probes on prompt-mean states [B, L, d]: ``{"<probe>@mean": [B, L, C]}``.
+
+        The lens readings say what a layer predicts at the last token; the probes on the mean say
+        what the whole prompt is about (language, topic), which is what a shift in traffic moves
+        first. A linear probe is one [d, C] product per layer, so this costs ~1% of a bank pass
+        and runs in numpy (the weights are the bundle's own, read from its verified graph)."""
+        h = np.asarray(hidden, dtype=np.float32)
+        want = (len(self.layers), self.hidden_size)
+        if h.ndim != 3 or tuple(h.shape[1:]) != want:
+            raise ValueError(f"context hidden must be [B, {want[0]}, {want[1]}], got {list(h.shape)}")
+        out = {}
+        for name, (w, b) in self._context.items():
+            z = np.einsum("bld,ldc->blc", h, w, optimize=True) + b
+            z -= z.max(axis=-1, keepdims=True)
+            np.exp(z, out=z)
+            z /= z.sum(axis=-1, keepdims=True)
+            out[f"{name}{CONTEXT_SUFFIX}"] = z
+        return out
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -201,6 +227,7 @@ class LensBank:
         except Exception as exc:  # onnx raises DecodeError and friends
             raise BundleError(f"lens bundle {path}: cannot read {graph_path.name}: {exc}") from exc
         index = np.array([all_layers.index(x) for x in chosen], dtype=np.int64)
+        context = _probe_weights(model, bundle.manifest, index)
         specialise(model, index)
         if precision == "int8":
             model = quantise_unembedding(model)
@@ -230,6 +257,7 @@ class LensBank:
             )
         bank = cls(bundle, session, chosen, max_batch=max_batch)
         bank.precision = precision
+        bank._context = context
         if threads and int(threads) > 1 and bank.provider == CPU:
             bank.workers = int(threads)
         return bank
@@ -330,6 +358,40 @@ class LensBank:
     def __repr__(self) -> str:
         return (f"LensBank({self.bundle_id}, kind={self.kind}, layers={len(self.layers)}, "
                 f"probes={list(self.probe_labels)}, provider={self.provider})")
+
+
+def read_with_context(bank: Any, hidden: np.ndarray, context: np.ndarray | None = None
+                      ) -> tuple[BankOutput, dict[str, tuple[str, ...]]]:
+    """The bank's readings of last-token states ``hidden`` [B, L, d], plus, when prompt-mean
+    states ``context`` [B, L, d] are given and the bank has probes, the probes on them
+    (``<probe>@mean``); returns the output and the labels of every probe reading in it.
+
+    The one read path of the sidecar and of offline scoring (``layerwatch score``,
+    ``baseline build --corpus``), so both compute the same readings."""
+    from dataclasses import replace
+
+    out = bank.read_arrays(hidden)
+    labels = dict(bank.probe_labels)
+    read_context = getattr(bank, "read_context", None)
+    if context is not None and read_context is not None and getattr(bank, "context_probe_labels", None):
+        out = replace(out, probes={**out.probes, **read_context(context)})
+        labels.update(bank.context_probe_labels)
+    return out, labels
+
+
+def _probe_weights(model: Any, manifest: dict[str, Any], index: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each probe's weights [L, d, C] and biases [L, C] at the chosen layers, from the graph."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for p in manifest.get("probes", []):
+        w, b = inits.get(f"probe_{p['name']}_weight"), inits.get(f"probe_{p['name']}_bias")
+        if w is None or b is None:
+            continue
+        out[str(p["name"])] = (np.ascontiguousarray(numpy_helper.to_array(w)[index], dtype=np.float32),
+                               np.ascontiguousarray(numpy_helper.to_array(b)[index], dtype=np.float32))
+    return out
 
 
 def load_bank(path: str | os.PathLike[str] | Path, **kwargs: Any) -> LensBank:

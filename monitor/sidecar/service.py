@@ -29,6 +29,7 @@ import numpy as np
 from monitor.audit.records import sample_fields
 from monitor.errors import AuditError, LayerwatchError, TransportError, WireFormatError
 from monitor.lenses.readings import BankOutput, split_batch
+from monitor.lenses.runtime import read_with_context
 from monitor.metrics import TAP_DROP_REASONS, SidecarMetrics, observe_many
 from monitor.narratives import Narrative, default_decoder, narratives_for_batch, tokenizer_decoder
 from monitor.sidecar.config import SidecarSettings
@@ -94,6 +95,7 @@ class Sidecar:
         self.metrics = SidecarMetrics(registry)
         self.registry = self.metrics.registry
         self.bank = bank if bank is not None else self._load_bank()
+        self._probe_labels: dict[str, tuple[str, ...]] = dict(self.bank.probe_labels)  # of the last batch
         tok = tokenizer if tokenizer is not None else getattr(self.bank, "tokenizer", None)
         if tok is None and settings.tokenizer is not None:
             tok = load_tokenizer(settings.tokenizer)
@@ -364,10 +366,15 @@ class Sidecar:
         return idx
 
     def _explain_score_audit(self, good: list[tuple[Entry, Sample]]) -> None:
-        # The narrative reads the last captured position (for "mean": the mean vector).
+        # The narrative reads the last captured position (for "mean": the mean vector); with
+        # positions "last+mean" the probes also read the prompt mean (index 0) as context.
         hidden = np.stack([smp.hidden[self._layer_index(smp.layers), -1, :] for _, smp in good])
-        out = self.bank.read_arrays(hidden)
-        readings = split_batch(out, self.bank.probe_labels)
+        context = None
+        if all(smp.positions == "last+mean" for _, smp in good):
+            context = np.stack([smp.hidden[self._layer_index(smp.layers), 0, :] for _, smp in good])
+        out, labels = read_with_context(self.bank, hidden, context)
+        self._probe_labels = labels
+        readings = split_batch(out, labels)
         narratives = narratives_for_batch(out, readings, [(smp.sample_id, smp.request_id, smp.model) for _, smp in good],
                                           decode=self.decode_token, metadata=[smp.metadata for _, smp in good])
         scores, events = self._score(out, narratives)
@@ -421,14 +428,14 @@ class Sidecar:
         if self.detector is None:
             from monitor.drift.detector import as_arrays
 
-            self.learner.add(as_arrays(out, self.bank.probe_labels, depth))
+            self.learner.add(as_arrays(out, self._probe_labels, depth))
             self.metrics.baseline_learning_samples.labels(self.model_label).set(self.learner.collected)
             if self.learner.done:
                 self._promote_learned()
             return [{"score": None, "flags": [], "learning": True} for _ in narratives], []
         from monitor.drift.detector import publish
 
-        update = self.detector.process(out, self.bank.probe_labels, depth)
+        update = self.detector.process(out, self._probe_labels, depth)
         publish(self.metrics, self.model_label, update)
         return [{"score": s.to_dict(), "flags": [f.to_dict() for f in s.flags]} for s in update.scores], update.events
 
@@ -479,7 +486,7 @@ class Sidecar:
             if agree[i]:
                 s["agree"].inc(agree[i])
             for probe, w in winners.items():
-                names = self.bank.probe_labels.get(probe, ())
+                names = self._probe_labels.get(probe, ())
                 for c, count in zip(*np.unique(w[:, i], return_counts=True), strict=True):
                     label = names[c] if c < len(names) else str(c)
                     mm.probe_labels.labels(m, str(layer), probe, label).inc(int(count))

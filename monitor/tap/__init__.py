@@ -32,6 +32,10 @@ own token sequence, padding excluded (so a left-padded and a right-padded batch 
 indices). ``positions="generated"`` captures, at each generation step, the state of the token
 that step consumes: the last prompt token, then each generated token fed back, i.e. the states
 that produced generated tokens 1..N (``final_topk`` row i is the distribution of token i).
+``positions="last+mean"`` ships two vectors per layer: index 0 the mean over the prompt's real
+tokens, index 1 the last prompt token (so ``hidden[:, -1]`` is the last token, as for "last").
+The lens bank reads the last token; the concept probes also read the mean (the prompt's
+context), which the drift detector uses (``<probe>@mean`` readings).
 """
 
 from __future__ import annotations
@@ -423,7 +427,7 @@ class Tap:
         for i, blk in enumerate(p.blocks):
             if i + 1 in self._slot:
                 out.append(blk.register_forward_hook(self._make_block_hook(self._slot[i + 1])))
-        if p.unembed is not None and self.settings.positions != "mean":
+        if p.unembed is not None and self.settings.positions not in ("mean", "last+mean"):
             out.append(p.unembed.register_forward_hook(self._unembed_post))
         return out
 
@@ -579,13 +583,18 @@ class Tap:
             mask = None
         if mask is not None:
             m = (mask if all_rows else mask.index_select(0, rows.to(mask.device))).to(dev) != 0
-        if mode == "mean":
+        if mode in ("mean", "last+mean"):
             if mask is None:
                 weights = torch.full((n_slots, 1, seq), 1.0 / seq, device=dev)
             else:
                 w = m.float()
                 weights = (w / w.sum(-1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
-            return _Plan("mean", dev, seq, 1, n_slots, rows, None, weights, None, [], None, all_rows)
+            if mode == "last+mean":  # row 0: the mean, row 1: a one-hot at the last real token
+                last = torch.full((n_slots,), seq - 1, device=dev) if mask is None else _last_valid(m)
+                onehot = torch.nn.functional.one_hot(last, seq).to(weights.dtype).unsqueeze(1)
+                weights = torch.cat([weights, onehot], dim=1)  # [S, 2, T]: one bmm takes both
+            k = int(weights.shape[1])
+            return _Plan("mean", dev, seq, k, n_slots * k, rows, None, weights, None, [], None, all_rows)
         if mode == "all":
             k = min(self.settings.max_positions, seq)
             ar = torch.arange(k, device=dev)
@@ -655,7 +664,7 @@ class Tap:
                 plan.views[slot].copy_(flat.index_select(0, index))
         else:
             sel = h if plan.all_rows else h.index_select(0, index)
-            plan.views[slot].copy_(torch.bmm(weights, sel.float()).squeeze(1))
+            plan.views[slot].copy_(torch.bmm(weights, sel.float()).reshape(plan.n_out, -1))
 
     def _seal(self, cap: _Capture, plan: _Plan) -> None:
         """End of a forward: one cast to float16, then the step off the device (CUDA: async)."""
