@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from monitor.drift.stats import (
+    FACTOR_FLOOR,
     Mahalanobis,
     benjamini_hochberg,
     binom_sf,
@@ -88,24 +89,43 @@ def test_mahalanobis_constant_feature_is_inactive_and_finite() -> None:
     assert not m.active[2] and np.all(np.isfinite(m.distance2(probe)))
 
 
-def test_ppca_precision_inverts_the_ppca_covariance_and_keeps_contributions_exact() -> None:
-    """components=k: the precision is the inverse of V diag(lam) V^T + sigma^2 (I - V V^T) built from
-    the k leading eigenpairs of the standardised data, and contributions still sum to the distance."""
+def test_factor_precision_inverts_the_factor_covariance_and_keeps_contributions_exact() -> None:
+    """components=k: the precision is the inverse of W W^T + diag(psi), W the k leading principal
+    directions of the standardised data scaled by their root variance, psi what each feature has
+    left (floored); contributions still sum to the distance."""
     rng = np.random.default_rng(4)
     x = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12)) + 3.0
     m = Mahalanobis.fit(x, components=4)
     z = (x - x.mean(0)) / x.std(0)
     w, v = np.linalg.eigh(z.T @ z / len(z))
-    w, v = w[::-1], v[:, ::-1]
-    sigma2 = w[4:].mean()
-    cov = (v[:, :4] * w[:4]) @ v[:, :4].T + sigma2 * (np.eye(12) - v[:, :4] @ v[:, :4].T)
-    np.testing.assert_allclose(m.precision, np.linalg.inv(cov), rtol=1e-6, atol=1e-8)
-    assert m.estimator == "ppca4" and m.shrinkage == pytest.approx(w[4:].sum() / w.sum())
+    load = v[:, ::-1][:, :4] * np.sqrt(w[::-1][:4])
+    psi = np.maximum(1.0 - (load**2).sum(1), FACTOR_FLOOR)
+    np.testing.assert_allclose(m.precision, np.linalg.inv(load @ load.T + np.diag(psi)), rtol=1e-6, atol=1e-8)
+    assert m.estimator == "factor4" and m.shrinkage == pytest.approx(psi.sum() / 12)
     c = m.contributions(x[:7])
     assert np.allclose(c.sum(axis=1), m.distance2(x[:7]))
 
 
-def test_ppca_with_more_components_than_data_stays_finite() -> None:
+def test_factor_model_catches_a_broken_correlation_like_ledoit_wolf() -> None:
+    """Features driven by one common factor: samples where a few of them move together off
+    that factor are caught by the factor model (its per-feature residual variances are small
+    there), as by Ledoit-Wolf."""
+    rng = np.random.default_rng(7)
+
+    def draw(n: int, shift: float = 0.0) -> np.ndarray:
+        latent = rng.normal(size=(n, 1))
+        x = np.hstack([latent + 0.3 * rng.normal(size=(n, 12)), rng.normal(size=(n, 60))])
+        x[:, 4:8] += shift
+        return x
+
+    base, normal, odd = draw(1000), draw(2000), draw(200, shift=2.5)
+    for k in (0, 4):
+        m = Mahalanobis.fit(base, components=k)
+        thr = np.quantile(m.distance2(normal), 0.99)
+        assert np.mean(m.distance2(odd) > thr) > 0.9, k
+
+
+def test_factor_model_with_more_components_than_data_stays_finite() -> None:
     """components >= samples or features, and constant features, give finite distances."""
     x = np.random.default_rng(6).normal(size=(10, 30))
     x[:, 5] = 1.0

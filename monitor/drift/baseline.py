@@ -43,9 +43,9 @@ from monitor.lenses.readings import CONTEXT_SUFFIX
 SCHEMA_VERSION = 1
 MIN_SAMPLES = 400  # fit split large enough for a stable covariance, >= 120 calibration scores
 QUANTILE_LEVELS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
-# Probabilistic-PCA components of the detector's covariance (0 = Ledoit-Wolf). Chosen on the
-# evaluation benchmark's baseline (``python -m benchmarks.drift_scorers``): 16 and 32 were within
-# 0.003 mean AUROC, both above Ledoit-Wolf, 64 fell back towards it.
+# Factors of the detector's covariance model (0 = Ledoit-Wolf; see Mahalanobis.fit). Chosen on
+# the evaluation benchmark (``python -m benchmarks.drift_eval --components K``): 16 and 32 were
+# within 0.002 mean AUROC and 0.02 mean TPR of each other, both well above Ledoit-Wolf.
 DEFAULT_COMPONENTS = 16
 WINDOW_BIN_LEVELS = tuple(i / 10 for i in range(1, 10))  # decile bins for the window tests
 
@@ -335,7 +335,7 @@ def build_baseline(
     """Build a baseline from the readings of ``a.n`` normal samples.
 
     ``components``: the detector's covariance estimator, :data:`DEFAULT_COMPONENTS` when None
-    (probabilistic PCA with that many components; 0 = Ledoit-Wolf, see :meth:`Mahalanobis.fit`).
+    (a factor model with that many factors; 0 = Ledoit-Wolf, see :meth:`Mahalanobis.fit`).
 
     Raises :class:`BaselineError` with the number still needed when there are too few samples.
     """

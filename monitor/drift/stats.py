@@ -46,6 +46,9 @@ def ledoit_wolf(z: np.ndarray) -> tuple[np.ndarray, float]:
     return shrunk, shrinkage
 
 
+FACTOR_FLOOR = 0.05  # least residual variance of a standardised feature in the factor model
+
+
 @dataclass(frozen=True)
 class Mahalanobis:
     """Squared Mahalanobis distance on standardised features with a shrunk covariance.
@@ -58,25 +61,28 @@ class Mahalanobis:
     scale: np.ndarray  # [F] (1.0 where inactive)
     active: np.ndarray  # bool [F]
     precision: np.ndarray  # [Fa, Fa] inverse shrunk covariance of the active standardised features
-    shrinkage: float  # Ledoit-Wolf: the shrinkage used; PPCA: the variance share left to the residual
-    components: int = 0  # 0: Ledoit-Wolf; k > 0: probabilistic PCA with k components
+    shrinkage: float  # Ledoit-Wolf: the shrinkage used; factor model: the variance share left to psi
+    components: int = 0  # 0: Ledoit-Wolf; k > 0: a k-factor model
 
     @property
     def estimator(self) -> str:
-        return f"ppca{self.components}" if self.components else "ledoit-wolf"
+        return f"factor{self.components}" if self.components else "ledoit-wolf"
 
     @classmethod
     def fit(cls, x: np.ndarray, ridge: float = 1e-6, components: int = 0) -> Mahalanobis:
         """Fit mean, scale and a shrunk precision matrix to ``x`` [n, F].
 
-        ``components=0``: Ledoit-Wolf shrinkage towards a scaled identity. ``components=k``:
-        probabilistic PCA (Tipping & Bishop 1999): the k leading eigenvalues of the correlation
-        matrix are kept and the rest are replaced by their mean, so the distance is a whitened
-        distance in the k main directions of normal traffic plus the residual norm over its mean
-        variance. With a few hundred correlated per-layer features this separates shifts that
-        move the whole narrative coherently from the noise of single features better than
-        Ledoit-Wolf (``python -m benchmarks.drift_scorers``); it is still a precision matrix, so
-        the per-feature contributions add up to the distance exactly as before.
+        ``components=0``: Ledoit-Wolf shrinkage towards a scaled identity. ``components=k``: a
+        k-factor model, ``W W^T + diag(psi)``: the k leading principal directions of the
+        standardised features plus each feature's own left-over variance (at least
+        :data:`FACTOR_FLOOR`). Per-layer narrative features are many and strongly correlated
+        within a layer and across neighbours; Ledoit-Wolf shrinks all of that correlation
+        towards the identity alike, a factor model keeps the main directions of normal traffic
+        and still weights each feature's own noise. On the drift benchmark it raised mean TPR at
+        1% FPR from 0.55 to 0.65 (``python -m benchmarks.drift_eval --components 0|16``); a
+        probabilistic PCA with one pooled residual variance scored the same on real traffic but
+        missed a shift that breaks a tight correlation (synthetic entropy shift: TPR 0.38 vs 1.00).
+        It is still a precision matrix, so per-feature contributions add up to the distance.
         """
         if components < 0:
             raise ValueError(f"components must be >= 0, got {components}")
@@ -91,7 +97,7 @@ class Mahalanobis:
         if z.shape[1] == 0:
             return cls(mean, scale, active, np.zeros((0, 0)), 1.0, components)
         if components:
-            return cls(mean, scale, active, *_ppca_precision(z, components, ridge), components)
+            return cls(mean, scale, active, *_factor_precision(z, components, FACTOR_FLOOR), components)
         cov, shrinkage = ledoit_wolf(z)
         cov[np.diag_indices_from(cov)] += ridge
         # eigh is stable for symmetric PSD matrices; clip tiny eigenvalues before inverting.
@@ -125,19 +131,22 @@ class Mahalanobis:
         return self.contributions(x).sum(axis=1)
 
 
-def _ppca_precision(z: np.ndarray, k: int, ridge: float) -> tuple[np.ndarray, float]:
-    """Precision of the PPCA covariance of standardised data ``z`` [n, p] and its residual share."""
+def _factor_precision(z: np.ndarray, k: int, floor: float) -> tuple[np.ndarray, float]:
+    """Precision of a k-factor model of standardised data ``z`` [n, p] and its residual share.
+
+    ``cov = W W^T + diag(psi)`` with ``W`` the k leading principal directions scaled by the root
+    of their variance and ``psi`` each feature's variance left over (at least ``floor``); the
+    inverse by the Woodbury identity (a k x k solve)."""
     n, p = z.shape
     _, s, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
-    var = np.zeros(p)
-    var[: len(s)] = s**2 / n
-    k = min(k, len(s), p - 1) if p > 1 else 1
-    residual = float(var[k:].mean()) if p > k else 0.0
-    residual = max(residual, ridge, 1e-6 * float(var.mean()))
-    lam = np.maximum(var[:k], residual)
-    v = vt[:k]  # [k, p]
-    precision = (v.T / lam) @ v + (np.eye(p) - v.T @ v) / residual
-    share = float(var[k:].sum() / max(var.sum(), 1e-300))
+    k = min(k, len(s))
+    w = vt[:k].T * (s[:k] / np.sqrt(n))  # [p, k]
+    var = np.einsum("ij,ij->j", z - z.mean(axis=0), z - z.mean(axis=0)) / n  # ~1 (standardised)
+    psi = np.maximum(var - np.einsum("ik,ik->i", w, w), floor)
+    wp = w / psi[:, None]  # Psi^-1 W
+    inner = np.eye(k) + w.T @ wp
+    precision = np.diag(1.0 / psi) - wp @ np.linalg.solve(inner, wp.T)
+    share = float(psi.sum() / max(float(var.sum()), 1e-300))
     return 0.5 * (precision + precision.T), share
 
 
