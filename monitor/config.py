@@ -50,7 +50,7 @@ class TapSettings(BaseSettings):
     stream_maxlen: int = Field(10_000, ge=100, description="Approximate bound of the stream (older entries are trimmed).")
     model_name: str | None = Field(None, description="Model label in metrics and records (default: the model's name_or_path).")
     layers: Literal["all"] | list[int] = Field("all", description="States to capture: 'all' or a list of indices (state N is always added).")
-    positions: PositionsMode = Field("last", description="last prompt token | all prompt tokens (up to max_positions) | mean over them | each generated token (up to max_positions) | last+mean: the mean and the last token (the drift detector's context probes read the mean).")
+    positions: PositionsMode = Field("last+mean", description="last+mean: the mean over the prompt's tokens and its last token (lenses read the last token, the drift detector's context probes also the mean) | last prompt token | all prompt tokens (up to max_positions) | mean over them | each generated token (up to max_positions).")
     max_positions: int = Field(32, ge=1, le=4096, description="Cap on positions per sample for 'all' and 'generated'.")
     max_samples_per_s: float | None = Field(None, gt=0, description="Per-process budget of sampled requests per second (token bucket); None = unlimited.")
     queue_max_items: int = Field(256, ge=1, description="Bound of the export queue in samples.")

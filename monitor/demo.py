@@ -81,7 +81,8 @@ def _baseline(model: Any, tok: Any, bank: Any, model_name: str) -> Any:
     from monitor.drift.offline import readings_for_texts
 
     texts = corpora.english_prose("train", unit="short")[:600]
-    key = hashlib.sha256(json.dumps([bank.bundle_id, texts]).encode()).hexdigest()[:16]
+    # the tap's default positions ("last+mean") decide which readings the baseline holds
+    key = hashlib.sha256(json.dumps([bank.bundle_id, texts, "last+mean", "factor16"]).encode()).hexdigest()[:16]
     path = _cache_dir() / "baselines" / f"demo-{key}.json"
     if path.exists():
         b = Baseline.loads(path.read_text())

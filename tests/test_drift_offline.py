@@ -46,7 +46,7 @@ def tiny() -> torch.nn.Module:
 def test_captured_states_match_a_direct_forward(tiny: torch.nn.Module) -> None:
     """The tap's wire payload at the last prompt token equals collect_states (to float16)."""
     texts = ["hello world", "a much longer text than the first one", "mid size"]
-    states, layers, fp = capture_states(tiny, CharTokenizer(), texts, batch_size=2)
+    states, layers, fp = capture_states(tiny, CharTokenizer(), texts, batch_size=2, positions="last")
     assert states.shape == (3, 3, 32) and layers == (0, 1, 2) and fp.startswith("sha256:")
     tok = CharTokenizer()
     for i, t in enumerate(texts):

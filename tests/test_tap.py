@@ -350,7 +350,7 @@ def test_batch_exports_only_sampled_rows_with_their_ids_and_metadata(memory_tran
     ref = _states(out, seen["x"])
     for row, rid in ((0, "ra"), (2, "rc")):
         for layer in range(3):
-            assert torch.equal(torch.from_numpy(got[rid].hidden[layer, 0].copy()), ref[layer][row, -1].half())
+            assert torch.equal(torch.from_numpy(got[rid].hidden[layer, -1].copy()), ref[layer][row, -1].half())
     assert tap.sampled == 2 and tap.skipped["rate"] == 1
 
 

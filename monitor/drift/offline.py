@@ -44,7 +44,7 @@ def capture_states(
     *,
     batch_size: int = 16,
     max_tokens: int = 128,
-    positions: str = "last",
+    positions: str = "last+mean",
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, tuple[int, ...], str]:
     """Run ``texts`` through ``model`` under the real tap; returns (states, layers, fingerprint).
@@ -143,7 +143,7 @@ def readings_for_texts(
     batch_size: int = 16,
     *,
     max_tokens: int = 128,
-    positions: str = "last",
+    positions: str = "last+mean",
     progress: Callable[[int, int], None] | None = None,
 ) -> ReadingArrays:
     """Readings of ``texts`` as the sidecar would compute them (tap -> wire -> lens bank)."""
