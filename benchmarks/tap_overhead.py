@@ -200,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gen-rounds", type=int, default=8, help="generate rounds")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--positions", default="last+mean", help="the tap's positions setting (default: its default)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a busy box)")
     p.add_argument("--redis", default=os.environ.get("LAYERWATCH_BENCH_REDIS", "redis://127.0.0.1:6379/0"))
     p.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -234,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
     )
     tap = monitor.attach(model, sample_rate=0.0, transport=args.redis, stream=stream, layers="all",
-                         positions="last", model_name="SmolLM2-135M-Instruct")
+                         positions=args.positions, model_name="SmolLM2-135M-Instruct")
     hooked = [True]
 
     def set_hooked(flag: bool) -> None:
@@ -344,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sampled": n_sampled, "delivered": n_deliv, "dropped": n_sampled - n_deliv,
         })
     micro = per_forward_cost(model, tap_factory=lambda: monitor.attach(
-        model, sample_rate=1.0, transport=_gated_transport(), model_name="micro",
+        model, sample_rate=1.0, transport=_gated_transport(), model_name="micro", positions=args.positions,
         queue_max_items=args.micro_reps + 8), reps=args.micro_reps)
     memory = []
     if not args.skip_memory:
@@ -387,7 +388,7 @@ def render(result: dict[str, Any]) -> str:
     c = result["per_forward_cost"]
     lines.append(f"tap cost per forward (1-token forward, {c['unhooked_cpu_ms']:.1f} ms CPU unhooked, median of "
                  f"{c['reps']}): +{c['unsampled_extra_us']:.0f} us unsampled, +{c['sampled_extra_us']:.0f} us sampled "
-                 "(all 31 states, last token, final top-k)")
+                 f"(all 31 states, positions {args.positions})")
     for m in result["memory"]:
         lines.append(
             f"memory at a full queue ({m['positions']}, {m['tokens']} tokens): {m['queue_items']}/"

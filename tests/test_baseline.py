@@ -134,6 +134,22 @@ def test_learner_refuses_to_build_early() -> None:
         learner.build()
 
 
+def test_learner_refuses_samples_read_with_other_probes() -> None:
+    """Samples whose probe readings differ from those already collected (a tap with another
+    'positions' setting: last+mean adds '<probe>@mean') are refused, naming both sets, and the
+    learner keeps what it had."""
+    from dataclasses import replace
+
+    learner = BaselineLearner(450, **META)
+    learner.add(synth(100))
+    a = synth(50, seed=3)
+    other = replace(a, probes={**a.probes, "topic@mean": a.probes["topic"]},
+                    probe_labels={**a.probe_labels, "topic@mean": a.probe_labels["topic"]})
+    with pytest.raises(BaselineError, match=r"probes \['topic', 'topic@mean'\] do not match.*positions"):
+        learner.add(other)
+    assert learner.collected == 100 and learner.add(synth(350, seed=4)) == 350 and learner.build().n_samples == 450
+
+
 def test_file_store_promote_and_rollback(tmp_path: Path) -> None:
     """Without Redis the store keeps files, an active pointer and a history to roll back."""
     store = BaselineStore("tiny", directory=tmp_path)

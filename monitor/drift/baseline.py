@@ -472,6 +472,13 @@ class BaselineLearner:
         room = self.target - self._n
         if room <= 0 or a.n == 0:
             return 0
+        if self._parts and (a.layers != self._parts[0].layers or set(a.probes) != set(self._parts[0].probes)):
+            first = self._parts[0]
+            raise BaselineError(
+                f"readings of layers {list(a.layers)} with probes {sorted(a.probes)} do not match the baseline "
+                f"being learned (layers {list(first.layers)}, probes {sorted(first.probes)}): taps with "
+                "different 'positions' settings feed this sidecar (last+mean adds '<probe>@mean')"
+            )
         take = a if a.n <= room else a.subset(slice(0, room))
         take.validate()
         self._parts.append(take)
