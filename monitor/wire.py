@@ -12,10 +12,11 @@ state indices of the L rows, sorted, within ``0..n_states-1``), ``n_states`` (N+
 0 the prompt mean, 1 the last token), ``position_index`` (the P captured positions, as indices
 into the request's own tokens with padding excluded; empty for ``mean`` and ``last+mean``),
 ``created_at`` (capture time, Unix seconds), ``metadata`` (bounded user fields), ``final_topk``
-(the model's own top-k ids and log-probabilities per captured position, or null) and ``tap`` (the sending tap's cumulative counters). Never pickle:
-decoding reads JSON and ``numpy.frombuffer`` only. :func:`decode` validates everything the
-sidecar relies on and raises :class:`~monitor.errors.WireFormatError` whose ``reason`` is a
-short, bounded label used for the dead-letter stream and its counter.
+(the model's own top-k ids and log-probabilities per captured position, or null) and ``tap``
+(the sending tap's cumulative counters). Never pickle: decoding reads JSON and
+``numpy.frombuffer`` only. :func:`decode` validates everything the sidecar relies on and raises
+:class:`~monitor.errors.WireFormatError` whose ``reason`` is a short, bounded label used for
+the dead-letter stream and its counter.
 """
 
 from __future__ import annotations
