@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "tap_overhead", "model": "SmolLM2-135M-Instruct", "device": "cpu",
         "torch": torch.__version__, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens, "rounds": args.rounds, "gen_rounds": args.gen_rounds,
-        "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": load_avg(),
+        "positions": args.positions, "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": load_avg(),
         "wall_s": round(wall, 1), "rows": table, "tap_stats": tap_stats, "consumer": delivered,
         "per_forward_cost": micro, "memory": memory,
         "raw_ms": {k: [round(x * 1e3, 2) for x in v] for k, v in times.items()},
@@ -388,7 +388,7 @@ def render(result: dict[str, Any]) -> str:
     c = result["per_forward_cost"]
     lines.append(f"tap cost per forward (1-token forward, {c['unhooked_cpu_ms']:.1f} ms CPU unhooked, median of "
                  f"{c['reps']}): +{c['unsampled_extra_us']:.0f} us unsampled, +{c['sampled_extra_us']:.0f} us sampled "
-                 f"(all 31 states, positions {args.positions})")
+                 f"(all 31 states, positions {result['positions']})")
     for m in result["memory"]:
         lines.append(
             f"memory at a full queue ({m['positions']}, {m['tokens']} tokens): {m['queue_items']}/"

@@ -65,7 +65,7 @@ def test_last_plus_mean_capture_stacks_the_mean_and_the_last_token(tiny: torch.n
     assert np.array_equal(both[:, :, 0], mean) and np.array_equal(both[:, :, 1], last)
     a = readings_from_states(TorchLogitLens(tiny), both, layers)  # no probes: the last token only
     assert np.allclose(a.entropy, readings_from_states(TorchLogitLens(tiny), last, layers).entropy)
-    with pytest.raises(BaselineError, match="positions: 'all' is not one of last, mean, last\+mean"):
+    with pytest.raises(BaselineError, match=r"positions: 'all' is not one of last, mean, last\+mean"):
         capture_states(tiny, CharTokenizer(), texts, positions="all")
 
 

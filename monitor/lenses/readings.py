@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 CONTEXT_SUFFIX = "@mean"  # probe readings on the prompt mean (tap positions "last+mean")
+
 
 @dataclass(frozen=True)
 class BankOutput:
