@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="what the tap captures per text: the last prompt token, the mean over the prompt, or both "
                          "(the lens bank reads the last token, the probes also the mean)")
     ap.add_argument("--components", type=int, default=None,
-                    help="PPCA components of the detector's covariance (0 = Ledoit-Wolf; default: the baseline's)")
+                    help="factors of the detector's covariance model (0 = Ledoit-Wolf; default: build_baseline's)")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--step", type=int, default=50)

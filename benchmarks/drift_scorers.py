@@ -5,7 +5,7 @@ Reuses the texts, captured states and lens readings that ``python -m benchmarks.
 normal / shift sets, per kind AUROC and TPR at 1% FPR (threshold: the 99th percentile of the normal
 scores) of:
 
-* ``ref``: the production scorer (:class:`monitor.drift.score.AnomalyScorer`, Ledoit-Wolf
+* ``ref``: the production scorer (:class:`monitor.drift.score.AnomalyScorer`, factor-model
   Mahalanobis over the per-layer feature vector);
 * ``pcaK``: a Mahalanobis distance in the K leading principal components of the standardised
   features plus the residual norm over its mean variance;

@@ -47,6 +47,10 @@ DECODE_REASONS = (
     "non_finite", "oversized", "fingerprint",
 )
 
+# vectors per layer of the positions modes that fix it (the sidecar reads index 0 of
+# "last+mean" as the prompt mean and index -1 as the last token)
+FIXED_POSITIONS = {"last": 1, "mean": 1, "last+mean": 2}
+
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "schema": int,
     "sample_id": str,
@@ -171,6 +175,10 @@ def decode(
         raise WireFormatError("shape_mismatch", f"{len(layers)} layer indices but shape[0] = {shape[0]}")
     if layers != sorted(set(layers)) or (layers and (layers[0] < 0 or layers[-1] >= n_states)):
         raise WireFormatError("bad_field", f"layers must be sorted, unique and within 0..{n_states - 1}")
+    fixed = FIXED_POSITIONS.get(hdr["positions"])
+    if fixed is not None and shape[1] != fixed:
+        raise WireFormatError("shape_mismatch", f"positions {hdr['positions']!r} ship {fixed} vector(s) per layer, "
+                                                f"shape has P = {shape[1]}")
     dt = DTYPES.get(hdr["dtype"])
     if dt is None:
         raise WireFormatError("dtype", f"dtype {hdr['dtype']!r} unsupported (float16, float32)")

@@ -50,13 +50,13 @@ def _reason(data: Any, **kw: Any) -> str:
 def test_roundtrip_preserves_every_field() -> None:
     """encode then decode gives back the tensor bit for bit and every header field."""
     hidden = _hidden((3, 2, 4))
-    data = encode(_header(position_index=[3, 4], final_topk={"ids": [[1], [2]], "logprobs": [[-0.5], [-1.0]]}),
-                  hidden)
+    data = encode(_header(positions="all", position_index=[3, 4],
+                          final_topk={"ids": [[1], [2]], "logprobs": [[-0.5], [-1.0]]}), hidden)
     s = decode(data, expected_fingerprint="sha256:abc", expected_hidden_size=4)
     assert isinstance(s, Sample)
     assert np.array_equal(s.hidden, hidden) and s.hidden.dtype == np.float16 and s.hidden_size == 4
     assert (s.sample_id, s.request_id, s.model, s.model_fingerprint) == ("s-1", "r-1", "tiny", "sha256:abc")
-    assert s.layers == (0, 1, 2) and s.n_states == 3 and s.positions == "last"
+    assert s.layers == (0, 1, 2) and s.n_states == 3 and s.positions == "all"
     assert s.position_index == (3, 4) and s.created_at == 1700000000.5
     assert s.metadata == {"route": "/v1"} and s.tap == {"instance": "i", "sampled": 1}
     assert s.final_topk is not None and s.final_topk.ids.tolist() == [[1], [2]]
@@ -138,6 +138,19 @@ def test_shape_mismatch(case: str) -> None:
     else:
         kw["expected_hidden_size"] = 576
     assert _reason(_raw(h, payload), **kw) == "shape_mismatch"
+
+
+@pytest.mark.parametrize(("positions", "p", "ok"), [("last+mean", 2, True), ("last+mean", 1, False),
+                                                    ("last", 2, False), ("mean", 1, True), ("all", 5, True)])
+def test_positions_fix_the_vectors_per_layer(positions: str, p: int, ok: bool) -> None:
+    """'last' and 'mean' ship one vector per layer, 'last+mean' two; any other count is a
+    shape_mismatch (the sidecar reads index 0 of 'last+mean' as the mean). 'all' varies."""
+    hidden = _hidden((3, p, 4))
+    data = _raw(_header(shape=[3, p, 4], dtype="float16", positions=positions), hidden.tobytes())
+    if ok:
+        assert decode(data).hidden.shape == (3, p, 4)
+    else:
+        assert _reason(data) == "shape_mismatch"
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float64"])

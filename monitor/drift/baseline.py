@@ -3,7 +3,8 @@
 A baseline is built from the readings of normal traffic (a window of live samples, or a text
 corpus run through the model). The samples are split once, at random with a fixed seed:
 
-* the *fit* split estimates the compact feature vector's mean and Ledoit-Wolf shrunk covariance;
+* the *fit* split estimates the compact feature vector's mean and covariance (a 16-factor model
+  by default, Ledoit-Wolf shrinkage on request; see :meth:`Mahalanobis.fit`);
 * the held-out *calibration* split gives the anomaly scores that turn a new sample's score into a
   conformal p-value (``p < alpha`` then means a false-positive rate of at most ``alpha``);
 * the fit split also counts the lens top-1 tokens per layer (:class:`TokenTable`);

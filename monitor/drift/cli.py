@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
     b.add_argument("--min-samples", type=int, default=None)
     b.add_argument("--calibration-fraction", type=float, default=0.3)
     b.add_argument("--components", type=int, default=None,
-                   help="PPCA components of the detector's covariance (0 = Ledoit-Wolf; default 16)")
+                   help="factors of the detector's covariance model (0 = Ledoit-Wolf; default 16)")
     b.set_defaults(handler=_build)
 
     s = sub.add_parser("show", help="summarise a baseline (id, file, or 'active')")

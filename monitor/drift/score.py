@@ -1,7 +1,7 @@
 """Per-sample anomaly score against a baseline, calibrated into a conformal p-value.
 
 The score is the squared Mahalanobis distance of the sample's compact feature vector (see
-:mod:`monitor.drift.features`) under the baseline's shrunk covariance. It is reported as
+:mod:`monitor.drift.features`) under the baseline's covariance model. It is reported as
 ``score = sqrt(d^2 / F)`` (about 1 for a typical normal sample, F = active features), with the
 exact decomposition of ``d^2`` into per-layer contributions, and as a conformal p-value against
 the baseline's held-out calibration split: ``p < alpha`` means a false-positive rate of at most
