@@ -369,7 +369,9 @@ def test_narratives_print_tokens_with_the_configured_tokenizer(tmp_path: Path, r
 def test_last_plus_mean_samples_get_context_probe_readings(tmp_path: Path, tiny: torch.nn.Module) -> None:
     """A sample shipped with positions 'last+mean' is read like a 'last' one (lens on the last
     token) plus the bundle's probes on the prompt mean ('<probe>@mean'), which reach the narrative
-    and the probe metrics; a 'last' sample in the same run has no context readings."""
+    and the probe metrics. A 'last' sample sent to the same sidecar afterwards does not fit the
+    baseline it is learning and is dead-lettered with a reason; a sidecar fed 'last' samples
+    reads them without context probes and with the same lens readings."""
     from prometheus_client import generate_latest
 
     from monitor.lenses.runtime import LensBank
@@ -379,28 +381,32 @@ def test_last_plus_mean_samples_get_context_probe_readings(tmp_path: Path, tiny:
     tr, probes = random_lens(tiny)
     write_bundle(tmp_path / "bundle", tiny, tr, probes, model_name="tiny-llama", k=4)
     MemoryTransport.reset_all()
-    url = "memory://context"
-    settings = load_settings(transport=url, group="g", http_port=0, batch_wait_ms=10,
-                             audit={"directory": tmp_path / "audit"}, baseline={"learn_samples": 400})
-    sc = Sidecar(settings, bank=LensBank.load(tmp_path / "bundle"))
+    narratives: dict[str, Any] = {}
+    sidecars = {}
     try:
-        ids = {}
-        for mode in ("last+mean", "last"):
-            tap = monitor.attach(tiny, sample_rate=1.0, transport=url, positions=mode)
-            with tap.request(mode) as h, torch.no_grad():
-                tiny(input_ids=torch.tensor([[5, 6, 7, 8]]))
-            tap.flush(5)
-            tap.close()
-            tap.detach()
-            sc.step()
-            ids[mode] = h.sample_ids[0]
-        both, last = (sc.narrative(ids[m]) for m in ("last+mean", "last"))
-        assert both is not None and last is not None
+        for name, modes in (("context", ("last+mean", "last")), ("plain", ("last",))):
+            url = f"memory://{name}"
+            settings = load_settings(transport=url, group="g", http_port=0, batch_wait_ms=10,
+                                     audit={"directory": tmp_path / f"audit-{name}"}, baseline={"learn_samples": 400})
+            sc = sidecars[name] = Sidecar(settings, bank=LensBank.load(tmp_path / "bundle"))
+            for mode in modes:
+                tap = monitor.attach(tiny, sample_rate=1.0, transport=url, positions=mode)
+                with tap.request(mode) as h, torch.no_grad():
+                    tiny(input_ids=torch.tensor([[5, 6, 7, 8]]))
+                tap.flush(5)
+                tap.close()
+                tap.detach()
+                sc.step()
+                narratives[f"{name}:{mode}"] = sc.narrative(h.sample_ids[0])
+        both, plain = narratives["context:last+mean"], narratives["plain:last"]
+        assert both is not None and plain is not None and narratives["context:last"] is None
+        dead = MemoryTransport("memory://context").dead_letters()
+        assert [d.reason for d in dead] == ["processing_error"]
         layer = both["narrative"]["layers"][1]
         assert set(layer["probes"]) == {"topic", "lang", "topic@mean", "lang@mean"}
-        assert set(last["narrative"]["layers"][1]["probes"]) == {"topic", "lang"}
-        # the lens readings come from the last token in both cases: same prompt, same readings
-        assert layer["entropy"] == last["narrative"]["layers"][1]["entropy"]
-        assert 'probe="topic@mean"' in generate_latest(sc.registry).decode()
+        assert set(plain["narrative"]["layers"][1]["probes"]) == {"topic", "lang"}
+        assert layer["entropy"] == plain["narrative"]["layers"][1]["entropy"]  # same prompt, same last token
+        assert 'probe="topic@mean"' in generate_latest(sidecars["context"].registry).decode()
     finally:
-        sc.stop(5)
+        for sc in sidecars.values():
+            sc.stop(5)
