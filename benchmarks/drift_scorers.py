@@ -12,7 +12,14 @@ scores) of:
 * ``knnK``: mean squared distance to the K nearest baseline samples in 64 whitened components;
 
 for the tap's ``last`` token readings, the ``mean`` readings, and both feature vectors side by side
-(``last+mean``: what a tap capturing both positions would give). Prints a table, writes JSON.
+(``last+mean``). Two more sections:
+
+* ``--raw-layers 0,6,...``: ``pcaK`` on the *raw* hidden state of single layers (last token and
+  prompt mean) instead of the narrative features: what the lenses and probes add over the states;
+* ``--sizes 400,800``: the production detector (tap ``last+mean``, context probes, the default
+  covariance model) on baselines of that many of the baseline texts (3 random subsets each).
+
+Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -78,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-normal", type=int, default=1000)
     ap.add_argument("--n-shift", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--raw-layers", default="", help="comma-separated states to score raw (e.g. 0,6,12,18,24,30)")
+    ap.add_argument("--sizes", default="", help="comma-separated baseline sizes for the production detector")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -134,11 +143,38 @@ def main(argv: list[str] | None = None) -> int:
             f = knn_distance(x["baseline"], k)
             evaluate(f"knn{k} {tag}", {n: f(v) for n, v in x.items() if n != "baseline"})
 
+    raw_layers = [int(x) for x in args.raw_layers.split(",") if x]
+    for mode in modes if raw_layers else []:
+        states = {n: states_for(cache, n, t, model, tok, fp, args.max_tokens, 16, mode)[0] for n, t in sets.items()}
+        for layer in raw_layers:
+            for k in (16, 64):
+                f = pca_mahalanobis(states["baseline"][:, layer].astype(np.float64), k)
+                evaluate(f"raw {mode} L{layer} pca{k}",
+                         {n: f(v[:, layer].astype(np.float64)) for n, v in states.items() if n != "baseline"})
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    if sizes:
+        both = {}
+        for name, texts in sets.items():
+            st, layers = states_for(cache, name, texts, model, tok, fp, args.max_tokens, 16, "last+mean")
+            both[name] = readings_for(cache, states_key(fp, args.max_tokens, texts, "last+mean"), st, layers, bank, 16)
+        for size in sizes:
+            runs = []
+            for seed in range(3):
+                idx = np.sort(np.random.default_rng(seed).permutation(both["baseline"].n)[:size])
+                bl = build_baseline(both["baseline"].subset(idx), model="SmolLM2-135M-Instruct", model_fingerprint=fp,
+                                    bundle_id=bank.bundle_id, source=f"english_prose heldout short ({size})")
+                sc = AnomalyScorer(bl)
+                evaluate(f"size{size} seed{seed}", {n: sc.score_arrays(a)[0] for n, a in both.items() if n != "baseline"})
+                runs.append(results.pop(f"size{size} seed{seed}"))
+            results[f"ref last+mean n={size}"] = {
+                k: {m: round(float(np.mean([r[k][m] for r in runs])), 4) for m in ("auroc", "tpr_at_1pct_fpr")}
+                for k in runs[0]}
+
     kinds = list(next(iter(results.values())))
-    print(f"{'scorer':18s} " + " ".join(f"{k:>14s}" for k in kinds) + "  mean AUROC  (AUROC/TPR@1%FPR)")
+    print(f"{'scorer':22s} " + " ".join(f"{k:>14s}" for k in kinds) + "  mean AUROC  (AUROC/TPR@1%FPR)")
     for label, r in results.items():
         cells = " ".join(f"{r[k]['auroc']:.3f}/{r[k]['tpr_at_1pct_fpr']:.2f}".rjust(14) for k in kinds)
-        print(f"{label:18s} {cells}  {np.mean([r[k]['auroc'] for k in kinds]):.3f}")
+        print(f"{label:22s} {cells}  {np.mean([r[k]['auroc'] for k in kinds]):.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"bundle_id": bank.bundle_id, "settings": vars(args), "results": results},
                                          indent=2))
