@@ -101,14 +101,16 @@ class _Plan:
     per_slot: int
     n_out: int  # P: rows of the step buffer
     rows: torch.Tensor  # [P] batch row of each captured vector (gather) / [S] sampled rows (mean)
-    pos: torch.Tensor | None  # [P] padded position of each captured vector (gather)
-    weights: torch.Tensor | None  # [S, 1, T] float32 (mean)
+    pos: torch.Tensor | None  # [P] padded position of each captured vector (gather) / [S] last token (last+mean)
+    weights: torch.Tensor | None  # [S, 1, T] float32 (mean, last+mean)
     positions: torch.Tensor | None  # [P] position in the row's own tokens (None: fixed_positions)
     fixed_positions: list[int] | None
     valid: torch.Tensor | None  # [P] bool, None = all valid
     all_rows: bool  # rows == every batch row in order (mean: skip the gather)
-    # per device: (flat index into hidden.view(B*T, d) for gather | sampled rows for mean, weights)
-    index: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # per device: (flat index into hidden.view(B*T, d) for gather | sampled rows for mean, weights,
+    # last+mean: flat index of each sampled row's last token)
+    index: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict)
     views: tuple[torch.Tensor, ...] = ()
     buf: torch.Tensor | None = None
     topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
@@ -589,12 +591,11 @@ class Tap:
             else:
                 w = m.float()
                 weights = (w / w.sum(-1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
-            if mode == "last+mean":  # row 0: the mean, row 1: a one-hot at the last real token
+            last = None
+            if mode == "last+mean":  # vector 0: the mean, vector 1: the last real token
                 last = torch.full((n_slots,), seq - 1, device=dev) if mask is None else _last_valid(m)
-                onehot = torch.nn.functional.one_hot(last, seq).to(weights.dtype).unsqueeze(1)
-                weights = torch.cat([weights, onehot], dim=1)  # [S, 2, T]: one bmm takes both
-            k = int(weights.shape[1])
-            return _Plan("mean", dev, seq, k, n_slots * k, rows, None, weights, None, [], None, all_rows)
+            k = 1 if last is None else 2
+            return _Plan("mean", dev, seq, k, n_slots * k, rows, last, weights, None, [], None, all_rows)
         if mode == "all":
             k = min(self.settings.max_positions, seq)
             ar = torch.arange(k, device=dev)
@@ -630,17 +631,20 @@ class Tap:
         return _Plan("gather", dev, seq, 1, n_slots, rows, pos, None, None, fixed, None, all_rows)
 
     @staticmethod
-    def _index_on(plan: _Plan, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _index_on(
+        plan: _Plan, dev: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The plan's index tensors on ``dev`` (a model split over devices), built once per step."""
         got = plan.index.get(dev)
         if got is None:
             if plan.mode == "gather":
                 assert plan.pos is not None
                 flat = plan.rows * plan.seq + plan.pos
-                got = (_to_device(flat, dev), None)
+                got = (_to_device(flat, dev), None, None)
             else:
                 assert plan.weights is not None
-                got = (_to_device(plan.rows, dev), _to_device(plan.weights, dev))
+                last = None if plan.pos is None else _to_device(plan.rows * plan.seq + plan.pos, dev)
+                got = (_to_device(plan.rows, dev), _to_device(plan.weights, dev), last)
             plan.index[dev] = got
         return got
 
@@ -655,16 +659,25 @@ class Tap:
             buf = plan.buf = torch.empty((len(self.layers), plan.n_out, int(h.shape[-1])), dtype=dtype,
                                          device=h.device)
             plan.views = buf.unbind(0)
-        index, weights = plan.index.get(h.device) or self._index_on(plan, h.device)
+        index, weights, last = plan.index.get(h.device) or self._index_on(plan, h.device)
         if weights is None:
             flat = h.reshape(-1, h.shape[-1])
             if h.dtype == buf.dtype and h.device == buf.device:
                 torch.index_select(flat, 0, index, out=plan.views[slot])
             else:
                 plan.views[slot].copy_(flat.index_select(0, index))
-        else:
-            sel = h if plan.all_rows else h.index_select(0, index)
-            plan.views[slot].copy_(torch.bmm(weights, sel.float()).reshape(plan.n_out, -1))
+            return
+        sel = h if plan.all_rows else h.index_select(0, index)
+        mean = torch.bmm(weights, sel.float())  # [S, 1, d]
+        if last is None:
+            plan.views[slot].copy_(mean.reshape(plan.n_out, -1))
+            return
+        # last+mean: each vector by the very op its single mode uses, so [mean, last] equal the
+        # "mean" and "last" payloads bit for bit (one bmm over [mean; one-hot] weights did not:
+        # the BLAS may pick another kernel, another summation order, for 2 rows than for 1)
+        pair = plan.views[slot].view(-1, 2, plan.views[slot].shape[-1])
+        pair[:, 0].copy_(mean[:, 0])
+        pair[:, 1].copy_(h.reshape(-1, h.shape[-1]).index_select(0, last))
 
     def _seal(self, cap: _Capture, plan: _Plan) -> None:
         """End of a forward: one cast to float16, then the step off the device (CUDA: async)."""
