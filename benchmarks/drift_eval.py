@@ -135,12 +135,19 @@ def states_key(fp: str, max_tokens: int, texts: list[str], positions: str) -> st
 
 def states_for(cache: Cache, name: str, texts: list[str], model: Any, tok: Any, fp: str,
                max_tokens: int, batch_size: int, positions: str = "last") -> tuple[np.ndarray, tuple[int, ...]]:
-    from monitor.drift.offline import capture_states
-
     if positions == "last+mean":
-        # The tap's "last+mean" payload is exactly [mean, last] of the two single modes (one bmm
-        # with a one-hot row instead of an index_select: tests/test_tap.py checks they are equal),
-        # so the cache of each mode is reused instead of capturing everything a third time.
+        # The tap's "last+mean" payload is exactly [mean, last] of the two single modes (each
+        # vector by its single mode's own op: tests/test_tap.py checks they are equal), so the
+        # caches of the single modes serve it, and on a cold cache one "last+mean" pass fills
+        # both (one forward per text instead of two).
+        paths = [(cache.path(states_key(fp, max_tokens, texts, m), "npy"),
+                  cache.path(states_key(fp, max_tokens, texts, m), "json")) for m in ("mean", "last")]
+        if not all(p.exists() and meta.exists() for p, meta in paths):
+            both, layers = _capture(name, texts, model, tok, max_tokens, batch_size, "last+mean")
+            for j, (p, meta) in enumerate(paths):
+                np.save(p, both[:, :, j])
+                meta.write_text(json.dumps({"name": name, "layers": list(layers), "n": len(texts)}))
+            return both, layers
         mean, layers = states_for(cache, name, texts, model, tok, fp, max_tokens, batch_size, "mean")
         last, _ = states_for(cache, name, texts, model, tok, fp, max_tokens, batch_size, "last")
         return np.stack([mean, last], axis=2), layers
@@ -149,6 +156,16 @@ def states_for(cache: Cache, name: str, texts: list[str], model: Any, tok: Any, 
     meta = cache.path(key, "json")
     if p.exists() and meta.exists():
         return np.load(p), tuple(json.loads(meta.read_text())["layers"])
+    states, layers = _capture(name, texts, model, tok, max_tokens, batch_size, positions)
+    np.save(p, states)
+    meta.write_text(json.dumps({"name": name, "layers": list(layers), "n": len(texts)}))
+    return states, layers
+
+
+def _capture(name: str, texts: list[str], model: Any, tok: Any, max_tokens: int, batch_size: int,
+             positions: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    from monitor.drift.offline import capture_states
+
     t0 = time.time()
 
     def prog(done: int, total: int) -> None:
@@ -157,8 +174,6 @@ def states_for(cache: Cache, name: str, texts: list[str], model: Any, tok: Any, 
 
     states, layers, _ = capture_states(model, tok, texts, batch_size=batch_size, max_tokens=max_tokens,
                                        positions=positions, progress=prog)
-    np.save(p, states)
-    meta.write_text(json.dumps({"name": name, "layers": list(layers), "n": len(texts)}))
     return states, layers
 
 
