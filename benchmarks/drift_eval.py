@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(the lens bank reads the last token, the probes also the mean)")
     ap.add_argument("--components", type=int, default=None,
                     help="factors of the detector's covariance model (0 = Ledoit-Wolf; default: build_baseline's)")
+    ap.add_argument("--clip", type=float, default=None,
+                    help="winsorise standardised features at this many SDs (0 = not; default: build_baseline's)")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--step", type=int, default=50)
@@ -323,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
     baseline = build_baseline(readings["baseline"], model="SmolLM2-135M-Instruct", model_fingerprint=fp,
                               bundle_id=bank.bundle_id, source="english_prose heldout short",
-                              components=args.components)
+                              components=args.components,
+                              **({} if args.clip is None else {"clip": args.clip or None}))
     scorer = AnomalyScorer(baseline, alpha=args.alpha)
     last = LastLayerDetector(finals["baseline"])
 
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "drift_eval", "model": "SmolLM2-135M-Instruct", "model_fingerprint": fp,
         "bank": bank.bundle_id, "baseline_id": baseline.id, "n_baseline": baseline.n_samples,
         "features": baseline.detector.n_active, "shrinkage": baseline.detector.shrinkage,
-        "estimator": baseline.detector.estimator,
+        "estimator": baseline.detector.estimator, "clip": baseline.detector.clip,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
         "kinds": rows, "mean": mean, "null_stream": null,
         "targets": {"auroc>=0.95_all": all(r["layerwatch_auroc"] >= 0.95 for r in rows),

@@ -17,7 +17,12 @@ for the tap's ``last`` token readings, the ``mean`` readings, and both feature v
 * ``--raw-layers 0,6,...``: ``pcaK`` on the *raw* hidden state of single layers (last token and
   prompt mean) instead of the narrative features: what the lenses and probes add over the states;
 * ``--sizes 400,800``: the production detector (tap ``last+mean``, context probes, the default
-  covariance model) on baselines of that many of the baseline texts (3 random subsets each).
+  covariance model) on baselines of that many of the baseline texts (3 random subsets each);
+* ``--ceiling``: a *supervised* upper bound: a logistic regression that is shown labelled shifted
+  texts (5-fold cross-validation, normal test texts vs each kind), on the production feature
+  vector and on the raw prompt-mean + last-token states of state 21. A one-class detector
+  never sees shifted texts, so this is what the readings could give at most: where it is far
+  above the detector, the information is in the readings and the gap is the one-class score.
 
 Prints a table, writes JSON.
 """
@@ -59,6 +64,32 @@ def pca_mahalanobis(base: np.ndarray, k: int) -> Scorer:
     return score
 
 
+def supervised_ceiling(neg: np.ndarray, pos: np.ndarray, folds: int = 5, l2: float = 1e-2,
+                       seed: int = 0) -> np.ndarray:
+    """Out-of-fold logits of a logistic regression separating ``pos`` from ``neg`` (same order,
+    ``neg`` first): features standardised on each training fold, L2 on the mean loss."""
+    import torch
+
+    from monitor.lenses.probes import fit_logistic
+
+    x = np.concatenate([neg, pos]).astype(np.float64)
+    y = np.r_[np.zeros(len(neg), dtype=np.int64), np.ones(len(pos), dtype=np.int64)]
+    fold = np.empty(len(y), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    for c in (0, 1):  # stratified: each fold holds the same share of both classes
+        idx = rng.permutation(np.nonzero(y == c)[0])
+        fold[idx] = np.arange(len(idx)) % folds
+    out = np.empty(len(y))
+    for f in range(folds):
+        tr, te = fold != f, fold == f
+        mu, sd = _standardiser(x[tr])
+        xt = torch.from_numpy(((x[tr] - mu) / sd).astype(np.float32))[None]
+        w, b = fit_logistic(xt, torch.from_numpy(y[tr]), 2, l2, max_iter=200)
+        logits = torch.from_numpy(((x[te] - mu) / sd).astype(np.float32)) @ w[0] + b[0]
+        out[te] = (logits[:, 1] - logits[:, 0]).numpy()
+    return out
+
+
 def knn_distance(base: np.ndarray, k: int, components: int = 64) -> Scorer:
     """Mean squared distance to the ``k`` nearest baseline samples in whitened PCA space."""
     mu, sd = _standardiser(base)
@@ -87,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--raw-layers", default="", help="comma-separated states to score raw (e.g. 0,6,12,18,24,30)")
     ap.add_argument("--sizes", default="", help="comma-separated baseline sizes for the production detector")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="supervised upper bound (cross-validated logistic regression that sees shifted texts)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -169,6 +202,23 @@ def main(argv: list[str] | None = None) -> int:
             results[f"ref last+mean n={size}"] = {
                 k: {m: round(float(np.mean([r[k][m] for r in runs])), 4) for m in ("auroc", "tpr_at_1pct_fpr")}
                 for k in runs[0]}
+
+    if args.ceiling:
+        both, states = {}, {}
+        for name, texts in sets.items():
+            st, layers = states_for(cache, name, texts, model, tok, fp, args.max_tokens, 16, "last+mean")
+            both[name] = readings_for(cache, states_key(fp, args.max_tokens, texts, "last+mean"), st, layers, bank, 16)
+            states[name] = st[:, layers.index(21)].reshape(len(texts), -1).astype(np.float64)  # [n, 2 d]
+        bl = build_baseline(both["baseline"], model="SmolLM2-135M-Instruct", model_fingerprint=fp,
+                            bundle_id=bank.bundle_id, source="english_prose heldout short")
+        x = {n: np.nan_to_num(feature_matrix(a, bl.tokens), posinf=50.0, neginf=-50.0) for n, a in both.items()}
+        for label, data in (("ceiling features", x), ("ceiling raw L21", states)):
+            per_kind = {}
+            for name in [n for n in sets if n.startswith("shift:")]:
+                logit = supervised_ceiling(data["normal"], data[name])
+                neg, pos = logit[:len(data["normal"])], logit[len(data["normal"]):]
+                per_kind[name[6:]] = {"auroc": round(auroc(neg, pos), 4), "tpr_at_1pct_fpr": round(tpr_at_fpr(neg, pos), 4)}
+            results[label] = per_kind
 
     kinds = list(next(iter(results.values())))
     print(f"{'scorer':22s} " + " ".join(f"{k:>14s}" for k in kinds) + "  mean AUROC  (AUROC/TPR@1%FPR)")

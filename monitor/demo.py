@@ -82,7 +82,7 @@ def _baseline(model: Any, tok: Any, bank: Any, model_name: str) -> Any:
 
     texts = corpora.english_prose("train", unit="short")[:600]
     # the tap's default positions ("last+mean") decide which readings the baseline holds
-    key = hashlib.sha256(json.dumps([bank.bundle_id, texts, "last+mean", "factor16"]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([bank.bundle_id, texts, "last+mean", "factor16", "clip4"]).encode()).hexdigest()[:16]
     path = _cache_dir() / "baselines" / f"demo-{key}.json"
     if path.exists():
         b = Baseline.loads(path.read_text())

@@ -198,3 +198,17 @@ def test_redis_store_is_shared_and_rolls_back(redis_url: str, tmp_path: Path) ->
         keys = list(client.scan_iter(match=f"layerwatch:baseline:{model}:*"))
         if keys:
             client.delete(*keys)
+
+
+def test_clip_is_stored_and_a_baseline_without_it_scores_unclipped() -> None:
+    """The winsorising clip survives JSON; a document written before clipping existed (no "clip")
+    keeps its id and scores with the unclipped detector."""
+    clipped = build_baseline(synth(500), created_at="2026-01-01T00:00:00+00:00", **META)
+    assert clipped.detector.clip == 4.0 and Baseline.loads(clipped.dumps()).detector.clip == 4.0
+    old = build_baseline(synth(500), created_at="2026-01-01T00:00:00+00:00", clip=None, **META)
+    doc = json.loads(old.dumps())
+    assert "clip" not in doc["features"]
+    again = Baseline.from_json(doc)  # the content id still matches
+    assert again.id == old.id and again.detector.clip is None and again.id != clipped.id
+    x = synth(40, seed=6)
+    assert np.array_equal(AnomalyScorer(old).score_arrays(x)[0], AnomalyScorer(again).score_arrays(x)[0])

@@ -141,3 +141,23 @@ def test_conformal_p_values_control_false_positive_rate() -> None:
     p = conformal_p_values(rng.chisquare(5, 20000), cal)
     assert abs(np.mean(p < 0.05) - 0.05) < 0.01
     assert p.min() >= 1 / 2001
+
+
+def test_clipped_distance_stops_growing_once_a_feature_is_beyond_the_clip() -> None:
+    """With clip=4 one exploding feature adds no more than it would at 4 SD; unclipped it keeps growing."""
+    x = np.random.default_rng(3).normal(size=(400, 6))
+    clipped, plain = Mahalanobis.fit(x, clip=4.0), Mahalanobis.fit(x)
+    probe = np.repeat(x.mean(axis=0, keepdims=True), 3, axis=0)
+    sd = x.std(axis=0)
+    probe[0, 1] += 4.5 * sd[1]
+    probe[1, 1] += 1e6 * sd[1]
+    probe[2, 1] += 3.0 * sd[1]  # inside the clip: still scored by its value
+    d_c, d_p = clipped.distance2(probe), plain.distance2(probe)
+    assert np.isclose(d_c[0], d_c[1]) and d_c[2] < d_c[0]
+    assert d_p[1] > 1e6 * d_p[0] and np.all(np.isfinite(d_c))
+
+
+def test_clip_must_be_positive() -> None:
+    """A clip of zero or below is refused with the value named."""
+    with pytest.raises(ValueError, match="clip must be > 0"):
+        Mahalanobis.fit(np.random.default_rng(4).normal(size=(50, 3)), clip=0.0)

@@ -63,14 +63,23 @@ class Mahalanobis:
     precision: np.ndarray  # [Fa, Fa] inverse shrunk covariance of the active standardised features
     shrinkage: float  # Ledoit-Wolf: the shrinkage used; factor model: the variance share left to psi
     components: int = 0  # 0: Ledoit-Wolf; k > 0: a k-factor model
+    clip: float | None = None  # standardised features are winsorised to [-clip, clip] (None: not)
 
     @property
     def estimator(self) -> str:
         return f"factor{self.components}" if self.components else "ledoit-wolf"
 
     @classmethod
-    def fit(cls, x: np.ndarray, ridge: float = 1e-6, components: int = 0) -> Mahalanobis:
+    def fit(cls, x: np.ndarray, ridge: float = 1e-6, components: int = 0,
+            clip: float | None = None) -> Mahalanobis:
         """Fit mean, scale and a shrunk precision matrix to ``x`` [n, F].
+
+        ``clip``: winsorise each standardised feature to ``[-clip, clip]`` before the covariance
+        is fitted and before every distance. Narrative features are heavy-tailed (a rare token's
+        surprisal, a KL that explodes on one odd text): unclipped, one extreme reading of an
+        otherwise normal sample decides its distance, and those samples set the 99th percentile
+        that a shift has to beat. Clipped at 4 standard deviations a reading can still push a
+        sample out (16 per feature, correlated features together), but no longer alone.
 
         ``components=0``: Ledoit-Wolf shrinkage towards a scaled identity. ``components=k``: a
         k-factor model, ``W W^T + diag(psi)``: the k leading principal directions of the
@@ -86,6 +95,8 @@ class Mahalanobis:
         """
         if components < 0:
             raise ValueError(f"components must be >= 0, got {components}")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be > 0 or None, got {clip}")
         x = np.asarray(x, dtype=np.float64)
         if not np.all(np.isfinite(x)):
             raise ValueError("features contain NaN or Inf")
@@ -94,26 +105,28 @@ class Mahalanobis:
         active = std > 1e-9 * (1.0 + np.abs(mean))
         scale = np.where(active, std, 1.0)
         z = ((x - mean) / scale)[:, active]
+        if clip is not None:
+            z = np.clip(z, -clip, clip)
         if z.shape[1] == 0:
-            return cls(mean, scale, active, np.zeros((0, 0)), 1.0, components)
+            return cls(mean, scale, active, np.zeros((0, 0)), 1.0, components, clip)
         if components:
-            return cls(mean, scale, active, *_factor_precision(z, components, FACTOR_FLOOR), components)
+            return cls(mean, scale, active, *_factor_precision(z, components, FACTOR_FLOOR), components, clip)
         cov, shrinkage = ledoit_wolf(z)
         cov[np.diag_indices_from(cov)] += ridge
         # eigh is stable for symmetric PSD matrices; clip tiny eigenvalues before inverting.
         w, v = np.linalg.eigh(cov)
         w = np.maximum(w, ridge)
         precision = (v / w) @ v.T
-        return cls(mean, scale, active, precision, shrinkage)
+        return cls(mean, scale, active, precision, shrinkage, 0, clip)
 
     @property
     def n_active(self) -> int:
         return int(self.active.sum())
 
     def standardise(self, x: np.ndarray) -> np.ndarray:
-        """Active standardised features [n, Fa]."""
-        z = (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
-        return z[:, self.active]
+        """Active standardised features [n, Fa] (winsorised to ``[-clip, clip]`` when set)."""
+        z = ((np.asarray(x, dtype=np.float64) - self.mean) / self.scale)[:, self.active]
+        return z if self.clip is None else np.clip(z, -self.clip, self.clip)
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         """Per-feature terms ``z_i (P z)_i`` [n, F] (zero for inactive features); rows sum to d^2."""
