@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.drift.baseline import build_baseline
+from monitor.drift.baseline import DEFAULT_CLIP, build_baseline
 from monitor.drift.features import ReadingArrays
 from monitor.drift.score import AnomalyScorer
 from monitor.drift.stats import Mahalanobis, binom_sf, conformal_p_values
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = build_baseline(readings["baseline"], model="SmolLM2-135M-Instruct", model_fingerprint=fp,
                               bundle_id=bank.bundle_id, source="english_prose heldout short",
                               components=args.components,
-                              **({} if args.clip is None else {"clip": args.clip or None}))
+                              clip=DEFAULT_CLIP if args.clip is None else (args.clip or None))
     scorer = AnomalyScorer(baseline, alpha=args.alpha)
     last = LastLayerDetector(finals["baseline"])
 

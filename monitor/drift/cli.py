@@ -49,6 +49,8 @@ def register(subparsers: Any) -> None:
     b.add_argument("--calibration-fraction", type=float, default=0.3)
     b.add_argument("--components", type=int, default=None,
                    help="factors of the detector's covariance model (0 = Ledoit-Wolf; default 16)")
+    b.add_argument("--clip", type=float, default=None,
+                   help="winsorise standardised features at this many SDs (0 = not; default 4)")
     b.set_defaults(handler=_build)
 
     s = sub.add_parser("show", help="summarise a baseline (id, file, or 'active')")
@@ -130,11 +132,12 @@ def _build(args: argparse.Namespace) -> int:
 
     a, bank, fp, _ = _readings(args)
     store = _store(args) if (args.redis or args.dir) else None
-    from monitor.drift.baseline import build_baseline
+    from monitor.drift.baseline import DEFAULT_CLIP, build_baseline
 
     bl = build_baseline(a, model=args.model_name, model_fingerprint=fp, bundle_id=bank.bundle_id,
                         source=f"corpus {Path(args.corpus).name}", min_samples=args.min_samples or MIN_SAMPLES,
                         calibration_fraction=args.calibration_fraction, components=args.components,
+                        clip=DEFAULT_CLIP if args.clip is None else (args.clip or None),
                         extra={"positions": args.positions or "last+mean", "max_tokens": args.max_tokens})
     if args.out:
         Path(args.out).write_text(bl.dumps())
