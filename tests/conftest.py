@@ -107,6 +107,29 @@ def drain_samples(transport, group: str = "g", count: int = 1000) -> list:  # no
         out += [decode(e.data) for e in got]
 
 
+def generate_plain_then_tapped(model, attach, ids, n_new: int, request_id: str):  # noqa: ANN001, ANN201
+    """Greedy ``generate`` of ``n_new`` tokens untapped, then under a tap from ``attach(model)``
+    inside ``tap.request(request_id)``; returns (untapped output, tapped output, tap)."""
+    import torch
+
+    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, **kw)
+    tap = attach(model)
+    with tap.request(request_id), torch.no_grad():
+        got = model.generate(input_ids=ids, **kw)
+    return ref, got, tap
+
+
+def assert_same_generation(got, ref) -> None:  # noqa: ANN001
+    """Same tokens and the same scores at every step, bit for bit."""
+    import torch
+
+    assert torch.equal(got.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, ref.scores, strict=True))
+
+
 @pytest.fixture
 def memory_transport() -> Iterator:
     """A fresh in-memory transport with consumer group ``g`` created."""

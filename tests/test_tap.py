@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import drain_samples, make_tiny
+from conftest import assert_same_generation, drain_samples, generate_plain_then_tapped, make_tiny
 
 import monitor
 from monitor.tap import Tap
@@ -82,17 +82,11 @@ def test_generate_outputs_are_bit_identical_when_sampled(memory_transport: Any) 
     """generate() returns the same tokens and scores with the tap sampling every step."""
     model = make_tiny("llama")
     ids = torch.randint(3, 120, (1, 5))
-    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
-              output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        ref = model.generate(input_ids=ids, **kw)
-    tap = _attach(model, memory_transport, positions="generated")
-    with tap.request("g"), torch.no_grad():
-        got = model.generate(input_ids=ids, **kw)
+    ref, got, tap = generate_plain_then_tapped(
+        model, lambda m: _attach(m, memory_transport, positions="generated"), ids, 6, "g")
     assert tap.flush(5.0)
     tap.close()
-    assert torch.equal(got.sequences, ref.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(got.scores, ref.scores, strict=True))
+    assert_same_generation(got, ref)
 
 
 def test_unsampled_requests_capture_nothing(memory_transport: Any, monkeypatch: Any) -> None:

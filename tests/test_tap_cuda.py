@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import drain_samples
+from conftest import assert_same_generation, drain_samples, generate_plain_then_tapped
 
 import monitor
 from monitor.adapters import find_parts
@@ -453,19 +453,13 @@ def test_generate_on_cuda_is_bit_identical_and_captures_each_step(attn: str,
     model = _tiny(attn=attn)
     prompt = torch.randint(3, VOCAB - 1, (1, 5), device=CUDA)
     n_new = 4
-    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
-              output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        ref = model.generate(input_ids=prompt, **kw)
-    tap = _attach(model, memory_transport, positions="generated")
-    with tap.request("gen"), torch.no_grad():
-        got = model.generate(input_ids=prompt, **kw)
+    ref, got, tap = generate_plain_then_tapped(
+        model, lambda m: _attach(m, memory_transport, positions="generated"), prompt, n_new, "gen")
     assert tap.flush(10.0)
     samples = drain_samples(memory_transport)
     assert tap.hook_errors == 0
     tap.close()
-    assert torch.equal(got.sequences, ref.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(got.scores, ref.scores, strict=True))
+    assert_same_generation(got, ref)
     (s,) = samples
     assert s.position_index == tuple(range(4, 4 + n_new))
     assert s.hidden.shape == (N_BLOCKS + 1, n_new, HIDDEN)
