@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.drift.baseline import DEFAULT_CLIP, build_baseline
+from monitor.drift.baseline import DEFAULT_CLIP, build_baseline, fit_calibration_split
 from monitor.drift.features import ReadingArrays
 from monitor.drift.score import AnomalyScorer
 from monitor.drift.stats import Mahalanobis, binom_sf, conformal_p_values
@@ -218,10 +218,9 @@ class LastLayerDetector:
     """Mahalanobis on the final hidden state with the baseline's fit/calibration split."""
 
     def __init__(self, x: np.ndarray, calibration_fraction: float = 0.3, seed: int = 0) -> None:
-        perm = np.random.default_rng(seed).permutation(len(x))  # same split as build_baseline
-        n_cal = max(1, int(round(len(x) * calibration_fraction)))
-        self.det = Mahalanobis.fit(x[np.sort(perm[n_cal:])])
-        self.cal = np.sort(self.det.distance2(x[np.sort(perm[:n_cal])]))
+        fit, cal = fit_calibration_split(len(x), calibration_fraction, seed)  # as build_baseline
+        self.det = Mahalanobis.fit(x[fit])
+        self.cal = np.sort(self.det.distance2(x[cal]))
 
     def score(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d2 = self.det.distance2(x)

@@ -18,6 +18,15 @@ for the tap's ``last`` token readings, the ``mean`` readings, and both feature v
   prompt mean) instead of the narrative features: what the lenses and probes add over the states;
 * ``--sizes 400,800``: the production detector (tap ``last+mean``, context probes, the default
   covariance model) on baselines of that many of the baseline texts (3 random subsets each);
+* ``--factors 4,8,16``: the production detector with that many factors, beside the held-out
+  log-likelihood of the baseline's calibration split under each covariance model (the one
+  unsupervised criterion a baseline could choose its own number of factors by);
+* ``--mixture 2,3,4``: a mixture of factor models (k-means clusters of the baseline, one
+  production-style detector per cluster, score = distance to the nearest), 3 seeds per k;
+* ``--concepts``: one score per probe label (the label's log-probability over the layers, each
+  layer standardised on the baseline), the best single label per kind (an *oracle*: chosen with
+  the test labels), and the production score combined with all of them (max of tail-normalised
+  scores, calibrated like the production score);
 * ``--ceiling``: a *supervised* upper bound: a logistic regression that is shown labelled shifted
   texts (5-fold cross-validation, normal test texts vs each kind), on the production feature
   vector and on the raw prompt-mean + last-token states of state 21. A one-class detector
@@ -35,6 +44,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,6 +116,90 @@ def knn_distance(base: np.ndarray, k: int, components: int = 64) -> Scorer:
     return score
 
 
+def factor_mixture(base: np.ndarray, k: int, seed: int = 0, components: int = 16, clip: float | None = 4.0,
+                   pcs: int = 32, restarts: int = 5, min_size: int = 60) -> Scorer:
+    """Mixture of factor models: k-means clusters of ``base`` and one detector per cluster.
+
+    Clusters: k-means (k-means++ seeding, best of ``restarts``) in the ``pcs`` leading whitened
+    principal components of the standardised (winsorised) features. Each cluster of at least
+    ``min_size`` samples gets its own :meth:`Mahalanobis.fit` (``components`` factors, ``clip``);
+    a sample's score is its least squared distance to any cluster's model.
+    """
+    from monitor.drift.stats import Mahalanobis
+
+    z = Mahalanobis.fit(base, components=components, clip=clip).standardise(base)
+    u, _, _ = np.linalg.svd(z - z.mean(0), full_matrices=False)
+    y = u[:, :pcs] * np.sqrt(len(z))
+    rng = np.random.default_rng(seed)
+    best: tuple[float, np.ndarray] | None = None
+    for _ in range(restarts):
+        centres = [y[rng.integers(len(y))]]
+        for _ in range(1, k):  # k-means++: next centre drawn by squared distance to the nearest
+            d = np.min(((y[:, None] - np.asarray(centres)[None]) ** 2).sum(-1), 1)
+            centres.append(y[rng.choice(len(y), p=d / d.sum())])
+        c = np.asarray(centres)
+        for _ in range(100):
+            lab = np.argmin(((y[:, None] - c[None]) ** 2).sum(-1), 1)
+            new = np.asarray([y[lab == j].mean(0) if np.any(lab == j) else c[j] for j in range(k)])
+            if np.allclose(new, c):
+                break
+            c = new
+        inertia = float(((y - c[lab]) ** 2).sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, lab)
+    assert best is not None
+    lab = best[1]
+    models = [Mahalanobis.fit(base[lab == j], components=components, clip=clip)
+              for j in range(k) if np.sum(lab == j) >= min_size]
+    if not models:  # every cluster too small: one model of everything
+        models = [Mahalanobis.fit(base, components=components, clip=clip)]
+
+    def score(x: np.ndarray) -> np.ndarray:
+        return np.asarray(np.min(np.stack([m.distance2(x) for m in models]), 0))
+
+    return score
+
+
+def heldout_log_likelihood(det: Any, x: np.ndarray) -> float:
+    """Mean Gaussian log-likelihood of ``x`` under a detector's covariance model, per sample and
+    up to a constant, in its standardised (winsorised) feature space: higher is a better fit."""
+    _, logdet = np.linalg.slogdet(det.precision)
+    return float(0.5 * logdet - 0.5 * np.mean(det.distance2(x)))
+
+
+def concept_scores(fit: Any, a: Any) -> dict[str, np.ndarray]:
+    """Per probe label (``"probe=label"``): the mean over layers of the label's log-probability,
+    each layer standardised on the baseline samples ``fit`` (median, half the 16-84% range)."""
+    out = {}
+    for p in sorted(a.probes):
+        ref = np.log(np.clip(fit.probes[p], 1e-6, 1.0))  # [n, L, C]
+        med = np.median(ref, 0)
+        sd = (np.quantile(ref, 0.84, 0) - np.quantile(ref, 0.16, 0)) / 2 + 1e-6
+        z = (np.log(np.clip(a.probes[p], 1e-6, 1.0)) - med) / sd
+        for j, label in enumerate(a.probe_labels[p]):
+            out[f"{p}={label}"] = z[:, :, j].mean(1)
+    return out
+
+
+def tail_normaliser(fit_scores: np.ndarray, tail: float = 0.1) -> Scorer:
+    """``-log`` of a score's upper-tail probability among ``fit_scores``: empirical in the bulk,
+    an exponential tail fitted to the top ``tail`` share beyond it (peaks over threshold), so
+    scores above every fit sample still rank. Puts scores of different scales on one scale."""
+    s = np.sort(np.asarray(fit_scores, dtype=np.float64))
+    n = len(s)
+    t = float(np.quantile(s, 1.0 - tail))
+    excess = s[s > t] - t
+    beta = max(float(excess.mean()) if len(excess) else 1.0, 1e-9)
+
+    def u(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        emp = (1.0 + n - np.searchsorted(s, x, side="left")) / (n + 1.0)
+        log_pot = np.log(tail) - np.maximum(x - t, 0.0) / beta
+        return np.asarray(-np.where(x > t, log_pot, np.log(emp)))
+
+    return u
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, help="lens bundle directory")
@@ -118,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--raw-layers", default="", help="comma-separated states to score raw (e.g. 0,6,12,18,24,30)")
     ap.add_argument("--sizes", default="", help="comma-separated baseline sizes for the production detector")
+    ap.add_argument("--factors", default="", help="comma-separated factor counts (with held-out likelihood)")
+    ap.add_argument("--mixture", default="", help="comma-separated cluster counts of a mixture of factor models")
+    ap.add_argument("--concepts", action="store_true", help="per probe label scores and their combination")
     ap.add_argument("--ceiling", action="store_true",
                     help="supervised upper bound (cross-validated logistic regression that sees shifted texts)")
     args = ap.parse_args(argv)
@@ -133,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         tpr_at_fpr,
     )
     from monitor.adapters import model_fingerprint
-    from monitor.drift.baseline import build_baseline
+    from monitor.drift.baseline import build_baseline, fit_calibration_split
     from monitor.drift.features import feature_matrix
     from monitor.drift.score import AnomalyScorer
+    from monitor.drift.stats import Mahalanobis
     from monitor.lenses import LensBank
     from monitor.refmodel import load_reference_model
 
@@ -184,12 +282,35 @@ def main(argv: list[str] | None = None) -> int:
                 f = pca_mahalanobis(states["baseline"][:, layer].astype(np.float64), k)
                 evaluate(f"raw {mode} L{layer} pca{k}",
                          {n: f(v[:, layer].astype(np.float64)) for n, v in states.items() if n != "baseline"})
+    prod: dict[str, Any] = {}
+    best_labels: dict[str, str] = {}
+
+    def production() -> tuple[dict[str, Any], dict[str, np.ndarray], Any]:
+        """The production setting, computed once: tap ``last+mean`` readings per set, the raw
+        state 21 per set ([n, 2 d]) and the baseline built from all baseline texts."""
+        if not prod:
+            both, states = {}, {}
+            for name, texts in sets.items():
+                st, layers = states_for(cache, name, texts, model, tok, fp, args.max_tokens, 16, "last+mean")
+                both[name] = readings_for(cache, states_key(fp, args.max_tokens, texts, "last+mean"), st, layers,
+                                          bank, 16)
+                states[name] = st[:, layers.index(21)].reshape(len(texts), -1).astype(np.float64)
+            prod["readings"], prod["states"] = both, states
+            prod["baseline"] = build_baseline(both["baseline"], model="SmolLM2-135M-Instruct", model_fingerprint=fp,
+                                              bundle_id=bank.bundle_id, source="english_prose heldout short")
+        return prod["readings"], prod["states"], prod["baseline"]
+
+    def mean_of(label: str, runs: list[dict[str, dict[str, float]]]) -> None:
+        results[label] = {k: {m: round(float(np.mean([r[k][m] for r in runs])), 4) for m in ("auroc", "tpr_at_1pct_fpr")}
+                          for k in runs[0]}
+
+    def evaluated(label: str, scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        evaluate(label, scores)
+        return results.pop(label)
+
     sizes = [int(x) for x in args.sizes.split(",") if x]
     if sizes:
-        both = {}
-        for name, texts in sets.items():
-            st, layers = states_for(cache, name, texts, model, tok, fp, args.max_tokens, 16, "last+mean")
-            both[name] = readings_for(cache, states_key(fp, args.max_tokens, texts, "last+mean"), st, layers, bank, 16)
+        both, _, _ = production()
         for size in sizes:
             runs = []
             for seed in range(3):
@@ -197,20 +318,53 @@ def main(argv: list[str] | None = None) -> int:
                 bl = build_baseline(both["baseline"].subset(idx), model="SmolLM2-135M-Instruct", model_fingerprint=fp,
                                     bundle_id=bank.bundle_id, source=f"english_prose heldout short ({size})")
                 sc = AnomalyScorer(bl)
-                evaluate(f"size{size} seed{seed}", {n: sc.score_arrays(a)[0] for n, a in both.items() if n != "baseline"})
-                runs.append(results.pop(f"size{size} seed{seed}"))
-            results[f"ref last+mean n={size}"] = {
-                k: {m: round(float(np.mean([r[k][m] for r in runs])), 4) for m in ("auroc", "tpr_at_1pct_fpr")}
-                for k in runs[0]}
+                runs.append(evaluated("size", {n: sc.score_arrays(a)[0] for n, a in both.items() if n != "baseline"}))
+            mean_of(f"ref last+mean n={size}", runs)
+
+    factors = [int(x) for x in args.factors.split(",") if x]
+    mixture = [int(x) for x in args.mixture.split(",") if x]
+    if factors or mixture:
+        both, _, bl = production()
+        fit_idx, cal_idx = fit_calibration_split(both["baseline"].n)
+        x_fit = feature_matrix(both["baseline"].subset(fit_idx), bl.tokens, leave_one_out=True)
+        x_cal = feature_matrix(both["baseline"].subset(cal_idx), bl.tokens)
+        x = {n: feature_matrix(a, bl.tokens) for n, a in both.items() if n != "baseline"}
+        for k in factors:
+            det = Mahalanobis.fit(x_fit, components=k, clip=bl.detector.clip)
+            label = f"factor{k} (ll {heldout_log_likelihood(det, x_cal):.0f})"
+            evaluate(label, {n: det.distance2(v) for n, v in x.items()})
+        for k in mixture:
+            runs = []
+            for seed in range(3):
+                f = factor_mixture(x_fit, k, seed, bl.detector.components, bl.detector.clip)
+                runs.append(evaluated("mix", {n: f(v) for n, v in x.items()}))
+                results[f"mixture k={k} seed{seed}"] = runs[-1]
+            mean_of(f"mixture k={k} mean", runs)
+
+    if args.concepts:
+        both, _, bl = production()
+        fit_idx, _ = fit_calibration_split(both["baseline"].n)
+        fit = both["baseline"].subset(fit_idx)
+        conc = {n: concept_scores(fit, a) for n, a in both.items()}
+        labels = list(conc["normal"])
+        per_label = {c: evaluated(c, {n: v[c] for n, v in conc.items() if n != "baseline"}) for c in labels}
+        kinds_ = list(per_label[labels[0]])
+        results["best single label (oracle)"] = {
+            k: max((per_label[c][k] for c in labels), key=lambda r: (r["tpr_at_1pct_fpr"], r["auroc"])) for k in kinds_}
+        best_labels.update({
+            k: max(labels, key=lambda c: (per_label[c][k]["tpr_at_1pct_fpr"], per_label[c][k]["auroc"]))
+            for k in kinds_})
+        scorer = AnomalyScorer(bl)
+        ref = {n: scorer.score_arrays(a)[0] for n, a in both.items()}
+        # normalise each score on the fit split, combine by max; the max is then ranked like any score
+        norm = {c: tail_normaliser(conc["baseline"][c][fit_idx]) for c in labels}
+        norm_ref = tail_normaliser(ref["baseline"][fit_idx])
+        evaluate("max(ref, all labels)", {
+            n: np.max(np.stack([norm_ref(ref[n])] + [norm[c](conc[n][c]) for c in labels]), 0)
+            for n in both if n != "baseline"})
 
     if args.ceiling:
-        both, states = {}, {}
-        for name, texts in sets.items():
-            st, layers = states_for(cache, name, texts, model, tok, fp, args.max_tokens, 16, "last+mean")
-            both[name] = readings_for(cache, states_key(fp, args.max_tokens, texts, "last+mean"), st, layers, bank, 16)
-            states[name] = st[:, layers.index(21)].reshape(len(texts), -1).astype(np.float64)  # [n, 2 d]
-        bl = build_baseline(both["baseline"], model="SmolLM2-135M-Instruct", model_fingerprint=fp,
-                            bundle_id=bank.bundle_id, source="english_prose heldout short")
+        both, states, bl = production()
         x = {n: np.nan_to_num(feature_matrix(a, bl.tokens), posinf=50.0, neginf=-50.0) for n, a in both.items()}
         for label, data in (("ceiling features", x), ("ceiling raw L21", states)):
             per_kind = {}
@@ -221,12 +375,16 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = per_kind
 
     kinds = list(next(iter(results.values())))
-    print(f"{'scorer':22s} " + " ".join(f"{k:>14s}" for k in kinds) + "  mean AUROC  (AUROC/TPR@1%FPR)")
+    print(f"{'scorer':22s} " + " ".join(f"{k:>14s}" for k in kinds) + "  mean AUROC / TPR  (AUROC/TPR@1%FPR)")
     for label, r in results.items():
         cells = " ".join(f"{r[k]['auroc']:.3f}/{r[k]['tpr_at_1pct_fpr']:.2f}".rjust(14) for k in kinds)
-        print(f"{label:22s} {cells}  {np.mean([r[k]['auroc'] for k in kinds]):.3f}")
+        print(f"{label:22s} {cells}  {np.mean([r[k]['auroc'] for k in kinds]):.3f}"
+              f" / {np.mean([r[k]['tpr_at_1pct_fpr'] for k in kinds]):.3f}")
+    if best_labels:
+        print("best single label per kind: " + ", ".join(f"{k} {c}" for k, c in best_labels.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"bundle_id": bank.bundle_id, "settings": vars(args), "results": results},
+    Path(args.out).write_text(json.dumps({"bundle_id": bank.bundle_id, "settings": vars(args), "results": results,
+                                          "best_single_label": best_labels},
                                          indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -19,6 +19,7 @@ from monitor.drift import (
     build_baseline,
     feature_matrix,
 )
+from monitor.drift.baseline import fit_calibration_split
 from monitor.drift.features import TokenTable
 from monitor.drift.testing import synth
 from monitor.errors import BaselineError
@@ -37,6 +38,20 @@ def test_too_few_samples_is_refused_with_the_number_needed() -> None:
     """Building from 57 samples says how many are needed and how many more to collect."""
     with pytest.raises(BaselineError, match=r"at least 400 samples, got 57: collect 343 more"):
         build_baseline(synth(57), **META)
+
+
+def test_fit_and_calibration_splits_partition_the_samples_the_same_way_on_every_build() -> None:
+    """The calibration split is disjoint from the fit split (the p-values need scores of samples
+    the detector never saw), together they cover every sample, its share is the fraction asked,
+    and a rebuild with the same seed splits alike (another seed differently)."""
+    fit, cal = fit_calibration_split(1000, 0.3, seed=0)
+    assert len(cal) == 300 and len(fit) == 700
+    assert not set(fit) & set(cal) and set(fit) | set(cal) == set(range(1000))
+    assert np.all(np.diff(fit) > 0) and np.all(np.diff(cal) > 0)
+    again, other = fit_calibration_split(1000, 0.3, seed=0), fit_calibration_split(1000, 0.3, seed=1)
+    assert np.array_equal(again[1], cal) and not np.array_equal(other[1], cal)
+    bl = build_baseline(synth(500), **META)
+    assert (bl.n_fit, bl.n_calibration) == (350, 150)
 
 
 def test_id_is_a_hash_of_the_content() -> None:

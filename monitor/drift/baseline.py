@@ -328,6 +328,17 @@ def baseline_positions(bl: Baseline) -> str:
     return "last+mean" if any(p.endswith(CONTEXT_SUFFIX) for p in bl.probe_labels) else "last"
 
 
+def fit_calibration_split(n: int, calibration_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted indices of the fit and the calibration split of ``n`` baseline samples.
+
+    The detector is fitted on the first and its conformal p-values are computed against the
+    distances of the second, which it never saw. Seeded, so a rebuild splits the same way.
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    n_cal = max(1, int(round(n * calibration_fraction)))
+    return np.sort(perm[n_cal:]), np.sort(perm[:n_cal])
+
+
 def build_baseline(
     a: ReadingArrays,
     *,
@@ -360,10 +371,7 @@ def build_baseline(
     if not 0.05 <= calibration_fraction <= 0.8:
         raise BaselineError(f"calibration_fraction must be in [0.05, 0.8], got {calibration_fraction}")
     a.validate()
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(a.n)
-    n_cal = max(1, int(round(a.n * calibration_fraction)))
-    cal_idx, fit_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
+    fit_idx, cal_idx = fit_calibration_split(a.n, calibration_fraction, seed)
 
     layout = feature_layout(a.layers, a.probe_labels)
     fit, cal = a.subset(fit_idx), a.subset(cal_idx)
