@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from pathlib import Path
@@ -19,7 +20,7 @@ from monitor.drift import (
     build_baseline,
     feature_matrix,
 )
-from monitor.drift.baseline import fit_calibration_split
+from monitor.drift.baseline import _content_id, fit_calibration_split
 from monitor.drift.features import TokenTable
 from monitor.drift.testing import synth
 from monitor.errors import BaselineError
@@ -67,6 +68,35 @@ def test_json_round_trip_scores_identically(baseline: Baseline) -> None:
     again = Baseline.loads(baseline.dumps())
     x = synth(50, seed=5)
     assert np.array_equal(AnomalyScorer(baseline).score_arrays(x)[0], AnomalyScorer(again).score_arrays(x)[0])
+
+
+def test_factor_model_baseline_stores_its_factors_not_the_full_precision_matrix() -> None:
+    """A factor-model baseline stores W and psi (F x (k + 1) numbers) instead of the F x F
+    precision, so it is several times smaller than the same baseline with Ledoit-Wolf, and a
+    save/load round trip gives the same distances."""
+    a = synth(800, n_layers=40)
+    factor = build_baseline(a, components=4, **META)
+    lw = build_baseline(a, components=0, **META)
+    doc = factor.to_json()["features"]
+    assert "loadings" in doc and "psi" in doc and "precision" not in doc
+    assert "precision" in lw.to_json()["features"]
+    assert len(factor.dumps()) * 3 < len(lw.dumps())
+    again = Baseline.loads(factor.dumps())
+    x = feature_matrix(a, factor.tokens)
+    np.testing.assert_allclose(again.detector.distance2(x), factor.detector.distance2(x), rtol=1e-9)
+
+
+def test_factor_baseline_written_with_a_precision_matrix_still_loads_and_scores_alike(baseline: Baseline) -> None:
+    """Baselines written before factors were stored hold the factor model's precision matrix;
+    they load through that path and score as the factored form does."""
+    old_det = dataclasses.replace(baseline.detector, loadings=None, psi=None)
+    content = json.loads(json.dumps(dataclasses.replace(baseline, detector=old_det)._content()))
+    assert "precision" in content["features"] and "loadings" not in content["features"]
+    old = Baseline.from_json({"id": _content_id(content), "created_at": baseline.created_at, **content})
+    assert old.detector.loadings is None and old.detector.components == baseline.detector.components
+    a = synth(50, seed=9)
+    np.testing.assert_allclose(AnomalyScorer(old).score_arrays(a)[0], AnomalyScorer(baseline).score_arrays(a)[0],
+                               rtol=1e-5)
 
 
 def test_edited_baseline_is_refused(baseline: Baseline) -> None:

@@ -106,6 +106,17 @@ def test_factor_precision_inverts_the_factor_covariance_and_keeps_contributions_
     assert np.allclose(c.sum(axis=1), m.distance2(x[:7]))
 
 
+def test_factor_model_from_parameters_refuses_mismatched_or_non_positive_residuals() -> None:
+    """Stored factors that do not fit the active features, or a residual variance <= 0, are
+    refused rather than inverted into a broken precision."""
+    m = Mahalanobis.fit(np.random.default_rng(0).normal(size=(200, 6)), components=2)
+    assert m.loadings is not None and m.psi is not None
+    with pytest.raises(ValueError, match="psi"):
+        Mahalanobis.from_factors(m.mean, m.scale, m.active, m.loadings, np.zeros(6), m.shrinkage)
+    with pytest.raises(ValueError, match="loadings"):
+        Mahalanobis.from_factors(m.mean, m.scale, m.active, m.loadings[:4], m.psi, m.shrinkage)
+
+
 def test_factor_model_catches_a_broken_correlation_like_ledoit_wolf() -> None:
     """Features driven by one common factor: samples where a few of them move together off
     that factor are caught by the factor model (its per-feature residual variances are small

@@ -170,7 +170,11 @@ class Baseline:
                 "components": self.detector.components,
                 # only when set: baselines written before clipping existed keep their content id
                 **({} if self.detector.clip is None else {"clip": self.detector.clip}),
-                "precision": _enc(self.detector.precision, "float32"),
+                # a factor model stores its loadings and residual variances (Fa x (k + 1) numbers),
+                # Ledoit-Wolf its precision matrix (Fa x Fa)
+                **({"precision": _enc(self.detector.precision, "float32")} if self.detector.loadings is None
+                   or self.detector.psi is None else
+                   {"loadings": _enc(self.detector.loadings, "float32"), "psi": _enc(self.detector.psi, "float32")}),
             },
             "calibration_scores": self.calibration_scores.tolist(),
             "quantile_levels": list(self.quantile_levels),
@@ -207,15 +211,16 @@ class Baseline:
             layout = FeatureLayout(
                 tuple(f["names"]), tuple(int(x) for x in f["layer_of"]), tuple(f["reading_of"])
             )
-            det = Mahalanobis(
-                mean=np.asarray(f["mean"], dtype=np.float64),
-                scale=np.asarray(f["scale"], dtype=np.float64),
-                active=np.asarray(f["active"], dtype=bool),
-                precision=_dec(f["precision"]).astype(np.float64),
-                shrinkage=float(f["shrinkage"]),
-                components=int(f.get("components", 0)),
-                clip=None if f.get("clip") is None else float(f["clip"]),
-            )
+            mean = np.asarray(f["mean"], dtype=np.float64)
+            scale = np.asarray(f["scale"], dtype=np.float64)
+            active = np.asarray(f["active"], dtype=bool)
+            clip = None if f.get("clip") is None else float(f["clip"])
+            if "loadings" in f:
+                det = Mahalanobis.from_factors(mean, scale, active, _dec(f["loadings"]).astype(np.float64),
+                                               _dec(f["psi"]).astype(np.float64), float(f["shrinkage"]), clip)
+            else:  # Ledoit-Wolf, and factor-model baselines written before factors were stored
+                det = Mahalanobis(mean, scale, active, _dec(f["precision"]).astype(np.float64),
+                                  float(f["shrinkage"]), int(f.get("components", 0)), clip)
             bl = cls(
                 id=str(doc["id"]),
                 created_at=str(doc["created_at"]),
@@ -379,10 +384,9 @@ def build_baseline(
     # Leave-one-out surprisal on the fit split: a sample's own count would make it look familiar.
     k = DEFAULT_COMPONENTS if components is None else int(components)
     det = Mahalanobis.fit(feature_matrix(fit, tokens, leave_one_out=True), components=k, clip=clip)
-    # Round the precision to what is stored (float32) before calibrating, so stored and live
-    # scores are computed with exactly the same matrix.
-    det = Mahalanobis(det.mean, det.scale, det.active, det.precision.astype(np.float32).astype(np.float64),
-                      det.shrinkage, det.components, det.clip)
+    # Round what is stored (float32) before calibrating, so stored and live scores are computed
+    # with exactly the same matrix.
+    det = det.rounded()
     cal_scores = np.sort(det.distance2(feature_matrix(cal, tokens)))
 
     levels = np.asarray(QUANTILE_LEVELS)

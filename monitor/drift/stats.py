@@ -64,6 +64,34 @@ class Mahalanobis:
     shrinkage: float  # Ledoit-Wolf: the shrinkage used; factor model: the variance share left to psi
     components: int = 0  # 0: Ledoit-Wolf; k > 0: a k-factor model
     clip: float | None = None  # standardised features are winsorised to [-clip, clip] (None: not)
+    # A factor model's own parameters (None for Ledoit-Wolf): ``precision`` is computed from them,
+    # and they are what a baseline stores (Fa x (k + 1) numbers instead of Fa x Fa).
+    loadings: np.ndarray | None = None  # [Fa, k] W
+    psi: np.ndarray | None = None  # [Fa] residual variances
+
+    @classmethod
+    def from_factors(cls, mean: np.ndarray, scale: np.ndarray, active: np.ndarray, loadings: np.ndarray,
+                     psi: np.ndarray, shrinkage: float, clip: float | None = None) -> Mahalanobis:
+        """A factor model from its parameters (the precision by the Woodbury identity)."""
+        loadings = np.asarray(loadings, dtype=np.float64)
+        psi = np.asarray(psi, dtype=np.float64)
+        n_active = int(np.sum(active))
+        if loadings.ndim != 2 or loadings.shape[0] != n_active or psi.shape != (n_active,) or not np.all(psi > 0):
+            raise ValueError("factor model: loadings and psi do not match the active features, or psi <= 0")
+        return cls(mean, scale, active, factor_precision(loadings, psi), shrinkage, loadings.shape[1], clip,
+                   loadings, psi)
+
+    def rounded(self) -> Mahalanobis:
+        """The same model with its stored parameters rounded to float32, as a baseline stores
+        them, so that distances computed before and after a save/load round trip are equal."""
+        def f32(a: np.ndarray) -> np.ndarray:
+            return np.asarray(a, dtype=np.float32).astype(np.float64)
+
+        if self.loadings is not None and self.psi is not None:
+            return Mahalanobis.from_factors(self.mean, self.scale, self.active, f32(self.loadings),
+                                            f32(self.psi), self.shrinkage, self.clip)
+        return Mahalanobis(self.mean, self.scale, self.active, f32(self.precision), self.shrinkage,
+                           self.components, self.clip)
 
     @property
     def estimator(self) -> str:
@@ -110,7 +138,8 @@ class Mahalanobis:
         if z.shape[1] == 0:
             return cls(mean, scale, active, np.zeros((0, 0)), 1.0, components, clip)
         if components:
-            return cls(mean, scale, active, *_factor_precision(z, components, FACTOR_FLOOR), components, clip)
+            loadings, psi, share = factor_model(z, components, FACTOR_FLOOR)
+            return cls.from_factors(mean, scale, active, loadings, psi, share, clip)
         cov, shrinkage = ledoit_wolf(z)
         cov[np.diag_indices_from(cov)] += ridge
         # eigh is stable for symmetric PSD matrices; clip tiny eigenvalues before inverting.
@@ -144,23 +173,30 @@ class Mahalanobis:
         return self.contributions(x).sum(axis=1)
 
 
-def _factor_precision(z: np.ndarray, k: int, floor: float) -> tuple[np.ndarray, float]:
-    """Precision of a k-factor model of standardised data ``z`` [n, p] and its residual share.
+def factor_model(z: np.ndarray, k: int, floor: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """A k-factor model of standardised data ``z`` [n, p]: loadings ``W`` [p, k], residual
+    variances ``psi`` [p] and the share of the variance left to ``psi``.
 
-    ``cov = W W^T + diag(psi)`` with ``W`` the k leading principal directions scaled by the root
-    of their variance and ``psi`` each feature's variance left over (at least ``floor``); the
-    inverse by the Woodbury identity (a k x k solve)."""
-    n, p = z.shape
-    _, s, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+    ``W`` holds the k leading principal directions scaled by the root of their variance; ``psi``
+    each feature's variance left over, at least ``floor``."""
+    n, _ = z.shape
+    zc = z - z.mean(axis=0)
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)
     k = min(k, len(s))
     w = vt[:k].T * (s[:k] / np.sqrt(n))  # [p, k]
-    var = np.einsum("ij,ij->j", z - z.mean(axis=0), z - z.mean(axis=0)) / n  # ~1 (standardised)
+    var = np.einsum("ij,ij->j", zc, zc) / n  # ~1 (standardised)
     psi = np.maximum(var - np.einsum("ik,ik->i", w, w), floor)
+    share = float(psi.sum() / max(float(var.sum()), 1e-300))
+    return w, psi, share
+
+
+def factor_precision(w: np.ndarray, psi: np.ndarray) -> np.ndarray:
+    """The inverse of ``W W^T + diag(psi)`` by the Woodbury identity (a k x k solve)."""
+    k = w.shape[1]
     wp = w / psi[:, None]  # Psi^-1 W
     inner = np.eye(k) + w.T @ wp
     precision = np.diag(1.0 / psi) - wp @ np.linalg.solve(inner, wp.T)
-    share = float(psi.sum() / max(float(var.sum()), 1e-300))
-    return 0.5 * (precision + precision.T), share
+    return np.asarray(0.5 * (precision + precision.T))
 
 
 # ---------------------------------------------------------------------------------------------
