@@ -7,7 +7,9 @@ corpus run through the model). The samples are split once, at random with a fixe
   by default, Ledoit-Wolf shrinkage on request; see :meth:`Mahalanobis.fit`);
 * the held-out *calibration* split gives the anomaly scores that turn a new sample's score into a
   conformal p-value (``p < alpha`` then means a false-positive rate of at most ``alpha``);
-* the fit split also counts the lens top-1 tokens per layer (:class:`TokenTable`);
+* the fit split also counts the lens top-1 tokens per layer (:class:`TokenTable`) and
+  standardises every probe label's log-probability, whose scores on the calibration split
+  calibrate watched concepts (:mod:`monitor.drift.concepts`);
 * all samples give the descriptive statistics: per-layer quantiles of entropy, KL to final, lens
   confidence and final-top-1 rank, the prediction-depth histogram, probe label shares per layer,
   and the reference bin counts of the window tests.
@@ -19,7 +21,6 @@ for and :meth:`Baseline.check_compatible` refuses any other.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from monitor.drift.codec import decode_array as _dec
+from monitor.drift.codec import encode_array as _enc
+from monitor.drift.concepts import ConceptReference
 from monitor.drift.features import (
     GLOBAL_FEATURES,
     READINGS,
@@ -54,18 +58,6 @@ DEFAULT_COMPONENTS = 16
 # texts); ``python -m benchmarks.drift_eval --clip 0`` runs the unclipped detector.
 DEFAULT_CLIP = 4.0
 WINDOW_BIN_LEVELS = tuple(i / 10 for i in range(1, 10))  # decile bins for the window tests
-
-
-def _enc(a: np.ndarray, dtype: str = "float64") -> dict[str, Any]:
-    """A numpy array as JSON: dtype, shape and base64 of the little-endian bytes (never pickle)."""
-    arr = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<"))
-    return {"dtype": dtype, "shape": list(arr.shape), "b64": base64.b64encode(arr.tobytes()).decode()}
-
-
-def _dec(d: dict[str, Any]) -> np.ndarray:
-    dtype = np.dtype(str(d["dtype"])).newbyteorder("<")
-    raw = base64.b64decode(d["b64"])
-    return np.frombuffer(raw, dtype=dtype).reshape(d["shape"]).astype(np.dtype(str(d["dtype"])))
 
 
 @dataclass(frozen=True)
@@ -99,6 +91,9 @@ class Baseline:
     depth_histogram: dict[int, int]
     probe_counts: dict[str, np.ndarray]  # probe -> [L, C] argmax label counts
     tokens: TokenTable  # lens top-1 token counts per layer (fit split)
+    # per probe label: standardisation and calibration scores for watched concepts (None in
+    # baselines written before watched concepts existed, and in baselines without probes)
+    concepts: ConceptReference | None = None
     quantile_levels: tuple[float, ...] = QUANTILE_LEVELS
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -186,6 +181,8 @@ class Baseline:
             "prediction_depth_histogram": {str(k): v for k, v in sorted(self.depth_histogram.items())},
             "probe_counts": {k: v.astype(int).tolist() for k, v in sorted(self.probe_counts.items())},
             "token_table": self.tokens.to_json(),
+            # only when set: older baselines keep their content id
+            **({} if self.concepts is None else {"concepts": self.concepts.to_json()}),
             "extra": self.extra,
         }
 
@@ -247,6 +244,7 @@ class Baseline:
                 depth_histogram={int(k): int(v) for k, v in doc["prediction_depth_histogram"].items()},
                 probe_counts={k: np.asarray(v, dtype=np.int64) for k, v in doc["probe_counts"].items()},
                 tokens=TokenTable.from_json(doc["token_table"]),
+                concepts=ConceptReference.from_json(doc["concepts"]) if "concepts" in doc else None,
                 quantile_levels=tuple(float(x) for x in doc["quantile_levels"]),
                 schema_version=version,
                 extra=dict(doc.get("extra", {})),
@@ -301,6 +299,7 @@ class Baseline:
             "median_prediction_depth": median_depth,
             "entropy_median_by_layer": [round(float(x), 3) for x in self.quantile("entropy", 0.5)],
             "kl_to_final_median_by_layer": [round(float(x), 3) for x in self.quantile("kl_to_final", 0.5)],
+            "watchable_concepts": list(self.concepts.names) if self.concepts is not None else [],
             "probes": {
                 p: {
                     "labels": list(lbls),
@@ -439,6 +438,7 @@ def build_baseline(
         depth_histogram=depth_hist,
         probe_counts=probe_counts,
         tokens=tokens,
+        concepts=ConceptReference.fit(fit, cal) if a.probes else None,
         extra=dict(extra or {}),
     )
     # Hash what is stored: round-trip through JSON so the id matches a reloaded baseline.

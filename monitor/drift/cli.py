@@ -79,6 +79,8 @@ def register(subparsers: Any) -> None:
     sc.add_argument("--baseline", required=True, help="baseline id, JSON file, or 'active'")
     sc.add_argument("--json", dest="json_out", required=True, metavar="OUT", help="write per-text results here")
     sc.add_argument("--alpha", type=float, default=0.01, help="p-value threshold (false-positive rate)")
+    sc.add_argument("--watch", action="append", default=[], metavar="PROBE=LABEL",
+                    help="watch a concept (repeatable; e.g. topic@mean=legal), as the sidecar's baseline.watch")
     sc.set_defaults(handler=_score)
 
 
@@ -185,16 +187,17 @@ def _score(args: argparse.Namespace) -> int:
     from monitor.drift.score import AnomalyScorer
 
     bl = _load_ref(args, args.baseline)
+    AnomalyScorer(bl, alpha=args.alpha, watch=args.watch)  # refuse a bad watch list before the model loads
     if args.positions is None:  # score texts the way the baseline's were read
         args.positions = str(bl.extra.get("positions") or baseline_positions(bl))
     a, bank, fp, texts = _readings(args)
     bl.check_compatible(bundle_id=bank.bundle_id, model_fingerprint=fp)
-    scorer = AnomalyScorer(bl, alpha=args.alpha)
+    scorer = AnomalyScorer(bl, alpha=args.alpha, watch=args.watch)
     scores = scorer.score(a)
     results = [{"index": i, "text": text, **s.to_dict()} for i, (text, s) in enumerate(zip(texts, scores, strict=True))]
     with open(args.json_out, "w", encoding="utf-8") as fh:
         json.dump({"baseline": bl.id, "bundle_id": bank.bundle_id, "model_fingerprint": fp, "alpha": args.alpha,
-                   "results": results}, fh, indent=1)
+                   "watch": list(scorer.watch), "results": results}, fh, indent=1)
     p = np.array([s.p_value for s in scores])
     print(json.dumps({"baseline": bl.id, "texts": len(texts), "anomalous": int(np.sum(p < args.alpha)),
                       "alpha": args.alpha, "out": args.json_out}, indent=2))

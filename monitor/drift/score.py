@@ -12,6 +12,11 @@ layers and readings that moved: runs of layers where a reading is beyond the bas
 percentile at that layer, probes reading a label more strongly than 99% of normal samples there,
 an unusual prediction depth or final distribution, or, when no single reading is extreme, the
 layers that carry most of the distance ("unusual_pattern").
+
+Watched concepts (``watch=("topic@mean=legal", ...)``, see :mod:`monitor.drift.concepts`) add
+one conformal p-value per named probe label; the sample's p-value is then the Bonferroni
+combination of the anomaly score's and theirs, so ``p < alpha`` stays a false-positive rate of
+at most ``alpha``, and a watched concept that fired is flagged as ``watched_concept``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from monitor.drift.baseline import Baseline
+from monitor.drift.concepts import combine_p_values, parse_concept
 from monitor.drift.features import GLOBAL_LAYER, READINGS, ReadingArrays, feature_matrix
 from monitor.drift.stats import conformal_p_values
+from monitor.errors import BaselineError
 
 READING_TITLES = {
     "entropy": ("entropy", "nats"),
@@ -62,9 +69,13 @@ class SampleScore:
     anomalous: bool  # p_value < alpha
     layer_contributions: dict[int, float]  # layer -> share of d^2 (sums to 1; -1 = global features)
     flags: tuple[Flag, ...]
+    # watched concepts only: the anomaly score's own p-value and each concept's (before the
+    # Bonferroni combination that gives ``p_value``)
+    score_p_value: float | None = None
+    concept_p_values: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "score": self.score,
             "distance2": self.distance2,
             "p_value": self.p_value,
@@ -72,6 +83,10 @@ class SampleScore:
             "layer_contributions": {str(k): v for k, v in self.layer_contributions.items()},
             "flags": [f.to_dict() for f in self.flags],
         }
+        if self.concept_p_values is not None:
+            out["score_p_value"] = self.score_p_value
+            out["concept_p_values"] = dict(self.concept_p_values)
+        return out
 
 
 def layer_runs(layers: Sequence[int], all_layers: Sequence[int], max_gap: int = 1) -> list[list[int]]:
@@ -100,12 +115,22 @@ def _fmt(v: float, unit: str) -> str:
 class AnomalyScorer:
     """Scores samples against one baseline. Stateless apart from the baseline; thread-safe."""
 
-    def __init__(self, baseline: Baseline, alpha: float = 0.01, min_flag_run: int = 2) -> None:
+    def __init__(self, baseline: Baseline, alpha: float = 0.01, min_flag_run: int = 2,
+                 watch: Sequence[str] = ()) -> None:
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.baseline = baseline
         self.alpha = alpha
         self.min_flag_run = min_flag_run
+        self.watch = tuple("=".join(parse_concept(w)) for w in watch)
+        if len(set(self.watch)) != len(self.watch):
+            raise ValueError(f"baseline.watch: a concept is listed twice ({list(watch)})")
+        if self.watch:
+            if baseline.concepts is None:
+                raise BaselineError(
+                    f"baseline.watch: baseline {baseline.id} holds no concept calibration (built before "
+                    "watched concepts existed, or without probes): rebuild it to watch concepts")
+            baseline.concepts.check(self.watch, alpha=alpha)
         layout = baseline.layout
         groups = sorted(set(layout.layer_of))
         self._groups = groups
@@ -126,8 +151,24 @@ class AnomalyScorer:
 
         Columns of the contributions follow :attr:`contribution_layers` (sorted layer numbers,
         ``-1`` = the global features, first). Non-finite readings give an infinite distance and p-value
-        ``1/(n_cal+1)`` rather than NaN.
+        ``1/(n_cal+1)`` rather than NaN. With watched concepts the p-values are the combined ones.
         """
+        d2, p, per_layer, concept_p = self._score(a)
+        return d2, (combine_p_values([p, *concept_p.values()]) if concept_p else p), per_layer
+
+    def concept_p_values(self, a: ReadingArrays) -> dict[str, np.ndarray]:
+        """The watched concepts' own conformal p-values [B] (empty without watched concepts)."""
+        self.baseline.check_readings(a)
+        return self._concept_p(a)
+
+    def _concept_p(self, a: ReadingArrays) -> dict[str, np.ndarray]:
+        if not self.watch:
+            return {}
+        assert self.baseline.concepts is not None
+        got = self.baseline.concepts.p_values(a, self.watch)
+        return {w: got[w] for w in self.watch}
+
+    def _score(self, a: ReadingArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         self.baseline.check_readings(a)
         x = feature_matrix(a, self.baseline.tokens)
         bad = ~np.all(np.isfinite(x), axis=1)
@@ -136,7 +177,7 @@ class AnomalyScorer:
         d2 = contrib.sum(axis=1)
         d2 = np.where(bad, np.inf, np.maximum(d2, 0.0))
         p = conformal_p_values(d2, self.baseline.calibration_scores)
-        return d2, p, per_layer
+        return d2, p, per_layer, self._concept_p(a)
 
     @property
     def contribution_layers(self) -> list[int]:
@@ -145,7 +186,10 @@ class AnomalyScorer:
 
     def score(self, a: ReadingArrays) -> list[SampleScore]:
         """Score every sample of ``a``."""
-        d2, p, per_layer = self.score_arrays(a)
+        d2, p_score, per_layer, concept_p = self._score(a)
+        p = combine_p_values([p_score, *concept_p.values()]) if concept_p else p_score
+        # a watched concept "fired" when its own p-value is below its share of alpha
+        share = self.alpha / (1 + len(concept_p))
         out: list[SampleScore] = []
         for b in range(a.n):
             total = float(d2[b])
@@ -154,7 +198,11 @@ class AnomalyScorer:
                 g: (float(per_layer[b, i]) / denom if denom > 0 else 0.0) for i, g in enumerate(self._groups)
             }
             anomalous = bool(p[b] < self.alpha)
-            flags = tuple(self._flags(a, b, shares)) if anomalous else ()
+            fired = [(w, float(v[b])) for w, v in concept_p.items() if v[b] < share]
+            flags: tuple[Flag, ...] = ()
+            if anomalous:  # the readings' flags only when the anomaly score itself is below its share
+                flags = tuple(self._watched_flags(a, b, fired)
+                              + (self._flags(a, b, shares) if p_score[b] < share else []))
             out.append(
                 SampleScore(
                     score=float(np.sqrt(total / self._n_active)) if np.isfinite(total) else float("inf"),
@@ -163,11 +211,28 @@ class AnomalyScorer:
                     anomalous=anomalous,
                     layer_contributions=shares,
                     flags=flags,
+                    score_p_value=float(p_score[b]) if concept_p else None,
+                    concept_p_values={w: float(v[b]) for w, v in concept_p.items()} if concept_p else None,
                 )
             )
         return out
 
     # --- flags --------------------------------------------------------------------------------
+    def _watched_flags(self, a: ReadingArrays, b: int, fired: list[tuple[str, float]]) -> list[Flag]:
+        out = []
+        for name, pv in fired:
+            probe, label = parse_concept(name)
+            j = a.probe_labels[probe].index(label)
+            probs = a.probes[probe][b, :, j]  # [L]
+            normal = self.baseline.quantile(f"probe:{probe}", 0.5)[:, j]
+            top = np.argsort(probs - normal)[::-1][:3]
+            lays = tuple(sorted(a.layers[i] for i in top))
+            detail = (f"watched concept {name}: the {probe} probe reads {label!r} at "
+                      f"{float(np.mean(probs)):.2f} on average over the layers (normal median "
+                      f"{float(np.mean(normal)):.2f}; p={pv:.3g}, most at layers {', '.join(map(str, lays))})")
+            out.append(Flag("watched_concept", lays, f"concept:{name}", detail))
+        return out
+
     def _flags(self, a: ReadingArrays, b: int, shares: dict[int, float]) -> list[Flag]:
         bl = self.baseline
         flags: list[Flag] = []

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from monitor.audit.records import sample_fields
-from monitor.errors import AuditError, LayerwatchError, TransportError, WireFormatError
+from monitor.errors import AuditError, ConfigError, LayerwatchError, TransportError, WireFormatError
 from monitor.lenses.readings import BankOutput, split_batch
 from monitor.lenses.runtime import read_with_context
 from monitor.metrics import TAP_DROP_REASONS, SidecarMetrics, observe_many
@@ -159,15 +159,41 @@ class Sidecar:
         b = self.settings.baseline
         if baseline is None:
             baseline = self._find_baseline()
+        self._check_watch(learning=baseline is None)
         if baseline is not None:
             self.detector = DriftDetector(baseline, alpha=b.alpha, window=b.window, step=max(1, b.window // 4),
-                                          bundle_id=self.bank.bundle_id, model_fingerprint=self.bank.fingerprint)
+                                          bundle_id=self.bank.bundle_id, model_fingerprint=self.bank.fingerprint,
+                                          watch=b.watch)
             self.metrics.baseline_info.labels(self.model_label, baseline.id).set(1)
             self.metrics.baseline_learning.labels(self.model_label).set(0)
         else:
             self.learner = BaselineLearner(b.learn_samples, model=self.model_label,
                                            model_fingerprint=self.bank.fingerprint, bundle_id=self.bank.bundle_id)
             self.metrics.baseline_learning.labels(self.model_label).set(1)
+
+    def _check_watch(self, learning: bool) -> None:
+        """Watched concepts must be labels of this bundle's probes, and a learned baseline must
+        calibrate enough samples to flag anything with them: refused at start-up, not later."""
+        from monitor.drift.baseline import fit_calibration_split
+        from monitor.drift.concepts import concept_name, min_calibration, parse_concept
+
+        b = self.settings.baseline
+        if not b.watch:
+            return
+        labels = {**dict(self.bank.probe_labels), **dict(getattr(self.bank, "context_probe_labels", {}))}
+        known = {concept_name(p, lab) for p, labs in labels.items() for lab in labs}
+        for w in b.watch:
+            if concept_name(*parse_concept(w)) not in known:
+                raise ConfigError(f"baseline.watch: {w!r} is not a probe label of bundle {self.bank.bundle_id} "
+                                  f"(have {sorted(known)[:12]}{' ...' if len(known) > 12 else ''})")
+        if learning:
+            n_cal = fit_calibration_split(b.learn_samples)[1].size
+            need = min_calibration(len(b.watch), b.alpha)
+            if n_cal < need:
+                raise ConfigError(
+                    f"baseline.learn_samples: a learned baseline of {b.learn_samples} samples calibrates "
+                    f"{n_cal}; watching {len(b.watch)} concept(s) at alpha={b.alpha} needs {need} (set "
+                    f"learn_samples to at least {int(np.ceil(need / 0.3))}, or watch fewer concepts)")
 
     def _find_baseline(self) -> Any:
         b = self.settings.baseline
@@ -454,7 +480,8 @@ class Sidecar:
             except LayerwatchError as exc:
                 log.warning("learned baseline not stored in Redis: %s", exc)
         self.detector = DriftDetector(baseline, alpha=b.alpha, window=b.window, step=max(1, b.window // 4),
-                                      bundle_id=self.bank.bundle_id, model_fingerprint=self.bank.fingerprint)
+                                      bundle_id=self.bank.bundle_id, model_fingerprint=self.bank.fingerprint,
+                                      watch=b.watch)
         self.learner = None
         self.metrics.baseline_learning.labels(self.model_label).set(0)
         self.metrics.baseline_info.labels(self.model_label, baseline.id).set(1)
