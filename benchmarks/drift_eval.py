@@ -227,6 +227,36 @@ class LastLayerDetector:
         return d2, conformal_p_values(d2, self.cal)
 
 
+def tail_normaliser(fit_scores: np.ndarray, tail: float = 0.1) -> Any:
+    """``-log`` of a score's upper-tail probability among ``fit_scores``: empirical in the bulk,
+    an exponential tail fitted to the top ``tail`` share beyond it (peaks over threshold), so
+    scores above every fit sample still rank. Puts scores of different scales on one scale."""
+    s = np.sort(np.asarray(fit_scores, dtype=np.float64))
+    n = len(s)
+    t = float(np.quantile(s, 1.0 - tail))
+    excess = s[s > t] - t
+    beta = max(float(excess.mean()) if len(excess) else 1.0, 1e-9)
+
+    def u(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        emp = (1.0 + n - np.searchsorted(s, x, side="left")) / (n + 1.0)
+        log_pot = np.log(tail) - np.maximum(x - t, 0.0) / beta
+        return np.asarray(-np.where(x > t, log_pot, np.log(emp)))
+
+    return u
+
+
+def watched_rank_score(baseline: Any, a: ReadingArrays, d2: np.ndarray, watch: tuple[str, ...]) -> np.ndarray:
+    """A continuous score that ranks samples as the combined p-value does, for AUROC and TPR at a
+    test-set threshold: the largest of the anomaly score's and each watched concept's
+    tail-normalised surprise, each against its own calibration split. (The conformal p-value
+    itself is flat beyond the largest calibration score, so it cannot rank the far tail.)"""
+    parts = [tail_normaliser(baseline.calibration_scores)(d2)]
+    for name, s in baseline.concepts.scores(a, watch).items():
+        parts.append(tail_normaliser(baseline.concepts.calibration[name])(s))
+    return np.asarray(np.max(np.stack(parts), axis=0))
+
+
 def run_window_stream(kind_samples: Any, *, window: int, step: int, fdr: float, alpha: float,
                       raise_after: int, clear_after: int, baseline: Any, readings: ReadingArrays | None,
                       p_values: np.ndarray, last_layer: bool) -> tuple[int | None, int, int]:
@@ -280,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip", type=float, default=None,
                     help="winsorise standardised features at this many SDs (0 = not; default: build_baseline's)")
     ap.add_argument("--alpha", type=float, default=0.01)
+    ap.add_argument("--watch", action="append", default=[], metavar="PROBE=LABEL",
+                    help="watched concept (repeatable), as the sidecar's baseline.watch: the per-sample p-value is "
+                         "then the Bonferroni combination, and the ranking score the largest tail-normalised "
+                         "component (see watched_rank_score)")
     ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--step", type=int, default=50)
     ap.add_argument("--fdr", type=float, default=0.001)
@@ -326,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                               bundle_id=bank.bundle_id, source="english_prose heldout short",
                               components=args.components,
                               clip=DEFAULT_CLIP if args.clip is None else (args.clip or None))
-    scorer = AnomalyScorer(baseline, alpha=args.alpha)
+    scorer = AnomalyScorer(baseline, alpha=args.alpha, watch=args.watch)
     last = LastLayerDetector(finals["baseline"])
 
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -335,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "baseline":
             continue
         d2, p, _ = scorer.score_arrays(a)
-        scores[name] = (d2, p)
+        scores[name] = (watched_rank_score(baseline, a, d2, scorer.watch) if scorer.watch else d2, p)
         last_scores[name] = last.score(finals[name])
 
     rng = np.random.default_rng(0)
@@ -417,12 +451,13 @@ def print_table(r: dict[str, Any]) -> None:
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
     print(f"drift_eval: {r['model']} bank={r['bank']} baseline={r['baseline_id']} "
-          f"(n={r['n_baseline']}, {r['features']} features)")
-    hdr = ("kind", "AUROC lw", "AUROC last", "TPR@1% lw", "TPR@1% last", "alert@ lw", "alert@ last")
+          f"(n={r['n_baseline']}, {r['features']} features)"
+          + (f" watching {', '.join(r['settings']['watch'])}" if r["settings"].get("watch") else ""))
+    hdr = ("kind", "AUROC lw", "AUROC last", "TPR@1% lw", "TPR@1% last", "flag@a lw", "alert@ lw", "alert@ last")
     print("  ".join(f"{h:>12}" for h in hdr))
     for row in r["kinds"]:
         vals = (row["kind"], row["layerwatch_auroc"], row["last_layer_auroc"], row["layerwatch_tpr_at_1pct_fpr"],
-                row["last_layer_tpr_at_1pct_fpr"], row["layerwatch_samples_to_alert_median"],
+                row["last_layer_tpr_at_1pct_fpr"], row["layerwatch_conformal_tpr"], row["layerwatch_samples_to_alert_median"],
                 row["last_layer_samples_to_alert_median"])
         print("  ".join(f"{f(v):>12}" for v in vals))
     m = r["mean"]

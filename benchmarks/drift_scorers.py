@@ -169,35 +169,11 @@ def heldout_log_likelihood(det: Any, x: np.ndarray) -> float:
 
 def concept_scores(fit: Any, a: Any) -> dict[str, np.ndarray]:
     """Per probe label (``"probe=label"``): the mean over layers of the label's log-probability,
-    each layer standardised on the baseline samples ``fit`` (median, half the 16-84% range)."""
-    out = {}
-    for p in sorted(a.probes):
-        ref = np.log(np.clip(fit.probes[p], 1e-6, 1.0))  # [n, L, C]
-        med = np.median(ref, 0)
-        sd = (np.quantile(ref, 0.84, 0) - np.quantile(ref, 0.16, 0)) / 2 + 1e-6
-        z = (np.log(np.clip(a.probes[p], 1e-6, 1.0)) - med) / sd
-        for j, label in enumerate(a.probe_labels[p]):
-            out[f"{p}={label}"] = z[:, :, j].mean(1)
-    return out
+    each layer standardised on the baseline samples ``fit`` (median, half the 16-84% range): the
+    score of a watched concept (:class:`monitor.drift.concepts.ConceptReference`)."""
+    from monitor.drift.concepts import ConceptReference
 
-
-def tail_normaliser(fit_scores: np.ndarray, tail: float = 0.1) -> Scorer:
-    """``-log`` of a score's upper-tail probability among ``fit_scores``: empirical in the bulk,
-    an exponential tail fitted to the top ``tail`` share beyond it (peaks over threshold), so
-    scores above every fit sample still rank. Puts scores of different scales on one scale."""
-    s = np.sort(np.asarray(fit_scores, dtype=np.float64))
-    n = len(s)
-    t = float(np.quantile(s, 1.0 - tail))
-    excess = s[s > t] - t
-    beta = max(float(excess.mean()) if len(excess) else 1.0, 1e-9)
-
-    def u(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        emp = (1.0 + n - np.searchsorted(s, x, side="left")) / (n + 1.0)
-        log_pot = np.log(tail) - np.maximum(x - t, 0.0) / beta
-        return np.asarray(-np.where(x > t, log_pot, np.log(emp)))
-
-    return u
+    return ConceptReference.standardisation(fit).scores(a)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         readings_for,
         states_for,
         states_key,
+        tail_normaliser,
         texts_for_eval,
         tpr_at_fpr,
     )

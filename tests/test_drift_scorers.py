@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.drift_eval import auroc
+from benchmarks.drift_eval import auroc, tail_normaliser
 from benchmarks.drift_scorers import (
     concept_scores,
     factor_mixture,
@@ -12,7 +12,6 @@ from benchmarks.drift_scorers import (
     knn_distance,
     pca_mahalanobis,
     supervised_ceiling,
-    tail_normaliser,
 )
 from monitor.drift.stats import Mahalanobis
 from monitor.drift.testing import synth

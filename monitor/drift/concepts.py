@@ -64,8 +64,8 @@ class ConceptReference:
     calibration: dict[str, np.ndarray]  # "<probe>=<label>" -> sorted scores of the calibration split
 
     @classmethod
-    def fit(cls, fit: ReadingArrays, cal: ReadingArrays) -> ConceptReference:
-        """Standardise on ``fit``, calibrate on ``cal`` (two disjoint splits of normal samples)."""
+    def standardisation(cls, fit: ReadingArrays) -> ConceptReference:
+        """The per-layer standardisation of every label on ``fit`` (no calibration yet)."""
         center, scale = {}, {}
         for p in sorted(fit.probes):
             ref = _log_probs(fit.probes[p])  # [n, L, C]
@@ -73,9 +73,13 @@ class ConceptReference:
             spread = (np.quantile(ref, 0.84, axis=0) - np.quantile(ref, 0.16, axis=0)) / 2.0
             # a label every sample reads alike (constant feature) gets a unit scale, not 0
             scale[p] = np.where(spread > 1e-9, spread, 1.0)
-        ref0 = cls(center, scale, {})
-        cal_scores = ref0.scores(cal)
-        return cls(center, scale, {k: np.sort(v) for k, v in cal_scores.items()})
+        return cls(center, scale, {})
+
+    @classmethod
+    def fit(cls, fit: ReadingArrays, cal: ReadingArrays) -> ConceptReference:
+        """Standardise on ``fit``, calibrate on ``cal`` (two disjoint splits of normal samples)."""
+        ref = cls.standardisation(fit)
+        return cls(ref.center, ref.scale, {k: np.sort(v) for k, v in ref.scores(cal).items()})
 
     @property
     def names(self) -> tuple[str, ...]:
