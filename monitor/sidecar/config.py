@@ -48,7 +48,7 @@ class BaselineSettings(BaseModel):
     learn_samples: int = Field(500, ge=20, description="Samples collected in learning mode before a baseline is built.")
     alpha: float = Field(0.01, gt=0, lt=1, description="Per-sample false-positive rate: flag when the conformal p-value is below it.")
     window: int = Field(200, ge=10, description="Samples per drift-test window.")
-    watch: list[str] = Field(default_factory=list, description="Watched concepts, '<probe>=<label>' (e.g. 'topic@mean=legal'): each gets its own conformal p-value, combined with the anomaly score's (Bonferroni) so alpha stays the false-positive rate; needs (len(watch)+1)/alpha calibration samples in the baseline.")
+    watch: list[str] = Field([], description="Watched concepts, '<probe>=<label>' (e.g. 'topic@mean=legal'): each gets its own conformal p-value, combined with the anomaly score's (Bonferroni) so alpha stays the false-positive rate; needs (len(watch)+1)/alpha calibration samples in the baseline.")
 
     @model_validator(mode="after")
     def _check_watch(self) -> BaselineSettings:
