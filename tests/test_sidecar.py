@@ -48,11 +48,11 @@ def audit_records(root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def publish_samples(url: str, stream: str, n: int, seed: int = 0) -> list[str]:
+def publish_samples(url: str, stream: str, n: int, seed: int = 0, positions: str = "last") -> list[str]:
     """Publish ``n`` real samples from the tapped tiny model (inputs drawn with ``seed``); return their ids."""
     model = make_tiny("llama", seed=0)  # the same weights as the workers' lens (fingerprint)
     tap = monitor.attach(model, sample_rate=1.0, transport=url, stream=stream, stream_maxlen=100_000,
-                         queue_max_items=n + 10)
+                         queue_max_items=n + 10, positions=positions)
     ids: list[str] = []
     gen = torch.Generator().manual_seed(seed)
     for i in range(n):

@@ -211,3 +211,38 @@ def test_sidecar_refuses_an_unknown_watched_concept_or_a_learning_target_too_sma
         sc.stop(5)
     with pytest.raises(ConfigError, match="watch"):
         load_settings(transport="memory://x", baseline={"watch": ["legal"]})
+
+
+def test_sidecar_scores_with_watched_concepts_and_audits_their_p_values(tmp_path: Path, bundle: Any) -> None:
+    """A sidecar that watches a concept learns its baseline from live samples, then scores every
+    later sample - also those in the micro-batch that completed learning - with the combined
+    p-value, and writes the anomaly score's and the concept's own p-values into the sample's
+    audit record."""
+    from monitor.sidecar.config import load_settings
+    from monitor.sidecar.service import Sidecar
+    from monitor.transport.memory import MemoryTransport
+    from tests.test_sidecar import audit_records, publish_samples
+
+    bank = bundle()
+    concept = f"topic@mean={bank.probe_labels['topic'][0]}"
+    url = "memory://watch-audit"
+    MemoryTransport.reset_all()
+    settings = load_settings(transport=url, group="g", http_port=0, batch_max=64, batch_wait_ms=10, warm_up=False,
+                             audit={"directory": tmp_path / "audit"},
+                             baseline={"learn_samples": 400, "alpha": 0.05, "watch": [concept]})
+    sc = Sidecar(settings, bank=bank)
+    try:
+        ids = publish_samples(url, settings.stream, 430, positions="last+mean")
+        while sc.step().processed:
+            pass
+        assert sc.learner is None and sc.detector is not None
+        assert sc.detector.scorer.watch == (concept,)
+    finally:
+        sc.stop(5)
+    scored = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "sample" and r.get("score")]
+    assert {r["sample_id"] for r in scored} == set(ids[400:])
+    for r in scored:
+        s = r["score"]
+        assert set(s["concept_p_values"]) == {concept}
+        expect = min(1.0, 2 * min(s["score_p_value"], s["concept_p_values"][concept]))
+        assert s["p_value"] == pytest.approx(expect)

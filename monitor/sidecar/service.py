@@ -450,20 +450,26 @@ class Sidecar:
         m.drift_alert_active.labels(lab).set(1 if self.detector is not None and self.detector.alert["active"] else 0)
 
     def _score(self, out: BankOutput, narratives: list[Narrative]) -> tuple[list[dict[str, Any]], list[Any]]:
+        from monitor.drift.detector import as_arrays, publish
+
         depth = np.array([n.prediction_depth for n in narratives])
+        arrays = as_arrays(out, self._probe_labels, depth)
+        learned: list[dict[str, Any]] = []
         if self.detector is None:
-            from monitor.drift.detector import as_arrays
-
-            self.learner.add(as_arrays(out, self._probe_labels, depth))
+            taken = self.learner.add(arrays)
             self.metrics.baseline_learning_samples.labels(self.model_label).set(self.learner.collected)
-            if self.learner.done:
-                self._promote_learned()
-            return [{"score": None, "flags": [], "learning": True} for _ in narratives], []
-        from monitor.drift.detector import publish
-
-        update = self.detector.process(out, self._probe_labels, depth)
+            learned = [{"score": None, "flags": [], "learning": True} for _ in range(taken)]
+            if not self.learner.done:
+                return learned, []
+            self._promote_learned()
+            if taken == arrays.n:
+                return learned, []
+            # the samples of this batch past the learning target are scored by the new baseline
+            arrays = arrays.subset(slice(taken, None))
+        update = self.detector.process(arrays)
         publish(self.metrics, self.model_label, update)
-        return [{"score": s.to_dict(), "flags": [f.to_dict() for f in s.flags]} for s in update.scores], update.events
+        scored = [{"score": s.to_dict(), "flags": [f.to_dict() for f in s.flags]} for s in update.scores]
+        return learned + scored, update.events
 
     def _promote_learned(self) -> None:
         from monitor.drift.detector import DriftDetector
