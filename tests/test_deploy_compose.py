@@ -8,6 +8,7 @@ ports, environment and health checks agree across services.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -161,6 +162,8 @@ def assert_env_sets_settings(env_vars: dict[str, str], prefix: str, dumped: dict
             raise AssertionError(f"{name} is not a setting") from None
         if isinstance(value, int | float) and not isinstance(value, bool):
             assert value == float(raw), f"{name}={raw!r} became {value!r}"
+        elif isinstance(value, list | dict):  # complex settings are JSON in the environment
+            assert value == json.loads(raw), f"{name}={raw!r} became {value!r}"
         else:
             assert str(value).lower() == raw.lower(), f"{name}={raw!r} became {value!r}"
 

@@ -8,6 +8,7 @@ PrometheusRule's rules go through promtool, including the alert unit tests.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -284,6 +285,7 @@ def test_external_redis_values_use_url_secret_image_bundle_and_hmac(helm_env: di
     env = env_of(pod["containers"][0])
     assert env["LAYERWATCH_AUDIT__HMAC_KEY_FILE"] == "/run/layerwatch/hmac/hmac-key"
     assert env["LAYERWATCH_BASELINE__ID"] == "2025-06-01-normal"
+    assert json.loads(env["LAYERWATCH_BASELINE__WATCH"]) == ["topic@mean=legal"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["audit"] == {"name": "audit", "emptyDir": {}}
     assert volumes["hmac-key"]["secret"]["secretName"] == "layerwatch-audit-hmac"
@@ -336,6 +338,7 @@ def test_servicemonitor_selects_the_sidecar_service_port(helm_env: dict[str, str
     (("tapPodMonitor.enabled=true",), "tapPodMonitor.podSelector is required"),
     (("sidecar.replica=3",), "additional properties 'replica' not allowed"),  # values.schema.json
     (("tap.sampleRate=2",), "/tap/sampleRate"),
+    (("sidecar.watch={legal}",), "/sidecar/watch/0"),  # not '<probe>=<label>'
 ])
 def test_invalid_values_fail_with_a_message_naming_the_setting(helm_env: dict[str, str], sets: tuple[str, ...], message: str) -> None:
     """Missing or contradictory values stop `helm template` with an error that says what to set."""
