@@ -83,7 +83,8 @@ def _baseline(model: Any, tok: Any, bank: Any, model_name: str) -> Any:
     # the heldout split: the lens bundle's tuned lens and probes were trained on "train" texts,
     # whose readings are in-sample (too confident), so a baseline of them flags more normal
     # traffic than alpha (3.7% of 300 test texts at alpha 1% when it was built from "train")
-    texts = corpora.english_prose("heldout", unit="short")[:600]
+    # 700: the calibration split (30%, 210 texts) supports one watched concept at alpha 0.01
+    texts = corpora.english_prose("heldout", unit="short")[:700]
     # the tap's default positions ("last+mean") decide which readings the baseline holds
     key = hashlib.sha256(json.dumps([bank.bundle_id, texts, "last+mean", "factor16", "clip4"]).encode()).hexdigest()[:16]
     path = _cache_dir() / "baselines" / f"demo-{key}.json"
@@ -171,6 +172,9 @@ def run_demo(args: argparse.Namespace) -> int:
     _say("[3/7]", "baseline of normal traffic")
     t0 = time.monotonic()
     baseline = _baseline(model, tok, bank, MODEL_NAME)
+    if demo_watch(baseline):
+        print(f"   watching {', '.join(demo_watch(baseline))} (the topic probe's 'legal' label on the prompt mean: "
+              "its own calibrated p-value, Bonferroni-combined with the anomaly score's)")
     print(f"   ready in {time.monotonic() - t0:.1f}s")
 
     _say("[4/7]", "sidecar and inference server")
@@ -194,7 +198,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     try:
         results = _replay(args, base, tap, metrics_port)
-        _report(args, results, out, metrics_port, base, sidecar)
+        _report(args, results, out, metrics_port, base, sidecar, demo_watch(baseline))
     finally:
         tap.close(10)
         server.should_exit = True
@@ -214,11 +218,22 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+WATCHED = "topic@mean=legal"  # the demo's watched concept: licence text in documentation traffic
+
+
+def demo_watch(baseline: Any) -> list[str]:
+    """The demo watches the topic probe's 'legal' label when the bundle has it (not with the
+    probe-less logit lens)."""
+    concepts = getattr(baseline, "concepts", None)
+    return [WATCHED] if concepts is not None and WATCHED in concepts.names else []
+
+
 def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None, baseline: Any, out: Path,
                    model_name: str, tokenizer: Any) -> tuple[Any, Any, int]:
     metrics_port = args.metrics_port or _free_port()
     common: dict[str, Any] = {"group": "demo", "model_name": model_name, "batch_max": 16, "batch_wait_ms": 20,
-              "baseline": {"window": 80, "alpha": 0.01}, "audit": {"directory": str(out / "audit")}}
+              "baseline": {"window": 80, "alpha": 0.01, "watch": demo_watch(baseline)},
+              "audit": {"directory": str(out / "audit")}}
     if args.redis is None:
         from monitor.sidecar.config import load_settings
         from monitor.sidecar.http import SidecarHTTPServer
@@ -240,6 +255,7 @@ def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None
            "LAYERWATCH_GROUP": "demo", "LAYERWATCH_CONSUMER": "demo-sidecar", "LAYERWATCH_MODEL_NAME": model_name,
            "LAYERWATCH_BUNDLE": str(bundle_path), "LAYERWATCH_HTTP_PORT": str(metrics_port),
            "LAYERWATCH_BATCH_MAX": "16", "LAYERWATCH_BASELINE__WINDOW": "80",
+           "LAYERWATCH_BASELINE__WATCH": json.dumps(demo_watch(baseline)),
            "LAYERWATCH_AUDIT__DIRECTORY": str(out / "audit"),
            # heads per run: each run starts a fresh trail in --out, and a head left in Redis by an
            # earlier run would (rightly) read as records lost
@@ -297,7 +313,7 @@ def _replay(args: argparse.Namespace, base: str, tap: Any, metrics_port: int) ->
 
 
 def _report(args: argparse.Namespace, sent: dict[str, Any], out: Path, metrics_port: int, base: str,
-            sidecar: Any) -> None:
+            sidecar: Any, watched: list[str]) -> None:
     from monitor.audit import Query, render_report, search, verify_trail
 
     _say("[6/7]", f"layer narrative of {CAPITAL_PROMPT!r} (answer: {sent['capital'].get('answer', '?')!r})")
@@ -318,14 +334,17 @@ def _report(args: argparse.Namespace, sent: dict[str, Any], out: Path, metrics_p
                 continue
             score = rec.get("score") or {}
             anomalous = bool(score.get("anomalous"))
-            kinds.setdefault(info["kind"], [0, 0])
+            kinds.setdefault(info["kind"], [0, 0, 0])
             kinds[info["kind"]][0] += 1
             kinds[info["kind"]][1] += anomalous
+            kinds[info["kind"]][2] += any(f.get("kind") == "watched_concept" for f in rec.get("flags", []))
             if anomalous and info["kind"] != "normal" and len(flagged_examples) < 6:
                 flagged_examples.append((rid, info, rec))
-    print("   flagged per traffic kind (per-sample conformal p < 0.01):")
-    for kind, (n, f) in kinds.items():
-        print(f"     {kind:10s} {f:4d} / {n:4d} flagged ({100.0 * f / max(n, 1):5.1f}%)")
+    print("   flagged per traffic kind (per-sample conformal p < 0.01"
+          + (f"; watching {', '.join(watched)}" if watched else "") + "):")
+    for kind, (n, f, w) in kinds.items():
+        print(f"     {kind:10s} {f:4d} / {n:4d} flagged ({100.0 * f / max(n, 1):5.1f}%)"
+              + (f", {w} by the watched concept" if watched else ""))
     print("   examples of flagged requests and why:")
     for rid, info, rec in flagged_examples:
         why = "; ".join(f"{f['kind']} at layers {f['layers'][0]}-{f['layers'][-1]}" if f.get("layers") else f["kind"]
