@@ -135,6 +135,10 @@ class SidecarMetrics:
         self.flags = Counter(
             "layerwatch_flags_total",
             "Flags raised on samples, by kind.", ["model", "flag"], registry=r)
+        self.watched_concepts = Counter(
+            "layerwatch_watched_concept_total",
+            "Samples a watched concept flagged (its own p-value below its share of alpha), by concept "
+            "('<probe>=<label>', one series per entry of baseline.watch).", ["model", "concept"], registry=r)
         self.drift_alert_active = Gauge(
             "layerwatch_drift_alert_active",
             "1 while a window drift alert is active.", ["model"], registry=r)

@@ -216,8 +216,9 @@ def test_sidecar_refuses_an_unknown_watched_concept_or_a_learning_target_too_sma
 def test_sidecar_scores_with_watched_concepts_and_audits_their_p_values(tmp_path: Path, bundle: Any) -> None:
     """A sidecar that watches a concept learns its baseline from live samples, then scores every
     later sample - also those in the micro-batch that completed learning - with the combined
-    p-value, and writes the anomaly score's and the concept's own p-values into the sample's
-    audit record."""
+    p-value, writes the anomaly score's and the concept's own p-values into the sample's audit
+    record, and counts the samples the concept flagged in layerwatch_watched_concept_total (a
+    series that exists from start-up)."""
     from monitor.sidecar.config import load_settings
     from monitor.sidecar.service import Sidecar
     from monitor.transport.memory import MemoryTransport
@@ -231,6 +232,8 @@ def test_sidecar_scores_with_watched_concepts_and_audits_their_p_values(tmp_path
                              audit={"directory": tmp_path / "audit"},
                              baseline={"learn_samples": 400, "alpha": 0.05, "watch": [concept]})
     sc = Sidecar(settings, bank=bank)
+    series = {"model": sc.model_label, "concept": concept}
+    assert sc.registry.get_sample_value("layerwatch_watched_concept_total", series) == 0.0
     try:
         ids = publish_samples(url, settings.stream, 430, positions="last+mean")
         while sc.step().processed:
@@ -246,3 +249,21 @@ def test_sidecar_scores_with_watched_concepts_and_audits_their_p_values(tmp_path
         assert set(s["concept_p_values"]) == {concept}
         expect = min(1.0, 2 * min(s["score_p_value"], s["concept_p_values"][concept]))
         assert s["p_value"] == pytest.approx(expect)
+    by_concept = sum(any(f["kind"] == "watched_concept" for f in r["flags"]) for r in scored)
+    assert sc.registry.get_sample_value("layerwatch_watched_concept_total", series) == by_concept
+
+
+def test_publish_counts_each_watched_concept_flag_under_its_concept(baseline: Baseline) -> None:
+    """Every 'watched_concept' flag increments layerwatch_watched_concept_total for its concept and
+    the flags counter for its kind; samples flagged by the anomaly score alone do not."""
+    from monitor.drift.detector import publish
+    from monitor.metrics import SidecarMetrics
+
+    det = DriftDetector(baseline, watch=["topic=code"])
+    m = SidecarMetrics()
+    update = det.process(leaning(synth(300, seed=21), 1.2))
+    publish(m, "m", update)
+    n = sum(any(f.kind == "watched_concept" for f in s.flags) for s in update.scores)
+    assert n > 100
+    assert m.registry.get_sample_value("layerwatch_watched_concept_total", {"model": "m", "concept": "topic=code"}) == n
+    assert m.registry.get_sample_value("layerwatch_flags_total", {"model": "m", "flag": "watched_concept"}) == n

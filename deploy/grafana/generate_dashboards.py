@@ -264,6 +264,9 @@ def overview() -> dict[str, Any]:
     p.append(timeseries(lay, "Flags by kind", "Flags raised on samples, by kind (which readings moved).",
                         targets((f"sum by (model, flag) (rate(layerwatch_flags_total{{{M}}}[$__rate_interval]))", "{{flag}} {{model}}"),),
                         "reqps", stack="normal"))
+    p.append(timeseries(lay, "Watched concepts", "Samples each watched concept (baseline.watch) flagged: the traffic you named.",
+                        targets((f"sum by (model, concept) (rate(layerwatch_watched_concept_total{{{M}}}[$__rate_interval]))", "{{concept}} {{model}}"),),
+                        "reqps"))
     p.append(lay.panel("table", "Active alerts", "layerwatch alerts firing now (Prometheus ALERTS).",
                        [target('ALERTS{alertname=~"Layerwatch.*", alertstate="firing"}', "", instant=True, fmt="table")],
                        12, 8, unit="none",

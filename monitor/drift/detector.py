@@ -116,6 +116,8 @@ def publish(metrics: Any, model: str, update: DetectorUpdate) -> None:
             metrics.anomalies.labels(model=model).inc()
         for f in s.flags:
             metrics.flags.labels(model=model, flag=f.kind).inc()
+            if f.kind == "watched_concept":
+                metrics.watched_concepts.labels(model=model, concept=f.reading.split(":", 1)[1]).inc()
     for ev in update.events:
         if ev.kind == "raised":
             metrics.drift_alerts.labels(model=model).inc()

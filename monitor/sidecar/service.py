@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from monitor.audit.records import sample_fields
+from monitor.drift.concepts import parse_concept
 from monitor.errors import AuditError, ConfigError, LayerwatchError, TransportError, WireFormatError
 from monitor.lenses.readings import BankOutput, split_batch
 from monitor.lenses.runtime import read_with_context
@@ -441,6 +442,8 @@ class Sidecar:
         m.baseline_learning_samples.labels(lab).set(self.learner.collected if self.learner is not None else 0)
         for reason in (*DECODE_REASONS, "processing_error"):
             m.dead_letters.labels(lab, reason)
+        for concept in self.settings.baseline.watch:
+            m.watched_concepts.labels(lab, "=".join(parse_concept(concept)))
         for reason in _TAP_REASONS:
             m.fleet_tap_drops.labels(lab, reason)
         m.stream_drops.labels(lab, "trimmed")
