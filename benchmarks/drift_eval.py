@@ -257,6 +257,20 @@ def watched_rank_score(baseline: Any, a: ReadingArrays, d2: np.ndarray, watch: t
     return np.asarray(np.max(np.stack(parts), axis=0))
 
 
+def tpr_by_transform(garbled: list[str], neg: np.ndarray, pos: np.ndarray) -> dict[str, float]:
+    """TPR at 1% FPR of the garbled texts per transform (:func:`monitor.corpora.garble` of the
+    ``english-short`` test texts they were made from)."""
+    from monitor import corpora
+
+    kind_of = {}
+    for t in corpora.english_prose("test", unit="short"):
+        g, k = corpora.garble(t)
+        kind_of[g] = k
+    kinds = np.array([kind_of.get(t, "unknown") for t in garbled])
+    thr = np.quantile(neg, 0.99, method="higher")
+    return {k: round(float(np.mean(pos[kinds == k] > thr)), 3) for k in sorted(set(kinds))}
+
+
 def run_window_stream(kind_samples: Any, *, window: int, step: int, fdr: float, alpha: float,
                       raise_after: int, clear_after: int, baseline: Any, readings: ReadingArrays | None,
                       p_values: np.ndarray, last_layer: bool) -> tuple[int | None, int, int]:
@@ -404,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             d = np.asarray(delays, dtype=float)
             row[f"{det}_window_detected"] = float(np.mean(np.isfinite(d)))
             row[f"{det}_samples_to_alert_median"] = float(np.median(d)) if np.isfinite(np.median(d)) else None
+        if kind == "garbled":  # which degenerate transforms the score catches (TPR at 1% FPR each)
+            row["layerwatch_tpr_at_1pct_fpr_by_transform"] = tpr_by_transform(sets[name], scores["normal"][0],
+                                                                              scores[name][0])
         rows.append(row)
         print(f"  [{name}] evaluated", file=sys.stderr, flush=True)
 
@@ -463,6 +480,10 @@ def print_table(r: dict[str, Any]) -> None:
     m = r["mean"]
     print("  ".join(f"{f(v):>12}" for v in ("mean", m["layerwatch_auroc"], m["last_layer_auroc"],
                                                  m["layerwatch_tpr_at_1pct_fpr"], m["last_layer_tpr_at_1pct_fpr"])))
+    for row in r["kinds"]:
+        if "layerwatch_tpr_at_1pct_fpr_by_transform" in row:
+            print(f"{row['kind']}, TPR@1% lw by transform: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in row["layerwatch_tpr_at_1pct_fpr_by_transform"].items()))
     n = r["null_stream"]
     print(f"normal-only stream ({n['samples']} samples): alerts/10k samples lw={n['layerwatch_alerts_per_10k_samples']:.2f} "
           f"last={n['last_layer_alerts_per_10k_samples']:.2f}; per-sample FPR at alpha: "
