@@ -312,6 +312,13 @@ def _replay(args: argparse.Namespace, base: str, tap: Any, metrics_port: int) ->
     return sent
 
 
+def _layers(layers: list[int]) -> str:
+    """'layers 5-9' for a run of neighbours, else 'layers 5, 6, 28'."""
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}-{layers[-1]}"
+    return "layer " + str(layers[0]) if len(layers) == 1 else "layers " + ", ".join(map(str, layers))
+
+
 def _report(args: argparse.Namespace, sent: dict[str, Any], out: Path, metrics_port: int, base: str,
             sidecar: Any, watched: list[str]) -> None:
     from monitor.audit import Query, render_report, search, verify_trail
@@ -347,7 +354,7 @@ def _report(args: argparse.Namespace, sent: dict[str, Any], out: Path, metrics_p
               + (f", {w} by the watched concept" if watched else ""))
     print("   examples of flagged requests and why:")
     for rid, info, rec in flagged_examples:
-        why = "; ".join(f"{f['kind']} at layers {f['layers'][0]}-{f['layers'][-1]}" if f.get("layers") else f["kind"]
+        why = "; ".join(f"{f['kind']} at {_layers(f['layers'])}" if f.get("layers") else f["kind"]
                         for f in rec.get("flags", [])[:2]) or "unusual overall pattern"
         text = info["text"].replace("\n", " ")[:60]
         print(f"     {rid}: p={rec['score'].get('p_value', 0):.4f} {why}  <- {text!r}")
