@@ -267,3 +267,85 @@ def test_publish_counts_each_watched_concept_flag_under_its_concept(baseline: Ba
     assert n > 100
     assert m.registry.get_sample_value("layerwatch_watched_concept_total", {"model": "m", "concept": "topic=code"}) == n
     assert m.registry.get_sample_value("layerwatch_flags_total", {"model": "m", "flag": "watched_concept"}) == n
+
+
+def test_a_broken_probe_reading_is_not_reported_as_a_watched_concept(baseline: Baseline) -> None:
+    """NaN probe readings give the concept p = 1 (no watched_concept flag, no false 'the traffic
+    you named appeared'); the sample is still flagged, by the anomaly score."""
+    a = synth(5, seed=5)
+    probs = a.probes["topic"].copy()
+    probs[0] = np.nan
+    a = dataclasses.replace(a, probes={"topic": probs})
+    sc = AnomalyScorer(baseline, watch=["topic=code"])
+    assert sc.concept_p_values(a)["topic=code"][0] == 1.0
+    s = sc.score(a)[0]
+    assert s.anomalous and "watched_concept" not in [f.kind for f in s.flags]
+
+
+def test_watched_flag_names_the_layers_that_drive_the_concept_score(baseline: Baseline) -> None:
+    """Samples whose probe leans toward the watched label at three layers only get
+    watched_concept flags naming those layers (the layers ranked by the standardised reading the
+    concept score averages)."""
+    a = synth(200, seed=6)
+    logp = np.log(a.probes["topic"])
+    logp[:, [2, 5, 9], 2] += 6.0
+    p = np.exp(logp)
+    a = dataclasses.replace(a, probes={"topic": p / p.sum(axis=2, keepdims=True)})
+    flagged = [f for s in AnomalyScorer(baseline, watch=["topic=code"]).score(a) for f in s.flags
+               if f.kind == "watched_concept"]
+    assert len(flagged) > 20
+    # the lean dominates each sample's standardised readings there (a natural high elsewhere
+    # can outrank one of them now and then)
+    assert sum(f.layers == (2, 5, 9) for f in flagged) >= 0.9 * len(flagged)
+
+
+def test_schema_version_1_baselines_load_and_unknown_versions_are_refused(baseline: Baseline) -> None:
+    """Baselines written as schema version 1 (before factors and concepts were stored) still load
+    with their id; a version this layerwatch does not know is refused with the versions it reads."""
+    content = json.loads(json.dumps(dataclasses.replace(baseline, schema_version=1, concepts=None)._content()))
+    v1 = Baseline.from_json({"id": _content_id(content), "created_at": baseline.created_at, **content})
+    assert v1.schema_version == 1 and baseline.schema_version == 2
+    content["schema_version"] = 3
+    with pytest.raises(BaselineError, match=r"schema version 3 is not supported \(this layerwatch reads 1, 2\)"):
+        Baseline.from_json({"id": _content_id(content), "created_at": baseline.created_at, **content})
+
+
+def test_a_concept_listed_twice_in_another_spelling_is_refused_at_config_load() -> None:
+    """'topic=code' and 'topic= code' are the same concept: the settings refuse the list."""
+    from monitor.sidecar.config import load_settings
+
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_settings(transport="memory://x", baseline={"watch": ["topic=code", "topic= code"]})
+
+
+def test_a_learned_baseline_the_watch_list_does_not_fit_is_scored_without_it(tmp_path: Path, bundle: Any) -> None:
+    """Watching a '<probe>@mean' concept while the taps send positions 'last': the learned
+    baseline has no context probes, which start-up could not know. The sidecar records
+    'watch_refused' with the reason in the audit trail and scores every later sample without
+    the watch, instead of failing each batch."""
+    from monitor.sidecar.config import load_settings
+    from monitor.sidecar.service import Sidecar
+    from monitor.transport.memory import MemoryTransport
+    from tests.test_sidecar import audit_records, publish_samples
+
+    bank = bundle()
+    concept = f"topic@mean={bank.probe_labels['topic'][0]}"
+    url = "memory://watch-refused"
+    MemoryTransport.reset_all()
+    settings = load_settings(transport=url, group="g", http_port=0, batch_max=64, batch_wait_ms=10, warm_up=False,
+                             audit={"directory": tmp_path / "audit"},
+                             baseline={"learn_samples": 400, "alpha": 0.05, "watch": [concept]})
+    sc = Sidecar(settings, bank=bank)
+    try:
+        ids = publish_samples(url, settings.stream, 430, positions="last")
+        while sc.step().processed:
+            pass
+        assert sc.learner is None and sc.detector is not None and sc.detector.scorer.watch == ()
+    finally:
+        sc.stop(5)
+    recs = audit_records(tmp_path / "audit")
+    (refused,) = [r for r in recs if r["kind"] == "watch_refused"]
+    assert refused["watch"] == [concept] and "not a probe label" in refused["reason"]
+    scored = {r["sample_id"] for r in recs if r["kind"] == "sample" and r.get("score")}
+    assert scored == set(ids[400:])
+    assert not MemoryTransport(url).dead_letters()

@@ -48,6 +48,7 @@ class RecordKind(StrEnum):
     DRIFT_ALERT_CLEARED = "drift_alert_cleared"
     BASELINE_PROMOTED = "baseline_promoted"
     BASELINE_ROLLED_BACK = "baseline_rolled_back"
+    WATCH_REFUSED = "watch_refused"  # a learned baseline the watched concepts do not fit
     BUNDLE_LOADED = "bundle_loaded"
     BUNDLE_CHANGED = "bundle_changed"
     CONFIG = "config"

@@ -45,7 +45,11 @@ from monitor.drift.stats import Mahalanobis, bin_counts
 from monitor.errors import BaselineError
 from monitor.lenses.readings import CONTEXT_SUFFIX
 
-SCHEMA_VERSION = 1
+# 2: factor models store loadings and residual variances, and concept calibration is stored;
+# version 1 documents still load. Sidecars that only read version 1 refuse version 2 with that
+# reason: upgrade sidecars before building or learning baselines with a newer layerwatch.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MIN_SAMPLES = 400  # fit split large enough for a stable covariance, >= 120 calibration scores
 QUANTILE_LEVELS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
 # Factors of the detector's covariance model (0 = Ledoit-Wolf; see Mahalanobis.fit). Chosen on
@@ -199,10 +203,10 @@ class Baseline:
         """Parse a stored baseline; refuses unknown schema versions and tampered content."""
         try:
             version = int(doc.get("schema_version", -1))
-            if version != SCHEMA_VERSION:
+            if version not in READABLE_SCHEMA_VERSIONS:
                 raise BaselineError(
                     f"baseline schema version {version} is not supported (this layerwatch reads "
-                    f"{SCHEMA_VERSION}); rebuild the baseline"
+                    f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); rebuild the baseline or upgrade layerwatch"
                 )
             f = doc["features"]
             layout = FeatureLayout(

@@ -103,12 +103,22 @@ class ConceptReference:
                 out[concept_name(p, label)] = z[:, :, j].mean(axis=1)
         return out
 
+    def layer_scores(self, a: ReadingArrays, name: str) -> np.ndarray:
+        """Per layer [B, L], the standardised log-probability whose mean over the layers is
+        the concept's score (which layers drive it)."""
+        probe, label = parse_concept(name)
+        j = a.probe_labels[probe].index(label)
+        return np.asarray((_log_probs(a.probes[probe][:, :, j]) - self.center[probe][:, j]) / self.scale[probe][:, j])
+
     def p_values(self, a: ReadingArrays, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Conformal p-values [B] of the watched ``names`` (non-finite scores count as extreme)."""
+        """Conformal p-values [B] of the watched ``names``. A non-finite score (a broken probe
+        reading) gets p = 1: it says nothing about the concept, and the anomaly score already
+        flags such a sample."""
         out = {}
         for name, s in self.scores(a, names).items():
-            s = np.where(np.isfinite(s), s, np.inf)
-            out[name] = conformal_p_values(s, self.calibration[name])
+            ok = np.isfinite(s)
+            p = conformal_p_values(np.where(ok, s, 0.0), self.calibration[name])
+            out[name] = np.where(ok, p, 1.0)
         return out
 
     def check(self, names: Sequence[str], *, alpha: float | None = None, field: str = "baseline.watch") -> None:

@@ -189,7 +189,11 @@ class AnomalyScorer:
         d2, p_score, per_layer, concept_p = self._score(a)
         p = combine_p_values([p_score, *concept_p.values()]) if concept_p else p_score
         # a watched concept "fired" when its own p-value is below its share of alpha
-        share = self.alpha / (1 + len(concept_p))
+        m = 1 + len(concept_p)
+
+        def below(pv: float) -> bool:  # the same comparison as the combined p-value's (Bonferroni)
+            return min(1.0, m * pv) < self.alpha
+
         out: list[SampleScore] = []
         for b in range(a.n):
             total = float(d2[b])
@@ -198,11 +202,11 @@ class AnomalyScorer:
                 g: (float(per_layer[b, i]) / denom if denom > 0 else 0.0) for i, g in enumerate(self._groups)
             }
             anomalous = bool(p[b] < self.alpha)
-            fired = [(w, float(v[b])) for w, v in concept_p.items() if v[b] < share]
+            fired = [(w, float(v[b])) for w, v in concept_p.items() if below(float(v[b]))]
             flags: tuple[Flag, ...] = ()
             if anomalous:  # the readings' flags only when the anomaly score itself is below its share
                 flags = tuple(self._watched_flags(a, b, fired)
-                              + (self._flags(a, b, shares) if p_score[b] < share else []))
+                              + (self._flags(a, b, shares) if below(float(p_score[b])) else []))
             out.append(
                 SampleScore(
                     score=float(np.sqrt(total / self._n_active)) if np.isfinite(total) else float("inf"),
@@ -225,7 +229,9 @@ class AnomalyScorer:
             j = a.probe_labels[probe].index(label)
             probs = a.probes[probe][b, :, j]  # [L]
             normal = self.baseline.quantile(f"probe:{probe}", 0.5)[:, j]
-            top = np.argsort(probs - normal)[::-1][:3]
+            assert self.baseline.concepts is not None
+            z = self.baseline.concepts.layer_scores(a.subset([b]), name)[0]  # what the score averages
+            top = np.argsort(np.nan_to_num(z, nan=-np.inf))[::-1][:3]
             lays = tuple(sorted(a.layers[i] for i in top))
             detail = (f"watched concept {name}: the {probe} probe reads {label!r} at "
                       f"{float(np.mean(probs)):.2f} on average over the layers (normal median "

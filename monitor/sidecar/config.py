@@ -54,9 +54,8 @@ class BaselineSettings(BaseModel):
     def _check_watch(self) -> BaselineSettings:
         from monitor.drift.concepts import parse_concept
 
-        for w in self.watch:
-            parse_concept(w)  # ValueError names the concept
-        if len(set(self.watch)) != len(self.watch):
+        names = ["=".join(parse_concept(w)) for w in self.watch]  # ValueError names the concept
+        if len(set(names)) != len(names):
             raise ValueError(f"a concept is listed twice in {self.watch}")
         return self
 

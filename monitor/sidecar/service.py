@@ -475,10 +475,8 @@ class Sidecar:
         return learned + scored, update.events
 
     def _promote_learned(self) -> None:
-        from monitor.drift.detector import DriftDetector
-
         baseline = self.learner.build()
-        b = self.settings.baseline
+        detector = self._learned_detector(baseline)
         if not self.settings.transport.startswith("memory"):
             try:
                 from monitor.drift.store import BaselineStore
@@ -488,14 +486,36 @@ class Sidecar:
                 store.promote(baseline.id)
             except LayerwatchError as exc:
                 log.warning("learned baseline not stored in Redis: %s", exc)
-        self.detector = DriftDetector(baseline, alpha=b.alpha, window=b.window, step=max(1, b.window // 4),
-                                      bundle_id=self.bank.bundle_id, model_fingerprint=self.bank.fingerprint,
-                                      watch=b.watch)
+        self.detector = detector
         self.learner = None
         self.metrics.baseline_learning.labels(self.model_label).set(0)
         self.metrics.baseline_info.labels(self.model_label, baseline.id).set(1)
         self.audit.append("baseline_promoted", {"baseline_id": baseline.id, "source": "learned from live traffic",
                                                 "samples": baseline.n_samples if hasattr(baseline, "n_samples") else None})
+
+    def _learned_detector(self, baseline: Any) -> Any:
+        """The detector for a baseline just learned. Whether the watch list fits it depends on
+        what the taps sent (a '<probe>@mean' concept needs positions "last+mean"), which start-up
+        cannot know: a list that does not fit is dropped with an error in the log and the audit
+        trail, so the sidecar scores without it rather than failing every batch from now on."""
+        from monitor.drift.detector import DriftDetector
+        from monitor.errors import BaselineError
+
+        b = self.settings.baseline
+
+        def make(watch: Sequence[str]) -> Any:
+            return DriftDetector(baseline, alpha=b.alpha, window=b.window, step=max(1, b.window // 4),
+                                 bundle_id=self.bank.bundle_id, model_fingerprint=self.bank.fingerprint, watch=watch)
+
+        try:
+            return make(b.watch)
+        except BaselineError as exc:
+            if not b.watch:
+                raise
+            log.error("baseline.watch %s does not fit the learned baseline %s, scoring without watched concepts: %s",
+                      b.watch, baseline.id, exc)
+            self._audit_event("watch_refused", {"baseline_id": baseline.id, "watch": list(b.watch), "reason": str(exc)})
+            return make(())
 
     def _audit_event(self, kind: str, payload: dict[str, Any]) -> None:
         try:
