@@ -220,7 +220,9 @@ class LivePipeline:
         self.settings = load_settings(
             transport=url, group="layerwatch", consumer="e2e-sidecar-0", model_name=self.model, http_port=0,
             batch_wait_ms=10, stats_interval_s=1.0, stream_maxlen=STREAM_MAXLEN, audit={"directory": workdir / "audit"},
-            baseline={"learn_samples": LEARN_SAMPLES, "window": WINDOW, "alpha": ALPHA})
+            # the drift (every prompt from the upper half) is what the probe's 'upper' label reads:
+            # watching it feeds the watched-concept panel
+            baseline={"learn_samples": LEARN_SAMPLES, "window": WINDOW, "alpha": ALPHA, "watch": [f"{PROBE}=upper"]})
         self.alpha = self.settings.baseline.alpha
         self.stream_maxlen = self.settings.stream_maxlen
         self.variables = {"model": self.model, "probe": PROBE, "layer": str(self.layers[len(self.layers) // 2])}
