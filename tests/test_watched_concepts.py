@@ -213,25 +213,31 @@ def test_sidecar_refuses_an_unknown_watched_concept_or_a_learning_target_too_sma
         load_settings(transport="memory://x", baseline={"watch": ["legal"]})
 
 
+def watching_sidecar(tmp_path: Path, bank: Any, url: str) -> tuple[Any, str]:
+    """A learning sidecar on a fresh memory stream ``url`` that watches the bundle's first topic
+    label on the prompt mean (400 learning samples, alpha 0.05); returns it and the concept."""
+    from monitor.sidecar.config import load_settings
+    from monitor.sidecar.service import Sidecar
+    from monitor.transport.memory import MemoryTransport
+
+    concept = f"topic@mean={bank.probe_labels['topic'][0]}"
+    MemoryTransport.reset_all()
+    settings = load_settings(transport=url, group="g", http_port=0, batch_max=64, batch_wait_ms=10, warm_up=False,
+                             audit={"directory": tmp_path / "audit"},
+                             baseline={"learn_samples": 400, "alpha": 0.05, "watch": [concept]})
+    return Sidecar(settings, bank=bank), concept
+
+
 def test_sidecar_scores_with_watched_concepts_and_audits_their_p_values(tmp_path: Path, bundle: Any) -> None:
     """A sidecar that watches a concept learns its baseline from live samples, then scores every
     later sample - also those in the micro-batch that completed learning - with the combined
     p-value, writes the anomaly score's and the concept's own p-values into the sample's audit
     record, and counts the samples the concept flagged in layerwatch_watched_concept_total (a
     series that exists from start-up)."""
-    from monitor.sidecar.config import load_settings
-    from monitor.sidecar.service import Sidecar
-    from monitor.transport.memory import MemoryTransport
     from tests.test_sidecar import audit_records, publish_samples
 
-    bank = bundle()
-    concept = f"topic@mean={bank.probe_labels['topic'][0]}"
-    url = "memory://watch-audit"
-    MemoryTransport.reset_all()
-    settings = load_settings(transport=url, group="g", http_port=0, batch_max=64, batch_wait_ms=10, warm_up=False,
-                             audit={"directory": tmp_path / "audit"},
-                             baseline={"learn_samples": 400, "alpha": 0.05, "watch": [concept]})
-    sc = Sidecar(settings, bank=bank)
+    sc, concept = watching_sidecar(tmp_path, bundle(), "memory://watch-audit")
+    url, settings = "memory://watch-audit", sc.settings
     series = {"model": sc.model_label, "concept": concept}
     assert sc.registry.get_sample_value("layerwatch_watched_concept_total", series) == 0.0
     try:
@@ -323,19 +329,11 @@ def test_a_learned_baseline_the_watch_list_does_not_fit_is_scored_without_it(tmp
     baseline has no context probes, which start-up could not know. The sidecar records
     'watch_refused' with the reason in the audit trail and scores every later sample without
     the watch, instead of failing each batch."""
-    from monitor.sidecar.config import load_settings
-    from monitor.sidecar.service import Sidecar
     from monitor.transport.memory import MemoryTransport
     from tests.test_sidecar import audit_records, publish_samples
 
-    bank = bundle()
-    concept = f"topic@mean={bank.probe_labels['topic'][0]}"
-    url = "memory://watch-refused"
-    MemoryTransport.reset_all()
-    settings = load_settings(transport=url, group="g", http_port=0, batch_max=64, batch_wait_ms=10, warm_up=False,
-                             audit={"directory": tmp_path / "audit"},
-                             baseline={"learn_samples": 400, "alpha": 0.05, "watch": [concept]})
-    sc = Sidecar(settings, bank=bank)
+    sc, concept = watching_sidecar(tmp_path, bundle(), "memory://watch-refused")
+    url, settings = "memory://watch-refused", sc.settings
     try:
         ids = publish_samples(url, settings.stream, 430, positions="last")
         while sc.step().processed:

@@ -93,14 +93,10 @@ class ConceptReference:
         for p in sorted(self.center):
             if p not in a.probes:
                 raise BaselineError(f"readings carry no probe {p!r} (have {sorted(a.probes)})")
-            labels = a.probe_labels[p]
-            z = None
-            for j, label in enumerate(labels):
-                if wanted is not None and (p, label) not in wanted:
-                    continue
-                if z is None:
-                    z = (_log_probs(a.probes[p]) - self.center[p]) / self.scale[p]  # [B, L, C]
-                out[concept_name(p, label)] = z[:, :, j].mean(axis=1)
+            for label in a.probe_labels[p]:
+                if wanted is None or (p, label) in wanted:
+                    name = concept_name(p, label)
+                    out[name] = self.layer_scores(a, name).mean(axis=1)
         return out
 
     def layer_scores(self, a: ReadingArrays, name: str) -> np.ndarray:

@@ -230,7 +230,7 @@ class AnomalyScorer:
             probs = a.probes[probe][b, :, j]  # [L]
             normal = self.baseline.quantile(f"probe:{probe}", 0.5)[:, j]
             assert self.baseline.concepts is not None
-            z = self.baseline.concepts.layer_scores(a.subset([b]), name)[0]  # what the score averages
+            z = self.baseline.concepts.layer_scores(a, name)[b]  # what the concept score averages
             top = np.argsort(np.nan_to_num(z, nan=-np.inf))[::-1][:3]
             lays = tuple(sorted(a.layers[i] for i in top))
             detail = (f"watched concept {name}: the {probe} probe reads {label!r} at "

@@ -155,16 +155,13 @@ class Sidecar:
 
     def _init_scoring(self, baseline: Any) -> None:
         from monitor.drift.baseline import BaselineLearner
-        from monitor.drift.detector import DriftDetector
 
         b = self.settings.baseline
         if baseline is None:
             baseline = self._find_baseline()
         self._check_watch(learning=baseline is None)
         if baseline is not None:
-            self.detector = DriftDetector(baseline, alpha=b.alpha, window=b.window, step=max(1, b.window // 4),
-                                          bundle_id=self.bank.bundle_id, model_fingerprint=self.bank.fingerprint,
-                                          watch=b.watch)
+            self.detector = self._new_detector(baseline, b.watch)
             self.metrics.baseline_info.labels(self.model_label, baseline.id).set(1)
             self.metrics.baseline_learning.labels(self.model_label).set(0)
         else:
@@ -176,7 +173,7 @@ class Sidecar:
         """Watched concepts must be labels of this bundle's probes, and a learned baseline must
         calibrate enough samples to flag anything with them: refused at start-up, not later."""
         from monitor.drift.baseline import fit_calibration_split
-        from monitor.drift.concepts import concept_name, min_calibration, parse_concept
+        from monitor.drift.concepts import concept_name, min_calibration
 
         b = self.settings.baseline
         if not b.watch:
@@ -498,24 +495,25 @@ class Sidecar:
         what the taps sent (a '<probe>@mean' concept needs positions "last+mean"), which start-up
         cannot know: a list that does not fit is dropped with an error in the log and the audit
         trail, so the sidecar scores without it rather than failing every batch from now on."""
-        from monitor.drift.detector import DriftDetector
         from monitor.errors import BaselineError
 
         b = self.settings.baseline
-
-        def make(watch: Sequence[str]) -> Any:
-            return DriftDetector(baseline, alpha=b.alpha, window=b.window, step=max(1, b.window // 4),
-                                 bundle_id=self.bank.bundle_id, model_fingerprint=self.bank.fingerprint, watch=watch)
-
         try:
-            return make(b.watch)
+            return self._new_detector(baseline, b.watch)
         except BaselineError as exc:
             if not b.watch:
                 raise
             log.error("baseline.watch %s does not fit the learned baseline %s, scoring without watched concepts: %s",
                       b.watch, baseline.id, exc)
             self._audit_event("watch_refused", {"baseline_id": baseline.id, "watch": list(b.watch), "reason": str(exc)})
-            return make(())
+            return self._new_detector(baseline, ())
+
+    def _new_detector(self, baseline: Any, watch: Sequence[str]) -> Any:
+        from monitor.drift.detector import DriftDetector
+
+        b = self.settings.baseline
+        return DriftDetector(baseline, alpha=b.alpha, window=b.window, step=max(1, b.window // 4),
+                             bundle_id=self.bank.bundle_id, model_fingerprint=self.bank.fingerprint, watch=watch)
 
     def _audit_event(self, kind: str, payload: dict[str, Any]) -> None:
         try:
