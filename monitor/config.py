@@ -9,6 +9,7 @@ Errors are raised as :class:`~monitor.errors.ConfigError` with the field named, 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -63,6 +64,9 @@ class TapSettings(BaseSettings):
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between reconnection attempts (samples are dropped, as transport_down, meanwhile).")
     transport_timeout_s: float = Field(1.0, gt=0, le=60, description="Socket connect/read timeout of the exporter's Redis connection (a hung Redis costs the exporter thread at most this per attempt; never the serving thread).")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve the tap's /metrics on this port (for servers without their own /metrics).")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="Bind address of metrics_port (loopback by default; 0.0.0.0 for a Prometheus in another pod). The tap's metrics hold counters only, never prompt-derived data.")
+    sampling_key_file: Path | None = Field(None, description="File holding a secret key (>= 16 bytes): the sampling hash becomes an HMAC under it, so clients cannot pick request ids that are never sampled. Replicas must share it.")
+    allow_request_control: bool = Field(False, description="vLLM: honour a request's own 'layerwatch' extra argument (vllm_xargs over HTTP: 'force' or 'skip'). Off by default: clients must not steer monitoring. Forced samples count against the budget.")
 
     @field_validator("transport")
     @classmethod

@@ -1,0 +1,210 @@
+"""What both tap front ends share: layers, sampling, sample ids, counters, metrics and export.
+
+A front end (Hugging Face hooks in :mod:`monitor.tap.hf`, the vLLM plugin in
+:mod:`monitor.tap.vllm`) decides where hidden states come from; :class:`TapCore` decides which
+requests are sampled, names the samples, offers finished captures to the exporter and keeps the
+counters that ride in every sample header. Both front ends therefore ship the same wire format
+and the sidecar cannot tell them apart.
+
+Threading contract: :meth:`decide`, :meth:`new_ids` and :meth:`finish` run on the serving
+thread; they never block (a short, uncontended lock at most) and never raise into it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from monitor.config import TapSettings
+from monitor.errors import ConfigError
+from monitor.metrics import TapMetrics
+from monitor.tap.exporter import CapturedRequest, CapturedStep, Counts, Exporter
+from monitor.tap.sampler import Sampler, read_key
+from monitor.transport import Transport, open_transport
+from monitor.wire import SCHEMA_VERSION
+
+SKIP_REASONS = ("rate", "budget", "opt_out", "unsupported")
+
+
+def watched_layers(settings: TapSettings, n_blocks: int) -> tuple[int, ...]:
+    """The states a tap captures: every one, or the configured ones plus state N (always)."""
+    if settings.layers == "all":
+        return tuple(range(n_blocks + 1))
+    bad = [i for i in settings.layers if i > n_blocks]
+    if bad:
+        raise ConfigError(f"layers: indices {bad} out of range 0..{n_blocks} for a {n_blocks}-block model")
+    return tuple(sorted(set(settings.layers) | {n_blocks}))
+
+
+class TapCore:
+    """Sampling, naming, counting and exporting for one front end (one model in one process)."""
+
+    def __init__(
+        self,
+        settings: TapSettings,
+        *,
+        model_name: str,
+        fingerprint: str,
+        n_blocks: int,
+        registry: CollectorRegistry | None = None,
+        transport: Transport | None = None,
+        header: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.layers = watched_layers(settings, n_blocks)
+        self.slot = {layer: i for i, layer in enumerate(self.layers)}
+        self.model_name = model_name
+        self.fingerprint = fingerprint
+        self.metrics = TapMetrics(registry)
+        self.registry = self.metrics.registry
+        self._m_sampled = self.metrics.requests_sampled.labels(model_name)
+        self._m_skipped = {r: self.metrics.requests_skipped.labels(model_name, r) for r in SKIP_REASONS}
+        self.sampler = Sampler(settings.sample_rate, settings.max_samples_per_s, key=read_key(settings))
+        self.counts = Counts(("sampled", *(f"skipped_{r}" for r in SKIP_REASONS), "hook_errors"))
+        self._new_instance()
+        self.base_header: dict[str, Any] = {
+            "schema": SCHEMA_VERSION, "model": model_name, "model_fingerprint": fingerprint,
+            "layers": list(self.layers), "n_states": n_blocks + 1, "positions": settings.positions,
+            **(header or {}),
+        }
+        options: dict[str, Any] = {"stream": settings.stream, "maxlen": settings.stream_maxlen}
+        if settings.transport.split("://", 1)[0] in ("redis", "rediss", "unix"):
+            options.update(socket_timeout=settings.transport_timeout_s,
+                           connect_timeout=settings.transport_timeout_s)
+        factory: Callable[[], Transport] = (
+            (lambda: transport) if transport is not None else (lambda: open_transport(settings.transport, **options)))
+        self.exporter = Exporter(
+            factory, self.metrics, model_name,
+            max_items=settings.queue_max_items, max_bytes=settings.queue_max_bytes,
+            batch_size=settings.export_batch, max_payload_bytes=settings.max_payload_bytes,
+            backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s,
+            counters=self.tap_counters, owns_transport=transport is None,
+            interval_s=settings.export_interval_s,
+        )
+        self.closed = False
+        self._fork_hooks: list[Callable[[], None]] = []
+        ref = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
+        self._metrics_server: Any = None
+        if settings.metrics_port:
+            self.serve_metrics(settings.metrics_port, settings.metrics_host)
+
+    # ------------------------------------------------------------------------- sampling
+    def decide(self, request_id: str, force: bool = False) -> str | None:
+        """None when ``request_id`` is sampled (counted), else the skip reason (counted)."""
+        reason = self.sampler.decide(request_id, force)
+        if reason is None:
+            self.counts.add("sampled")
+            self._m_sampled.inc()
+        else:
+            self.skip(reason)
+        return reason
+
+    def count_sampled(self, n: int) -> None:
+        """Count ``n`` sampled requests decided elsewhere (another process of the same server)."""
+        self.counts.add("sampled", n)
+        self._m_sampled.inc(n)
+
+    def skip(self, reason: str) -> None:
+        self.counts.add("skipped_" + reason)
+        self._m_skipped[reason].inc()
+
+    def new_ids(self, n: int) -> list[str]:
+        """``n`` fresh sample ids: a random per-process instance id plus a sequence number."""
+        if self._pid != os.getpid():  # a fork that bypassed os.register_at_fork: ids must not collide
+            self._after_fork_in_child()
+        return [f"{self.instance}-{next(self._seq):x}" for _ in range(n)]
+
+    # ------------------------------------------------------------------------- export
+    def finish(
+        self,
+        sample_ids: list[str],
+        request_ids: list[str],
+        metadata: list[dict[str, Any]],
+        steps: list[CapturedStep],
+        *,
+        events: list[Any],
+        nbytes: int,
+        started: float,
+        drop_reason: str | None = None,
+    ) -> None:
+        """Offer one finished capture to the exporter (or count it dropped). Never raises."""
+        try:
+            if drop_reason is not None:
+                self.exporter.drop(drop_reason, len(sample_ids))
+            elif steps:
+                self.exporter.offer(CapturedRequest(
+                    self.base_header, sample_ids, request_ids, metadata, steps, events, nbytes, started))
+        except Exception:
+            self.exporter.drop("hook_error", len(sample_ids) or 1)
+
+    def hook_failed(self) -> None:
+        self.counts.add("hook_errors")
+
+    # ------------------------------------------------------------------------- state
+    @property
+    def sampled(self) -> int:
+        return self.counts.get("sampled")
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {r: self.counts.get("skipped_" + r) for r in SKIP_REASONS}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this process's tap (the same numbers ride in every sample header)."""
+        return {
+            "model": self.model_name, "instance": self.instance, "sampled": self.sampled,
+            "skipped": self.skipped, "hook_errors": self.counts.get("hook_errors"),
+            "exported": self.exporter.exported, "drops": self.exporter.drops,
+            "queue_depth": self.exporter.queue_depth, "queue_bytes": self.exporter.queued_bytes,
+            "layers": list(self.layers),
+        }
+
+    def tap_counters(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance, "pid": self._pid, "sampled": self.sampled,
+            "skipped": self.skipped, "exported": self.exporter.exported, "drops": self.exporter.drops,
+        }
+
+    def serve_metrics(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Serve this tap's registry on ``http://addr:port/metrics``."""
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._metrics_server = server
+
+    def on_fork(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in a forked child after the core has reset itself."""
+        self._fork_hooks.append(fn)
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Flush within ``timeout`` and stop the exporter (and the metrics server). Idempotent."""
+        if self.closed:
+            return True
+        self.closed = True
+        ok = self.exporter.close(timeout)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        return ok
+
+    def _new_instance(self) -> None:
+        self.instance = uuid.uuid4().hex[:16]
+        self._pid = os.getpid()
+        self._seq = itertools.count()
+        self.started = time.time()
+
+    def _after_fork_in_child(self) -> None:
+        # A forked worker is a new tap instance: fresh id, counters and locks.
+        self._new_instance()
+        self.counts.reset()
+        self.sampler.after_fork()
+        for fn in self._fork_hooks:
+            fn()
