@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,19 +179,74 @@ def model_fingerprint(model: nn.Module, parts: ModelParts | None = None) -> str:
         get_emb = getattr(model, "get_input_embeddings", None)
         emb = get_emb() if callable(get_emb) else None
         w = getattr(emb, "weight", None)
+    return _fingerprint(type(model).__name__, parts.family, parts.n_blocks, parts.hidden_size,
+                        parts.vocab_size, w)
+
+
+def _fingerprint(cls: str, family: str, n_blocks: int, hidden: int, vocab: int | None, w: Any) -> str:
     h = hashlib.sha256()
     if isinstance(w, torch.Tensor):
         h.update(w.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
     ident = {
-        "class": type(model).__name__,
-        "family": parts.family,
-        "n_blocks": parts.n_blocks,
-        "hidden_size": parts.hidden_size,
-        "vocab_size": parts.vocab_size,
+        "class": cls,
+        "family": family,
+        "n_blocks": n_blocks,
+        "hidden_size": hidden,
+        "vocab_size": vocab,
         "unembed_sha256": h.hexdigest(),
     }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return "sha256:" + digest[:32]
+
+
+# model_type in config.json -> the ladder family the Hugging Face adapter gives that model
+_CHECKPOINT_FAMILIES = {
+    "llama": "llama/mistral/qwen2", "mistral": "llama/mistral/qwen2", "qwen2": "llama/mistral/qwen2",
+    "gpt2": "gpt2", "gpt_neox": "gpt-neox",
+}
+# where the unembedding lives in a checkpoint: LM heads first, then tied input embeddings
+_UNEMBED_KEYS = ("lm_head.weight", "embed_out.weight", "model.embed_tokens.weight",
+                 "transformer.wte.weight", "wte.weight", "embed_tokens.weight")
+
+
+def checkpoint_fingerprint(model_dir: str | Path) -> str:
+    """:func:`model_fingerprint` of a Hugging Face checkpoint folder, read from its files.
+
+    For servers that load the weights themselves (vLLM, possibly sharded over tensor-parallel
+    ranks): the value equals ``model_fingerprint(AutoModelForCausalLM.from_pretrained(dir))``,
+    so bundles trained on the Hugging Face model are accepted. Only safetensors checkpoints of
+    the decoder families the ladder knows are supported; anything else raises
+    :class:`UnsupportedArchitecture` with the reason.
+    """
+    from safetensors import safe_open
+
+    root = Path(model_dir)
+    cfg = json.loads((root / "config.json").read_text())
+    arch = (cfg.get("architectures") or [None])[0]
+    family = _CHECKPOINT_FAMILIES.get(str(cfg.get("model_type")))
+    if arch is None or family is None:
+        raise UnsupportedArchitecture(
+            f"{root}: model_type {cfg.get('model_type')!r} ({arch}) is not a decoder family layerwatch "
+            f"knows ({', '.join(sorted(_CHECKPOINT_FAMILIES))}); encoder models cannot be served by vLLM's tap")
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedArchitecture(f"{root}: no .safetensors files (GGUF and .bin checkpoints are not supported)")
+    tied = bool(cfg.get("tie_word_embeddings", family != "gpt-neox"))
+    keys = [k for k in _UNEMBED_KEYS if tied or "embed" not in k or k == "embed_out.weight"]
+    for key in keys:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                if key in st.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    w = st.get_tensor(key)
+                    break
+        else:
+            continue
+        break
+    else:
+        raise UnsupportedArchitecture(f"{root}: no unembedding weight among {keys}")
+    n_blocks = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    return _fingerprint(arch, family, int(n_blocks), int(hidden), int(w.shape[0]), w)
 
 
 def block_output(output: Any) -> torch.Tensor:

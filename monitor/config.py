@@ -59,6 +59,7 @@ class TapSettings(BaseSettings):
     export_batch: int = Field(32, ge=1, description="Samples per publish call; a full batch wakes the exporter at once.")
     export_interval_s: float = Field(0.5, gt=0, le=60, description="Longest wait before a partial batch is exported (flush() does not wait).")
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest encoded sample; bigger ones are dropped (encode_error).")
+    wire_dtype: Literal["float16", "float32"] = Field("float16", description="Precision of the shipped hidden states: float16 (half the bytes; what the lenses read) or float32 (parity checks).")
     final_topk: int = Field(5, ge=1, le=100, description="How many of the model's own top tokens ride in each header.")
     backoff_initial_s: float = Field(0.5, gt=0, description="First wait after a transport failure; doubles up to backoff_max_s.")
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between reconnection attempts (samples are dropped, as transport_down, meanwhile).")

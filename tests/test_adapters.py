@@ -189,3 +189,28 @@ def test_manual_path_that_does_not_exist_is_refused() -> None:
     """A wrong dotted path names itself in the error."""
     with pytest.raises(UnsupportedArchitecture, match="backbone.nope"):
         monitor.attach(_Mystery(), transport="memory://unused", blocks="backbone.nope")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "gpt_neox"])
+def test_checkpoint_fingerprint_equals_the_loaded_models(family: str, tmp_path: Any) -> None:
+    """checkpoint_fingerprint() of a saved checkpoint equals model_fingerprint() of the model
+    loaded from it, so bundles trained on the Hugging Face model are accepted from vLLM."""
+    import transformers as tf
+
+    from monitor.adapters import checkpoint_fingerprint, model_fingerprint
+
+    make_tiny(family).save_pretrained(tmp_path)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert checkpoint_fingerprint(tmp_path) == model_fingerprint(loaded)
+
+
+def test_checkpoint_fingerprint_refuses_encoders_and_changes_with_weights(tmp_path: Any) -> None:
+    """An encoder checkpoint is refused naming its model_type; other weights, another value."""
+    from monitor.adapters import checkpoint_fingerprint
+
+    make_tiny("bert").save_pretrained(tmp_path / "bert")
+    with pytest.raises(UnsupportedArchitecture, match="bert"):
+        checkpoint_fingerprint(tmp_path / "bert")
+    make_tiny("llama", seed=0).save_pretrained(tmp_path / "a")
+    make_tiny("llama", seed=1).save_pretrained(tmp_path / "b")
+    assert checkpoint_fingerprint(tmp_path / "a") != checkpoint_fingerprint(tmp_path / "b")

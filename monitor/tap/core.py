@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from prometheus_client import CollectorRegistry
 
 from monitor.config import TapSettings
@@ -62,6 +63,7 @@ class TapCore:
         self.slot = {layer: i for i, layer in enumerate(self.layers)}
         self.model_name = model_name
         self.fingerprint = fingerprint
+        self.wire_dtype = getattr(torch, settings.wire_dtype)
         self.metrics = TapMetrics(registry)
         self.registry = self.metrics.registry
         self._m_sampled = self.metrics.requests_sampled.labels(model_name)

@@ -365,10 +365,10 @@ class Tap:
         if plan is None:
             return
         try:
-            st = seal(plan, cap.events)
+            st = seal(plan, cap.events, self.core.wire_dtype)
             if st is not None:
                 cap.steps.append(st)
-                cap.nbytes += int(st.hidden.numel()) * 2
+                cap.nbytes += int(st.hidden.numel()) * st.hidden.element_size()
         except Exception:
             self._hook_failed(cap)
 
@@ -468,7 +468,7 @@ class Tap:
         m = None
         if step == 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == seq:
             m = (mask if all_rows else mask.index_select(0, rows.to(mask.device))).to(dev) != 0
-        common = {"device": dev, "seq": seq, "all_rows": all_rows}
+        common: dict[str, Any] = {"device": dev, "seq": seq, "all_rows": all_rows}
         if mode in ("mean", "last+mean"):
             if m is None:
                 weights = torch.full((n_slots, 1, seq), 1.0 / seq, device=dev)

@@ -63,8 +63,13 @@ class StepPlan:
         return got
 
 
-def take(plan: StepPlan, n_layers: int, slot: int, hidden: torch.Tensor) -> None:
-    """Copy this layer's planned vectors into the step buffer ``[n_layers, P, d]``."""
+def take(plan: StepPlan, n_layers: int, slot: int, hidden: torch.Tensor,
+         residual: torch.Tensor | None = None) -> None:
+    """Copy this layer's planned vectors into the step buffer ``[n_layers, P, d]``.
+
+    ``residual``: a layer that returns ``(out, residual)`` (vLLM) has the residual stream
+    ``out + residual``; only the planned rows of each are read and added.
+    """
     h = hidden.detach() if hidden.requires_grad else hidden
     d = int(h.shape[-1])
     buf = plan.buf
@@ -75,17 +80,23 @@ def take(plan: StepPlan, n_layers: int, slot: int, hidden: torch.Tensor) -> None
     index, weights, bmm_weights, last = plan.copies.get(h.device) or plan.on(h.device)
     view = plan.views[slot]
     flat = h.reshape(-1, d)
+    res = None if residual is None else residual.reshape(-1, d)
+
+    def rows(idx: torch.Tensor) -> torch.Tensor:
+        x = flat.index_select(0, idx)
+        return x if res is None else x + res.index_select(0, idx)
+
     if plan.mode == "gather":
-        if h.dtype == buf.dtype and h.device == buf.device:
+        if res is None and h.dtype == buf.dtype and h.device == buf.device:
             torch.index_select(flat, 0, index, out=view)
         else:
-            view.copy_(flat.index_select(0, index))
+            view.copy_(rows(index))
         return
     if bmm_weights is not None:  # Hugging Face: [S, 1, T] weights over the sampled rows [S, T, d]
         sel = h if plan.all_rows else h.index_select(0, index)
         mean = torch.bmm(bmm_weights, sel.float()).reshape(-1, d)  # [S, d]
     else:  # flat layout: [S, N] weights over the N rows the plan reads
-        sel = flat if plan.all_rows else flat.index_select(0, index)
+        sel = flat if plan.all_rows and res is None else rows(index)
         mean = weights @ sel.float()
     if last is None:
         view.copy_(mean)
@@ -95,11 +106,11 @@ def take(plan: StepPlan, n_layers: int, slot: int, hidden: torch.Tensor) -> None
     # the BLAS may pick another kernel, another summation order, for 2 rows than for 1)
     pair = view.view(-1, 2, d)
     pair[:, 0].copy_(mean)
-    pair[:, 1].copy_(flat.index_select(0, last))
+    pair[:, 1].copy_(rows(last))
 
 
-def seal(plan: StepPlan, events: list[Any]) -> CapturedStep | None:
-    """End of a forward: one cast to float16, then the step off the device (CUDA: async).
+def seal(plan: StepPlan, events: list[Any], dtype: torch.dtype = torch.float16) -> CapturedStep | None:
+    """End of a forward: one cast to the wire dtype, then the step off the device (CUDA: async).
 
     Appends one CUDA event per device to ``events`` (recorded after every copy was enqueued);
     the exporter thread waits on them, the serving thread never does.
@@ -108,7 +119,7 @@ def seal(plan: StepPlan, events: list[Any]) -> CapturedStep | None:
         return None
     devs: dict[torch.device, Any] = {}
     topk = plan.topk
-    hidden = plan.buf if plan.buf.dtype == torch.float16 else plan.buf.to(torch.float16)
+    hidden = plan.buf if plan.buf.dtype == dtype else plan.buf.to(dtype)
     st = CapturedStep(
         hidden=to_host(hidden, devs), per_slot=plan.per_slot,
         positions=None if plan.positions is None else to_host(plan.positions, devs),

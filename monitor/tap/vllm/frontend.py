@@ -1,0 +1,432 @@
+"""The tap inside a vLLM worker: wraps the model runner, plans each step on the host, copies
+only the sampled rows.
+
+Per step (``GPUModelRunner._model_forward``, wrapped on the runner instance):
+
+* no sampled request in flight: the original call, nothing else (a dict check);
+* a sampled request's tokens in the step: the step's plan is built from the runner's host-side
+  arrays (request index, query start offsets, computed-token counts: no device read), the step
+  runs uncompiled (``skip_compiled``, CUDA graphs off for this step only) with forward hooks on
+  the decoder layers, and each hook copies the planned rows of the residual stream into a small
+  step buffer (:mod:`monitor.tap.plan`). vLLM's decoder layers return ``(out, residual)`` and
+  add the two inside the next layer's norm: the state after block l is their sum.
+
+Positions mean what they mean in the Hugging Face tap (``last+mean``, ``last``, ``mean``,
+``all``, ``generated``), counted in the request's own tokens. A prompt split over steps by
+chunked prefill is assembled across steps (the mean accumulates in float32; a recomputed prefix
+after preemption is not counted twice). The engine core makes sampled requests skip the prefix
+cache, so every prompt token is computed; if that mark is missing (another vLLM build), the
+worker decides by itself and the header's metadata says from which position the mean was taken.
+
+Tensor parallelism: the residual stream is replicated after each all-reduce, so only rank 0
+captures and exports; every rank runs sampled steps the same way. Pipeline parallelism is
+refused (the layers of one request live in several processes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monitor.adapters import ModelParts, checkpoint_fingerprint, find_parts
+from monitor.config import TapSettings, build_settings
+from monitor.errors import UnsupportedArchitecture
+from monitor.metrics import TapMetrics
+from monitor.tap.core import TapCore
+from monitor.tap.exporter import CapturedStep
+from monitor.tap.plan import StepPlan, record_events, take, to_device, to_host
+from monitor.tap.vllm import log
+from monitor.tap.vllm.plugin import MARK
+
+PROMPT_MODES = ("last", "mean", "last+mean", "all")
+
+
+@dataclass
+class _Req:
+    """A sampled request's capture, assembled over the steps that carry its tokens."""
+
+    req_id: str
+    request_id: str
+    sample_id: str
+    prompt_len: int
+    metadata: dict[str, Any]
+    started: float
+    mean: torch.Tensor | None = None  # [L, d] float32 running sum / prompt_len
+    mean_upto: int = 0  # prompt positions [0, mean_upto) are in `mean`
+    mean_from: int = 0  # first prompt position the mean covers (> 0 only without the engine mark)
+    vecs: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> [L, d]
+
+
+@dataclass
+class _StepWork:
+    gather: StepPlan | None
+    owners: list[tuple[_Req, int]]  # gather row j -> (request, position)
+    mean: StepPlan | None
+    mean_owners: list[_Req]
+    mean_ends: list[int]
+
+
+class VllmTap:
+    """One worker's tap over its model runner. Create with :func:`attach_worker`."""
+
+    def __init__(self, runner: Any, vllm_config: Any, settings: TapSettings, *, rank: int = 0,
+                 registry: Any = None, transport: Any = None) -> None:
+        par = vllm_config.parallel_config
+        if getattr(par, "pipeline_parallel_size", 1) > 1:
+            raise UnsupportedArchitecture(
+                "pipeline parallelism is not supported: one request's layers live in several processes "
+                "(serve with tensor parallelism, or without the layerwatch tap)")
+        if getattr(runner, "is_pooling_model", False):
+            raise UnsupportedArchitecture("pooling/encoder models are not supported by the vLLM tap")
+        if vllm_config.speculative_config is not None and settings.positions == "generated":
+            raise UnsupportedArchitecture("positions='generated' is not supported with speculative decoding "
+                                          "(draft tokens may be rejected); prompt positions are")
+        self.runner = runner
+        self.settings = settings
+        self.parts = _find_vllm_parts(runner.model)
+        model_dir = _checkpoint_dir(vllm_config.model_config.model)
+        name = settings.model_name or str(getattr(vllm_config.model_config, "served_model_name", None)
+                                          or vllm_config.model_config.model)
+        if isinstance(name, list):
+            name = name[0]
+        self.capturing = rank == 0  # TP: the residual stream is replicated; rank 0 exports
+        self.core = TapCore(settings, model_name=str(name), fingerprint=checkpoint_fingerprint(model_dir),
+                            n_blocks=self.parts.n_blocks, registry=registry, transport=transport,
+                            header={"engine": "vllm"}) if self.capturing else None
+        self.layers = self.core.layers if self.core else ()
+        self.slot = self.core.slot if self.core else {}
+        self.mode = settings.positions
+        self.active: dict[str, _Req | None] = {}  # sampled internal ids (None: rank > 0, no capture)
+        self._work: _StepWork | None = None
+        self._handles: list[Any] = []
+        self._orig_execute = runner.execute_model
+        self._orig_forward = runner._model_forward
+        runner.execute_model = self._execute_model
+        runner._model_forward = self._model_forward
+        if self.core is not None:
+            self.core.metrics.attached.labels(self.core.model_name, "ok").set(1)
+
+    # ------------------------------------------------------------------------- runner seams
+    def _execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            self._admit(scheduler_output)
+        except Exception as exc:
+            self._failed(exc)
+        return self._orig_execute(scheduler_output, *args, **kwargs)
+
+    def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.active:
+            return self._orig_forward(*args, **kwargs)
+        try:
+            work = self._plan()
+        except Exception as exc:
+            self._failed(exc)
+            work = None
+        if work is None:
+            return self._orig_forward(*args, **kwargs)
+        from vllm.config import CUDAGraphMode
+        from vllm.forward_context import get_forward_context
+
+        ctx = get_forward_context()
+        saved = (ctx.skip_compiled, ctx.cudagraph_runtime_mode)
+        ctx.skip_compiled, ctx.cudagraph_runtime_mode = True, CUDAGraphMode.NONE
+        self._work = work if self.core is not None else None
+        if self._work is not None:
+            self._hook()
+        try:
+            return self._orig_forward(*args, **kwargs)
+        finally:
+            ctx.skip_compiled, ctx.cudagraph_runtime_mode = saved
+            self._unhook()
+            if self._work is not None:
+                self._work = None
+                try:
+                    self._collect(work)
+                except Exception as exc:
+                    self._failed(exc)
+
+    # ------------------------------------------------------------------------- requests
+    def _admit(self, so: Any) -> None:
+        """New requests: read the engine core's decision (or decide); finished ones: close."""
+        for new in so.scheduled_new_reqs:
+            params = new.sampling_params
+            mark = (params.extra_args or {}).get(MARK) if params is not None else None
+            if mark is None:  # no engine-core decision (not patched there): decide here
+                mark = self._decide_here(new)
+            elif self.core is not None and mark.get("reason") not in (None, "sibling"):
+                self.core.skip(str(mark["reason"]))
+            if not mark.get("sampled"):
+                continue
+            if self.core is None:
+                self.active[new.req_id] = None
+                continue
+            if "reason" in mark:  # decided by the engine core: count it here, where /metrics is
+                self.core.count_sampled(1)
+            plen = len(new.prompt_token_ids or ())
+            meta: dict[str, Any] = {"prompt_tokens": plen}
+            first = int(new.num_computed_tokens)
+            if first > 0:
+                meta["prefix_cached_tokens"] = first
+            self.active[new.req_id] = _Req(new.req_id, str(mark["request_id"]), self.core.new_ids(1)[0],
+                                           plen, meta, time.time(), mean_from=first)
+        for rid in so.finished_req_ids:
+            if rid in self.active:
+                self._close(rid, finished=True)
+
+    def _decide_here(self, new: Any) -> dict[str, Any]:
+        rid = str(new.req_id)
+        if self.core is None:
+            return {"sampled": False}
+        return {"sampled": self.core.decide(rid) is None, "request_id": rid}
+
+    def _close(self, rid: str, finished: bool = False) -> None:
+        r = self.active.pop(rid, None)
+        if r is None or self.core is None:
+            return
+        if self.mode == "generated" and r.vecs:
+            self._export(r)
+        elif finished:  # the request ended before its prompt was read (aborted)
+            self.core.finish([r.sample_id], [r.request_id], [r.metadata], [], events=[], nbytes=0,
+                             started=r.started, drop_reason="request_error")
+
+    # ------------------------------------------------------------------------- planning
+    def _plan(self) -> _StepWork | None:
+        """Which rows of this step's flat batch each hook takes (host arrays only)."""
+        runner = self.runner
+        ib = runner.input_batch
+        starts = runner.query_start_loc.np
+        computed = ib.num_computed_tokens_cpu
+        index = ib.req_id_to_index
+        gather: list[int] = []
+        owners: list[tuple[_Req, int]] = []
+        mean_rows: list[list[int]] = []
+        mean_owners: list[_Req] = []
+        mean_ends: list[int] = []
+        present = False
+        for rid, r in self.active.items():
+            i = index.get(rid)
+            if i is None:
+                continue
+            s, e = int(starts[i]), int(starts[i + 1])
+            if e <= s:
+                continue
+            present = True
+            if r is None:
+                continue
+            p0 = int(computed[i])
+            for pos in self._gather_positions(r, p0, p0 + e - s):
+                gather.append(s + pos - p0)
+                owners.append((r, pos))
+            if self.mode in ("mean", "last+mean"):
+                lo, hi = max(p0, r.mean_upto, r.mean_from), min(p0 + e - s, r.prompt_len)
+                if hi > lo:
+                    mean_rows.append(list(range(s + lo - p0, s + hi - p0)))
+                    mean_owners.append(r)
+                    mean_ends.append(hi)
+        if not present:
+            return None
+        dev = self.runner.device
+        gplan = mplan = None
+        if gather:
+            gplan = StepPlan(mode="gather", device=dev, per_slot=1, n_out=len(gather),
+                             index=to_device(torch.tensor(gather, dtype=torch.long), dev))
+        if mean_rows:
+            flat = [j for rows in mean_rows for j in rows]
+            w = torch.zeros((len(mean_rows), len(flat)), dtype=torch.float32)
+            col = 0
+            for k, (rows, r) in enumerate(zip(mean_rows, mean_owners, strict=True)):
+                w[k, col:col + len(rows)] = 1.0 / max(1, r.prompt_len - r.mean_from)
+                col += len(rows)
+            mplan = StepPlan(mode="mean", device=dev, per_slot=1, n_out=len(mean_rows),
+                             index=to_device(torch.tensor(flat, dtype=torch.long), dev),
+                             weights=to_device(w, dev))
+        return _StepWork(gplan, owners, mplan, mean_owners, mean_ends)
+
+    def _gather_positions(self, r: _Req, lo: int, hi: int) -> range:
+        """Positions in [lo, hi) this request's mode gathers (in its own token numbering)."""
+        p = r.prompt_len
+        if self.mode in ("last", "last+mean"):
+            first, end = p - 1, p
+        elif self.mode == "all":
+            first, end = max(0, p - self.settings.max_positions), p
+        elif self.mode == "generated":
+            first, end = p - 1, p - 1 + self.settings.max_positions
+        else:
+            return range(0)
+        return range(max(lo, first), min(hi, end))
+
+    # ------------------------------------------------------------------------- hooks
+    def _hook(self) -> None:
+        blocks = self.parts.blocks
+        if 0 in self.slot:
+            self._handles.append(blocks[0].register_forward_pre_hook(self._embed_pre, with_kwargs=True))
+        for i, blk in enumerate(blocks):
+            if i + 1 in self.slot:
+                self._handles.append(blk.register_forward_hook(self._block_hook(self.slot[i + 1])))
+
+    def _unhook(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _take(self, slot: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        work = self._work
+        if work is None:
+            return
+        try:
+            n = len(self.layers)
+            for plan in (work.gather, work.mean):
+                if plan is not None:
+                    take(plan, n, slot, hidden, residual)
+        except Exception as exc:
+            self._work = None
+            self._failed(exc)
+
+    def _embed_pre(self, _m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h = kwargs.get("hidden_states")
+        if h is None:  # (positions, hidden_states, residual) in Llama-like layers, (hidden,) in GPT-2
+            h = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        if h is not None:
+            self._take(0, h, None)
+
+    def _block_hook(self, slot: int) -> Any:
+        def hook(_m: Any, _a: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                self._take(slot, out, None)
+            elif isinstance(out, (tuple, list)) and len(out) >= 2 and isinstance(out[1], torch.Tensor) \
+                    and out[1].shape == out[0].shape:
+                self._take(slot, out[0], out[1])  # (mlp_out, residual): the stream is their sum
+            else:
+                self._take(slot, out[0], None)
+
+        return hook
+
+    # ------------------------------------------------------------------------- after the step
+    def _collect(self, work: _StepWork) -> None:
+        """Move this step's vectors into their requests; export the requests now complete."""
+        if work.gather is not None and work.gather.buf is not None:
+            for j, (r, pos) in enumerate(work.owners):
+                r.vecs[pos] = work.gather.buf[:, j]
+        if work.mean is not None and work.mean.buf is not None:
+            for k, r in enumerate(work.mean_owners):
+                part = work.mean.buf[:, k]
+                r.mean = part if r.mean is None else r.mean + part
+                r.mean_upto = work.mean_ends[k]
+        done = {id(r): r for r, _ in work.owners} | {id(r): r for r in work.mean_owners}
+        for r in done.values():
+            if self._complete(r):
+                self.active.pop(r.req_id, None)
+                self._export(r)
+
+    def _complete(self, r: _Req) -> bool:
+        last = r.prompt_len - 1
+        if self.mode == "generated":
+            return len(r.vecs) >= self.settings.max_positions
+        if self.mode in ("mean", "last+mean") and r.mean_upto < r.prompt_len:
+            return False
+        if self.mode in ("last", "last+mean", "all"):
+            return last in r.vecs
+        return True
+
+    def _export(self, r: _Req) -> None:
+        assert self.core is not None
+        if self.mode in ("mean", "last+mean"):
+            assert r.mean is not None
+            vecs = [r.mean] + ([r.vecs[r.prompt_len - 1].float()] if self.mode == "last+mean" else [])
+            positions: list[int] = []
+            if r.mean_from:
+                r.metadata["mean_from_position"] = r.mean_from
+        else:
+            positions = sorted(r.vecs)
+            vecs = [r.vecs[p] for p in positions]
+        hidden = torch.stack(vecs, dim=1).to(self.core.wire_dtype)  # [L, k, d]
+        devs: dict[torch.device, Any] = {}
+        events: list[Any] = []
+        host = to_host(hidden, devs)
+        record_events(devs, events)
+        st = CapturedStep(hidden=host, per_slot=int(hidden.shape[1]), fixed_positions=positions)
+        self.core.finish([r.sample_id], [r.request_id], [r.metadata], [st], events=events,
+                         nbytes=int(host.numel()) * host.element_size(), started=r.started)
+
+    def _failed(self, exc: BaseException) -> None:
+        """A failure inside the tap: counted, logged once per kind, swallowed; captures dropped."""
+        if self.core is None:
+            return
+        self.core.hook_failed()
+        if self.core.counts.get("hook_errors") <= 3:
+            log.error("layerwatch: tap error (serving continues): %s: %s", type(exc).__name__, exc)
+        for rid in list(self.active):
+            r = self.active.pop(rid)
+            if r is not None:
+                self.core.finish([r.sample_id], [r.request_id], [r.metadata], [], events=[], nbytes=0,
+                                 started=r.started, drop_reason="hook_error")
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Unwrap the runner and flush the exporter."""
+        self.runner.execute_model = self._orig_execute
+        self.runner._model_forward = self._orig_forward
+        self._unhook()
+        return self.core.close(timeout) if self.core is not None else True
+
+
+def _find_vllm_parts(model: Any) -> ModelParts:
+    """The ladder on vLLM's module tree (the same attribute names as Hugging Face's), then on
+    an inner ``model`` (vLLM's Transformers backend wraps the Hugging Face base model)."""
+    try:
+        return find_parts(model)
+    except UnsupportedArchitecture:
+        inner = getattr(model, "model", None)
+        if inner is None:
+            raise
+        return find_parts(inner)
+
+
+def _checkpoint_dir(model: str) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True))
+
+
+_TAPS: list[VllmTap] = []
+
+
+def taps() -> list[VllmTap]:
+    """The taps attached in this process (one per worker; tests and control RPCs read them)."""
+    return list(_TAPS)
+
+
+def attach_worker(worker: Any) -> VllmTap | None:
+    """Attach a tap to ``worker``'s model runner. Never raises: a tap that cannot attach is
+    logged with the reason (and counted on ``layerwatch_tap_attached``); vLLM serves on."""
+    settings = None
+    try:
+        settings = build_settings(TapSettings, "LAYERWATCH_TAP_")
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        tap = VllmTap(worker.model_runner, worker.vllm_config, settings, rank=get_tensor_model_parallel_rank())
+        _TAPS.append(tap)
+        log.warning("layerwatch: tap attached (%d states, positions=%s, rate=%s, transport=%s)",
+                    tap.parts.n_states, settings.positions, settings.sample_rate,
+                    settings.transport.split("://", 1)[0])
+        return tap
+    except Exception as exc:
+        reason = "unsupported" if isinstance(exc, UnsupportedArchitecture) else "error"
+        log.error("layerwatch: the tap is not attached, nothing is captured (vLLM serves on): %s: %s",
+                  type(exc).__name__, exc)
+        try:
+            metrics = TapMetrics()
+            metrics.attached.labels(settings.model_name or "" if settings else "", reason).set(0)
+            if settings is not None and settings.metrics_port:
+                from prometheus_client import start_http_server
+
+                start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry)
+        except Exception:
+            pass
+        return None
