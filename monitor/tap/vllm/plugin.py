@@ -29,6 +29,19 @@ from monitor.tap.vllm import log
 MARK = "layerwatch_tap"  # SamplingParams.extra_args key carrying the engine core's decision
 CONTROL = "layerwatch"  # the request's own extra argument: "force" or "skip" (if allowed)
 _CHILD = re.compile(r"^(\d+)_(.+)$")
+_OPENAI = (re.compile(r"^cmpl-(.+)-(\d+)$"), re.compile(r"^chatcmpl-(.+)$"))
+
+
+def client_request_id(external: str) -> str:
+    """The id a client knows from the id vLLM's OpenAI server gives the engine: completions
+    ``cmpl-<X-Request-Id>-<prompt index>`` (index 0 dropped), chat ``chatcmpl-<X-Request-Id>``.
+    Offline ``LLM`` ids pass unchanged. Sampling hashes this id, so the Hugging Face tap and the
+    vLLM plugin sample the same requests."""
+    m = _OPENAI[0].match(external)
+    if m is not None:
+        return m.group(1) if m.group(2) == "0" else f"{m.group(1)}-{m.group(2)}"
+    m = _OPENAI[1].match(external)
+    return m.group(1) if m is not None else external
 
 
 class RequestDecider:
@@ -45,9 +58,10 @@ class RequestDecider:
     def decide(self, core_request: Any) -> dict[str, Any]:
         """The mark for one ``EngineCoreRequest``: sampled or the skip reason, and its external id."""
         internal = str(core_request.request_id)
-        external = str(getattr(core_request, "external_req_id", None) or internal)
+        engine_id = str(getattr(core_request, "external_req_id", None) or internal)
+        external = client_request_id(engine_id)
         child = _CHILD.match(internal)
-        if child is not None and child.group(2).startswith(external) and child.group(1) != "0":
+        if child is not None and child.group(2).startswith(engine_id) and child.group(1) != "0":
             return {"sampled": False, "reason": "sibling", "request_id": external}  # n > 1: one sample
         if getattr(core_request, "lora_request", None) is not None:
             return {"sampled": False, "reason": "unsupported", "request_id": external}
