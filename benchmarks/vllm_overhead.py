@@ -6,7 +6,7 @@ runs the same fixed workload against each, in interleaved rounds (the configurat
 shuffled per round with a fixed seed), so slow drift of the machine hits every configuration
 alike. Workload: prompts of random token ids with lengths spread over 32-1,024 tokens, 64
 output tokens each (``ignore_eos``), 8 concurrent streaming clients; request ids
-``lwbench-<i>`` are the same for every configuration, so rate 0.01 samples the same requests in
+``lwbench0-<i>-r<round>`` are the same for every configuration, so rate 0.01 samples the same requests in
 every round (how many is printed).
 
 Per configuration: output tokens/s of each round, time to first token and inter-token latency
@@ -15,7 +15,7 @@ of each request; medians with a bootstrap 95% confidence interval, and ratios to
 
 Run in the vLLM virtualenv (``scripts/vllm-env.sh``)::
 
-    .venv-vllm/bin/python -m benchmarks.vllm_overhead --rounds 5 --requests 24 --out bench-results/vllm_overhead.json
+    .venv-vllm/bin/python -m benchmarks.vllm_overhead --rounds 5 --requests 40 --out bench-results/vllm_overhead.json
 """
 
 from __future__ import annotations
@@ -128,14 +128,14 @@ def workload(n: int, seed: int) -> list[tuple[str, list[int]]]:
     rng = random.Random(seed)
     lengths = [int(32 * (1024 / 32) ** (i / max(1, n - 1))) for i in range(n)]  # log-spread 32..1024
     rng.shuffle(lengths)
-    return [(f"lwbench-{i}", [rng.randrange(100, 49000) for _ in range(n_tok)]) for i, n_tok in enumerate(lengths)]
+    return [(f"lwbench0-{i}", [rng.randrange(100, 49000) for _ in range(n_tok)]) for i, n_tok in enumerate(lengths)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/layerwatch/models/SmolLM2-135M-Instruct"))
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--requests", type=int, default=24, help="requests per round")
+    ap.add_argument("--requests", type=int, default=40, help="requests per round")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--out-tokens", type=int, default=64)
     ap.add_argument("--configs", default=",".join(CONFIGS))

@@ -29,7 +29,7 @@ def main() -> None:
     results = []
     for batch in spec["batches"]:
         prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"]) for r in batch]
-        params = [SamplingParams(max_tokens=r.get("max_tokens", 4), temperature=0.0, n=r.get("n", 1),
+        params = [SamplingParams(max_tokens=r.get("max_tokens", 4), temperature=r.get("temperature", 0.0), n=r.get("n", 1), seed=0,
                                  logprobs=r.get("logprobs"),
                                  extra_args={"layerwatch": "force"} if r.get("force") else None) for r in batch]
         outs = llm.generate(prompts, params, use_tqdm=False)

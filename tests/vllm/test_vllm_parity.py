@@ -125,7 +125,7 @@ def test_n_greater_than_one_gives_one_sample_and_unsampled_requests_none(smollm2
     """A sampled request with n=3 completions is one sample (its prompt); at rate 0 the others
     are skipped and counted by reason."""
     ids = _ids(smollm2_dir)
-    batch = [{"prompt_token_ids": ids[0], "force": True, "n": 3, "max_tokens": 2},
+    batch = [{"prompt_token_ids": ids[0], "force": True, "n": 3, "max_tokens": 2, "temperature": 1.0},
              {"prompt_token_ids": ids[2], "max_tokens": 2}]
     run = run_engine(tmp_path, engine_args(smollm2_dir), [batch], env=tap_env(positions="last"))
     assert [s["request_id"] for s in run.samples] == ["0"]
