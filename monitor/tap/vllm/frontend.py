@@ -155,17 +155,18 @@ class VllmTap:
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
             mark = (params.extra_args or {}).get(MARK) if params is not None else None
-            if mark is None:  # no engine-core decision (not patched there): decide here
+            if mark is None:  # no engine-core decision (not patched there): decide (and count) here
                 mark = self._decide_here(new)
-            elif self.core is not None and mark.get("reason") not in (None, "sibling"):
-                self.core.skip(str(mark["reason"]))
+            elif self.core is not None:  # decided by the engine core: count it here, where /metrics is
+                if mark.get("sampled"):
+                    self.core.count_sampled(1)
+                elif mark.get("reason") not in (None, "sibling"):
+                    self.core.skip(str(mark["reason"]))
             if not mark.get("sampled"):
                 continue
             if self.core is None:
                 self.active[new.req_id] = None
                 continue
-            if "reason" in mark:  # decided by the engine core: count it here, where /metrics is
-                self.core.count_sampled(1)
             plen = len(new.prompt_token_ids or ())
             meta: dict[str, Any] = {"prompt_tokens": plen}
             first = int(new.num_computed_tokens)
