@@ -62,8 +62,8 @@ def main() -> None:
                               "LAYERWATCH_TAP_SAMPLE_RATE": str(args.rate)})):
         spec = {"model": args.model, "prompts": texts, "env": env, "eager": args.eager,
                 "out": str(out.with_suffix(f".{name}.json"))}
-        subprocess.run([sys.executable, "-c", f"import json,sys; from benchmarks.vllm_outputs import _engine; "
-                        f"_engine(json.loads(sys.argv[1]))", json.dumps(spec)], check=True)
+        subprocess.run([sys.executable, "-c", "import json,sys; from benchmarks.vllm_outputs import _engine; "
+                        "_engine(json.loads(sys.argv[1]))", json.dumps(spec)], check=True)
         runs[name] = {r["id"]: r for r in json.loads(Path(spec["out"]).read_text())}
     from monitor.tap.sampler import hash_unit
 
