@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the tap's CUDA tests (tests/test_tap_cuda.py) and the CPU tap tests on a GPU machine.
+# Run the tap's CUDA tests (tests/test_tap_cuda.py; the vLLM front end's planning and copy on CUDA,
+# tests/test_tap_vllm_plan.py) and the CPU tap tests on a GPU machine.
 #
 # Usage (repo root): bash scripts/device_cuda_check.sh
 # Wheels of packages the machine lacks (pydantic, pydantic-settings and their needs) may be put
@@ -32,7 +33,7 @@ print("import monitor.tap: ok")
 PY
   rc_env=$?
   echo "== CUDA tap tests"
-  timeout 240 python3 -m pytest -q -rs -p no:cacheprovider -o timeout=120 tests/test_tap_cuda.py
+  timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -o timeout=120 tests/test_tap_cuda.py tests/test_tap_vllm_plan.py
   rc_cuda=$?
   echo "== CPU tap tests (redis-backed ones skip: no redis here)"
   timeout 150 python3 -m pytest -q -rs -p no:cacheprovider -o timeout=60 tests/test_tap.py tests/test_sampler.py

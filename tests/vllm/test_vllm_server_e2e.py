@@ -79,6 +79,31 @@ def _records(audit_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _assert_states_match_hugging_face(stream: str) -> None:
+    """The float32 states the server published equal HF's (relative 1e-3; same lens top-1)."""
+    import redis
+    import torch
+    import transformers as tf
+
+    from monitor.adapters import collect_states, find_parts
+    from monitor.wire import decode
+
+    tok = tf.AutoTokenizer.from_pretrained(real_model_dir())
+    model = tf.AutoModelForCausalLM.from_pretrained(real_model_dir(), dtype=torch.float32).eval()
+    entries = redis.Redis.from_url(REDIS).xrange(stream)
+    samples = [decode(fields[b"d"]) for _, fields in entries]
+    assert sorted(x.request_id for x in samples) == sorted(PROMPTS)
+    for x in samples:
+        st = collect_states(model, find_parts(model), tok(PROMPTS[x.request_id], return_tensors="pt").input_ids)[:, 0]
+        ref = torch.stack([st.mean(1), st[:, -1]], 1)
+        got = torch.from_numpy(x.hidden.copy())
+        rel = ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item()
+        assert rel <= 1e-3, (x.request_id, rel)
+        with torch.no_grad():
+            lens = lambda h: model.lm_head(model.model.norm(h)).argmax(-1)  # noqa: E731
+            assert torch.equal(lens(got), lens(ref)), x.request_id
+
+
 class Sidecar:
     def __init__(self, stream: str, bundle: Path, tokenizer: Path, workdir: Path) -> None:
         self.port = _port()
@@ -124,7 +149,8 @@ def server(workdir: Path) -> Iterator[dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERWATCH")}
     env.update(HF_HUB_OFFLINE="1", LAYERWATCH_TAP_TRANSPORT=REDIS, LAYERWATCH_TAP_STREAM=stream,
                LAYERWATCH_TAP_SAMPLE_RATE="0", LAYERWATCH_TAP_ALLOW_REQUEST_CONTROL="true",
-               LAYERWATCH_TAP_MODEL_NAME="smollm2", LAYERWATCH_TAP_METRICS_PORT=str(metrics))
+               LAYERWATCH_TAP_MODEL_NAME="smollm2", LAYERWATCH_TAP_METRICS_PORT=str(metrics),
+               LAYERWATCH_TAP_WIRE_DTYPE="float32")
     log = open(workdir / "vllm-server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(real_model_dir()),
@@ -161,6 +187,8 @@ def test_server_plugin_sidecar_audit_matches_the_hugging_face_tap(server: dict[s
                     'layerwatch_tap_samples_exported_total{model="smollm2"} 3.0' in m and m, 60, "tap metrics")
     assert 'layerwatch_tap_requests_skipped_total{model="smollm2",reason="rate"} 1.0' in metrics
     assert 'layerwatch_tap_attached{model="smollm2",reason="ok"} 1.0' in metrics
+
+    _assert_states_match_hugging_face(server["stream"])
 
     hf_stream = server["stream"] + ":hf"
     spec = workdir / "prompts.json"
