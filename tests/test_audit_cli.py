@@ -197,3 +197,27 @@ def test_layerwatch_main_dispatches_to_audit(root: Path, capsys: pytest.CaptureF
 
     assert main(["audit", "verify", str(root / "a")]) == 0
     assert "OK  " in capsys.readouterr().out
+
+
+def test_search_and_show_escape_control_characters_in_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A request id or token carrying terminal escape sequences, a carriage return or a
+    bidirectional override reaches the reviewer's terminal escaped, never raw."""
+    hostile = "req-\x1b[2J\x1b]0;owned\x07\r\u202eevil"
+    fields = example_sample(1, flagged=True)
+    fields["request_id"] = hostile
+    fields["narrative"]["layers"][0]["top"][0][0] = "\x1b[31mred"
+    with AuditWriter(AuditConfig(directory=tmp_path, writer_id="w"), clock=FakeClock(T0)) as w:
+        w.append("sample", fields)
+    for argv in (["search", str(tmp_path)], ["show", str(tmp_path), "--sample-id", "s-00001"]):
+        code, out, _ = run(argv, capsys)
+        assert code == 0
+        assert not any(c in out for c in ("\x1b", "\x07", "\r", "\u202e")), argv
+        assert "\\x1b" in out and ("\\u202e" in out or argv[0] == "show")
+
+
+def test_visible_keeps_printable_text_and_newlines() -> None:
+    """Ordinary text, non-ASCII letters and newlines are left as they are."""
+    from monitor.audit.terminal import visible
+
+    assert visible("naïve 東京\nnext\tline") == "naïve 東京\nnext\\x09line"
+    assert visible("plain") == "plain"

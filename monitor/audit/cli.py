@@ -143,6 +143,7 @@ def _warn_stats(stats: Any) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from monitor.audit.segments import discover_trails
+    from monitor.audit.terminal import visible
     from monitor.audit.verify import verify_trail
 
     keys = _keys(args)
@@ -158,14 +159,14 @@ def _verify(args: argparse.Namespace) -> int:
                 continue
             label = {"intact": "OK", "torn": "TORN WRITE", "broken": "BROKEN"}[report.status]
             span = f"seq {report.first_seq}..{report.last_seq}" if report.first_seq is not None else "no records"
-            print(f"{label}  {trail}  writer {report.writer or '?'}: {report.segments} segment(s), {report.records} "
-                  f"record(s) ({span}); head {report.head}; signatures {report.signatures}")
+            print(visible(f"{label}  {trail}  writer {report.writer or '?'}: {report.segments} segment(s), {report.records} "
+                  f"record(s) ({span}); head {report.head}; signatures {report.signatures}"))
             if report.first_break is not None:
-                print(f"  first break: {report.first_break.describe()}")
+                print(visible(f"  first break: {report.first_break.describe()}"))
             for note in report.notes:
-                print(f"  note: {note}")
+                print(visible(f"  note: {note}"))
             for warning in report.warnings:
-                print(f"  warning: {warning}")
+                print(visible(f"  warning: {warning}"))
     finally:
         if store is not None and hasattr(store, "close"):
             store.close()
@@ -174,7 +175,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from monitor.audit.reader import ReadStats, search
-    from monitor.audit.terminal import search_table
+    from monitor.audit.terminal import search_table, visible
 
     stats = ReadStats()
     query = _query(args, args.kind)
@@ -194,7 +195,7 @@ def _search(args: argparse.Namespace) -> int:
                 break
             entries.append(entry)
         count = len(entries)
-        print(search_table(entries))
+        print(visible(search_table(entries)))
         print(f"{count} record(s) from {len(stats.trails)} trail(s)")
     _warn_stats(stats)
     return 0
@@ -202,7 +203,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from monitor.audit.reader import Query, ReadStats, search
-    from monitor.audit.terminal import narrative_text
+    from monitor.audit.terminal import narrative_text, visible
     from monitor.errors import AuditError
 
     if not args.sample_id and not args.request_id:
@@ -218,7 +219,7 @@ def _show(args: argparse.Namespace) -> int:
         else:
             if i:
                 print()
-            print(narrative_text(entry, top_k=args.top_k))
+            print(visible(narrative_text(entry, top_k=args.top_k)))
     _warn_stats(stats)
     return 0
 
@@ -226,6 +227,7 @@ def _show(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from monitor.audit.reader import ReadStats, search
     from monitor.audit.report import render_report
+    from monitor.audit.terminal import visible
     from monitor.audit.verify import verify_trail
     from monitor.errors import AuditError
 
@@ -249,7 +251,7 @@ def _report(args: argparse.Namespace) -> int:
     broken = [r for r in reports.values() if r.status == "broken"]
     print(f"wrote {args.output} ({len(entries)} sample(s))")
     for r in broken:
-        print(f"warning: {r.trail} is BROKEN: {r.first_break.describe() if r.first_break else ''}", file=sys.stderr)
+        print(visible(f"warning: {r.trail} is BROKEN: {r.first_break.describe() if r.first_break else ''}"), file=sys.stderr)
     _warn_stats(stats)
     return 1 if broken else 0
 

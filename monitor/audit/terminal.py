@@ -12,6 +12,24 @@ from typing import Any
 from monitor.audit.reader import Entry, flag_kinds, is_flagged
 
 
+def visible(text: str) -> str:
+    """``text`` safe for a reviewer's terminal: every control character but the newline (escape
+    sequences, carriage returns, bells) and every invisible format character (bidirectional
+    overrides) is shown escaped (``\\x1b``, ``\\u202e``), so a hostile request id or token
+    cannot move the cursor, rewrite what was printed or reorder a line."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch == "\n" or ch.isprintable() or (ch == " "):
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
 def show_token(token: Any, width: int = 14) -> str:
     """A token made visible: quoted, control characters escaped, cut to ``width``."""
     text = repr(str(token))[1:-1].replace("'", "\\'")
