@@ -76,14 +76,22 @@ class RequestDecider:
 
 
 _decider: RequestDecider | None = None
+_decider_failed = False
 _decider_lock = threading.Lock()
 
 
 def _mark_request(core_request: Any, req: Any) -> None:
-    global _decider
+    global _decider, _decider_failed
     with _decider_lock:
         if _decider is None:
-            _decider = RequestDecider()
+            if _decider_failed:
+                return
+            try:
+                _decider = RequestDecider()
+            except Exception as exc:  # invalid settings: said once, then nothing is marked
+                _decider_failed = True
+                log.error("layerwatch: no sampling decisions (settings invalid): %s: %s", type(exc).__name__, exc)
+                return
     mark = _decider.decide(core_request)
     if req.sampling_params is None:
         return
