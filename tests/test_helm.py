@@ -339,8 +339,213 @@ def test_servicemonitor_selects_the_sidecar_service_port(helm_env: dict[str, str
     (("sidecar.replica=3",), "additional properties 'replica' not allowed"),  # values.schema.json
     (("tap.sampleRate=2",), "/tap/sampleRate"),
     (("sidecar.watch={legal}",), "/sidecar/watch/0"),  # not '<probe>=<label>'
+    (("vllm.enabled=true", "vllm.model.volume.hostPath.path=/data/models"), "/vllm/model/volume"),
+    (("vllm.enabled=true", "vllm.model.existingClaim=weights", "vllm.model.volume.nfs.server=nfs.example",
+      "vllm.model.volume.nfs.path=/models"), "at most one weights volume"),
+    (("vllm.enabled=true", "vllm.model.existingClaim=weights", "vllm.model.path=/weights/m"), "must be under vllm.model.mountPath"),
+    (("vllm.enabled=true", "vllm.model.existingClaim=weights", "vllm.model.path=org/model"), "is a Hugging Face id"),
+    (("vllm.enabled=true", "vllm.gpuCount=0"), "/vllm/gpuCount"),
+    (("vllm.enabled=true", "vllm.image.pullPolicy=Sometimes"), "/vllm/image/pullPolicy"),
 ])
 def test_invalid_values_fail_with_a_message_naming_the_setting(helm_env: dict[str, str], sets: tuple[str, ...], message: str) -> None:
     """Missing or contradictory values stop `helm template` with an error that says what to set."""
     result = render(helm_env, None, *sets, ok=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------ the optional vLLM server (vllm.*)
+VLLM_VALUES = [CHART / "ci" / "vllm-cpu-values.yaml", CHART / "ci" / "vllm-gpu-values.yaml"]
+
+
+def vllm_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (dep,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm"]
+    return dep
+
+
+def vllm_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = vllm_deployment(docs)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def cli_args(args: list[str]) -> dict[str, str]:
+    return {flag: value for flag, value in zip(args, args[1:], strict=False) if flag.startswith("--")}
+
+
+def effective_tap_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The LAYERWATCH_TAP_* environment the container's process sees: envFrom Secrets, then env
+    (which wins); a secretKeyRef to a Secret the chart does not render stands for a Redis URL."""
+    secrets = {s["metadata"]["name"]: s.get("stringData", {}) for s in by_kind(docs, "Secret")}
+    out: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        out.update(secrets[source["secretRef"]["name"]])
+    for name, value in env_of(container).items():
+        if isinstance(value, str):
+            out[name] = value
+        elif "secretKeyRef" in value:
+            ref = value["secretKeyRef"]
+            out[name] = secrets.get(ref["name"], {}).get(ref["key"], "redis://redis.example:6379/0")
+    return {k: v for k, v in out.items() if k.startswith("LAYERWATCH_TAP_")}
+
+
+@needs_helm
+def test_vllm_is_off_by_default(helm_env: dict[str, str]) -> None:
+    """Without vllm.enabled the chart renders no vLLM Deployment or Service, and the ci files that do not
+    enable it render none either."""
+    for values in [None, *(v for v in CI_VALUES if v not in VLLM_VALUES)]:
+        docs = manifests(render(helm_env, values).stdout)
+        assert not by_kind(docs, "Deployment"), values
+        assert not [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-vllm")], values
+
+
+@needs_helm
+@pytest.mark.parametrize("values", VLLM_VALUES, ids=lambda v: v.name)
+def test_vllm_deployment_gets_the_tap_env_secret_and_the_sidecars_stream(helm_env: dict[str, str], values: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vLLM container takes the tap env Secret through envFrom (the plugin's on switch); its effective
+    tap environment is valid TapSettings, every variable taking effect, and names the sidecars' Redis,
+    stream, MAXLEN and model, which is also the name vLLM serves the model under."""
+    docs = manifests(render(helm_env, values).stdout)
+    container = vllm_container(docs)
+    assert container["envFrom"] == [{"secretRef": {"name": "lw-layerwatch-tap-env"}}]
+    assert container["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    tap_env = effective_tap_env(docs, container)
+    settings = tap_settings_from(tap_env, monkeypatch)
+    assert_env_sets_settings(tap_env, "LAYERWATCH_TAP_", settings)
+    sidecar = sidecar_statefulset(docs)["spec"]["template"]["spec"]["containers"][0]
+    sidecar_env = env_of(sidecar)
+    assert tap_env["LAYERWATCH_TAP_STREAM"] == sidecar_env["LAYERWATCH_STREAM"]
+    assert tap_env["LAYERWATCH_TAP_STREAM_MAXLEN"] == sidecar_env["LAYERWATCH_STREAM_MAXLEN"]
+    assert tap_env["LAYERWATCH_TAP_MODEL_NAME"] == sidecar_env["LAYERWATCH_MODEL_NAME"]
+    # The same Redis URL, from the chart's Secret or the same existing Secret.
+    transport = env_of(container).get("LAYERWATCH_TAP_TRANSPORT")
+    if transport is None:
+        ref = sidecar_env["LAYERWATCH_TRANSPORT"]["secretKeyRef"]
+        secrets = {s["metadata"]["name"]: s["stringData"] for s in by_kind(docs, "Secret")}
+        assert tap_env["LAYERWATCH_TAP_TRANSPORT"] == secrets[ref["name"]][ref["key"]]
+    else:
+        assert transport == sidecar_env["LAYERWATCH_TRANSPORT"]
+    args = cli_args(container["args"])
+    assert args["--served-model-name"] == tap_env["LAYERWATCH_TAP_MODEL_NAME"]
+    assert args["--host"] == "0.0.0.0" and int(args["--port"]) == container["ports"][0]["containerPort"]
+
+
+@needs_helm
+@pytest.mark.parametrize("values", VLLM_VALUES, ids=lambda v: v.name)
+def test_tap_podmonitor_scrapes_the_vllm_tap_port(helm_env: dict[str, str], values: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tap PodMonitor selects the vLLM pods and has an endpoint on the named container port where the
+    tap serves its metrics, on all interfaces; that port is not vLLM's API port; with a podSelector the
+    user's own pods keep their endpoint, with none only the vLLM pods are selected."""
+    docs = manifests(render(helm_env, values).stdout)
+    (pm,) = by_kind(docs, "PodMonitor")
+    pod_labels = vllm_deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    container = vllm_container(docs)
+    settings = tap_settings_from(effective_tap_env(docs, container), monkeypatch)
+    ports = {p["containerPort"]: p["name"] for p in container["ports"]}
+    tap_port = ports[settings["metrics_port"]]
+    assert settings["metrics_host"] == "0.0.0.0"
+    endpoints = [e["port"] for e in pm["spec"]["podMetricsEndpoints"]]
+    assert tap_port in endpoints and len(endpoints) == len(set(endpoints))
+    assert int(cli_args(container["args"])["--port"]) != settings["metrics_port"]
+    user_selector = yaml.safe_load(values.read_text())["tapPodMonitor"].get("podSelector")
+    if user_selector:
+        assert pm["spec"]["selector"]["matchLabels"] == user_selector
+    else:
+        assert pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "vllm"
+        assert endpoints == [tap_port]
+
+
+@needs_helm
+def test_tap_env_binds_the_metrics_port_on_all_interfaces_for_the_podmonitor(helm_env: dict[str, str]) -> None:
+    """With tap.metricsPort the tap env Secret also sets LAYERWATCH_TAP_METRICS_HOST=0.0.0.0 (the tap's own
+    default is loopback, which the PodMonitor could not reach); without it, neither is set."""
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in
+               by_kind(manifests(render(helm_env, CHART / "ci" / "external-redis-values.yaml").stdout), "Secret")}
+    tap = secrets["lw-layerwatch-tap-env"]
+    assert tap["LAYERWATCH_TAP_METRICS_PORT"] == "9401" and tap["LAYERWATCH_TAP_METRICS_HOST"] == "0.0.0.0"
+    default = {s["metadata"]["name"]: s["stringData"] for s in by_kind(manifests(render(helm_env).stdout), "Secret")}
+    assert not {"LAYERWATCH_TAP_METRICS_PORT", "LAYERWATCH_TAP_METRICS_HOST"} & set(default["lw-layerwatch-tap-env"])
+
+
+@needs_helm
+def test_vllm_requests_a_gpu_only_with_gpu_values(helm_env: dict[str, str]) -> None:
+    """vllm.gpu requests and limits vllm.gpuCount GPUs (matching --tensor-parallel-size) and rolls pods
+    one at a time instead of surging onto a GPU that is not free; the CPU values request no GPU."""
+    cpu_docs = manifests(render(helm_env, CHART / "ci" / "vllm-cpu-values.yaml").stdout)
+    cpu = vllm_container(cpu_docs)["resources"]
+    assert not [k for section in cpu.values() for k in section if "gpu" in k]
+    assert "strategy" not in vllm_deployment(cpu_docs)["spec"]
+    gpu_docs = manifests(render(helm_env, CHART / "ci" / "vllm-gpu-values.yaml").stdout)
+    container = vllm_container(gpu_docs)
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert cli_args(container["args"])["--tensor-parallel-size"] == "2"
+    assert vllm_deployment(gpu_docs)["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    one = vllm_container(manifests(render(helm_env, None, "vllm.enabled=true", "vllm.gpu=true").stdout))
+    assert one["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+@needs_helm
+@pytest.mark.parametrize("values", VLLM_VALUES, ids=lambda v: v.name)
+def test_vllm_caches_are_emptydirs_under_a_read_only_root_and_probes_use_health(helm_env: dict[str, str], values: Path) -> None:
+    """Every cache vLLM, torch.compile, Triton and the HF hub write, /tmp and /dev/shm (in memory) are
+    bounded emptyDirs under the read-only root; startup, liveness and readiness probe /health on the API
+    port, which the Service targets."""
+    docs = manifests(render(helm_env, values).stdout)
+    pod = vllm_deployment(docs)["spec"]["template"]["spec"]
+    container = vllm_container(docs)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"] if not m.get("readOnly")}
+    for path, volume in mounts.items():
+        assert volume["emptyDir"]["sizeLimit"], path
+    assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory" and "/tmp" in mounts
+    env = env_of(container)
+    for name in ("HOME", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert any(Path(env[name]) == Path(m) or Path(m) in Path(env[name]).parents for m in mounts), name
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "api"}, probe
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 600
+    (svc,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "lw-layerwatch-vllm"]
+    assert svc["spec"]["ports"][0]["targetPort"] == "api" and "api" in {p["name"] for p in container["ports"]}
+    assert svc["spec"]["selector"].items() <= vllm_deployment(docs)["spec"]["template"]["metadata"]["labels"].items()
+
+
+@needs_helm
+def test_vllm_weights_come_read_only_from_a_claim_a_volume_or_the_hub(helm_env: dict[str, str]) -> None:
+    """A weights PVC or another volume source is mounted read-only where --model points, offline; a
+    Hugging Face id mounts nothing and lets the hub download into the cache."""
+    container = vllm_container(manifests(render(helm_env, CHART / "ci" / "vllm-gpu-values.yaml").stdout))
+    pod = vllm_deployment(manifests(render(helm_env, CHART / "ci" / "vllm-gpu-values.yaml").stdout))["spec"]["template"]["spec"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "model"]
+    assert mount["readOnly"] is True
+    assert Path(mount["mountPath"]) in Path(cli_args(container["args"])["--model"]).parents
+    assert {v["name"]: v for v in pod["volumes"]}["model"]["persistentVolumeClaim"] == \
+        {"claimName": "llama-3-8b-weights", "readOnly": True}
+    assert env_of(container)["HF_HUB_OFFLINE"] == "1"
+    nfs = manifests(render(helm_env, None, "vllm.enabled=true", "vllm.model.volume.nfs.server=nfs.example",
+                           "vllm.model.volume.nfs.path=/models", "vllm.model.volume.nfs.readOnly=true").stdout)
+    volumes = {v["name"]: v for v in vllm_deployment(nfs)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["model"] == {"name": "model", "nfs": {"server": "nfs.example", "path": "/models", "readOnly": True}}
+    hub = manifests(render(helm_env, CHART / "ci" / "vllm-cpu-values.yaml").stdout)
+    container = vllm_container(hub)
+    assert cli_args(container["args"])["--model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "model" not in {m["name"] for m in container["volumeMounts"]}
+    assert env_of(container)["HF_HUB_OFFLINE"] == "0"
+
+
+@needs_helm
+def test_sampling_key_secret_is_mounted_where_the_tap_env_points(helm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """tap.samplingKey puts LAYERWATCH_TAP_SAMPLING_KEY_FILE in the tap env Secret, and the vLLM pod mounts
+    that Secret's key read-only at exactly that file; without it neither appears."""
+    docs = manifests(render(helm_env, CHART / "ci" / "vllm-cpu-values.yaml").stdout)
+    container = vllm_container(docs)
+    key_file = Path(effective_tap_env(docs, container)["LAYERWATCH_TAP_SAMPLING_KEY_FILE"])
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "sampling-key"]
+    assert mount["readOnly"] is True and Path(mount["mountPath"]) == key_file.parent
+    volume = {v["name"]: v for v in vllm_deployment(docs)["spec"]["template"]["spec"]["volumes"]}["sampling-key"]
+    assert volume["secret"]["secretName"] == "layerwatch-sampling-key"
+    assert volume["secret"]["items"] == [{"key": "sampling-key", "path": key_file.name}]
+    plain = manifests(render(helm_env, None, "vllm.enabled=true").stdout)
+    assert "LAYERWATCH_TAP_SAMPLING_KEY_FILE" not in effective_tap_env(plain, vllm_container(plain))
+    assert "sampling-key" not in {m["name"] for m in vllm_container(plain)["volumeMounts"]}

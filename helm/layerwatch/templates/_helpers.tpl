@@ -102,3 +102,26 @@ app.kubernetes.io/component: redis
 {{- end }}
 {{- first $sources }}
 {{- end }}
+
+{{- define "layerwatch.vllmSelectorLabels" -}}
+{{ include "layerwatch.selectorLabels" . }}
+app.kubernetes.io/component: vllm
+{{- end }}
+
+{{- define "layerwatch.vllmImage" -}}
+{{- printf "%s:%s" .Values.vllm.image.repository (default .Chart.AppVersion .Values.vllm.image.tag) }}
+{{- end }}
+
+{{/* Name of the vLLM pods' container port serving the tap's metrics (a tapPodMonitor endpoint). */}}
+{{- define "layerwatch.vllmTapPortName" -}}
+tap-metrics
+{{- end }}
+
+{{/* Where the sampling key Secret is mounted, and the file the tap reads. */}}
+{{- define "layerwatch.samplingKeyDir" -}}
+/run/layerwatch/sampling
+{{- end }}
+
+{{- define "layerwatch.samplingKeyFile" -}}
+{{- printf "%s/%s" (include "layerwatch.samplingKeyDir" .) .Values.tap.samplingKey.key }}
+{{- end }}
