@@ -337,6 +337,7 @@ class PrometheusServer:
                     (self.workdir / name).write_text(yaml.safe_dump(groups))
             elif job["job_name"] == "layerwatch-tap":
                 job["static_configs"] = [{"targets": [source.tap_target]}]
+                job.pop("file_sd_configs", None)  # the vLLM override's extra tap targets: none here
         config["scrape_configs"] = [j for j in config["scrape_configs"] if j["job_name"].startswith("layerwatch-")]
         rules_dir = self.workdir / "rules"
         rules_dir.mkdir()
