@@ -98,3 +98,34 @@ def test_pipeline_parallelism_and_encoders_are_refused_with_a_reason() -> None:
     cfg.parallel_config.pipeline_parallel_size = 1
     with pytest.raises(UnsupportedArchitecture, match="pooling"):
         VllmTap(SimpleNamespace(is_pooling_model=True), cfg, TapSettings())
+
+
+def test_tensor_parallel_ranks_export_once_and_match_hugging_face(tmp_path: Path) -> None:
+    """Two tensor-parallel ranks (vLLM's CPU backend, one core each): only rank 0 exports, once per
+    sampled request, and the states equal HF's (the residual stream is replicated after each
+    all-reduce)."""
+    import uuid
+
+    import redis
+    import transformers as tf
+
+    from monitor.adapters import collect_states, find_parts
+    from monitor.wire import decode
+
+    ckpt = _tiny_checkpoint("llama", tmp_path)
+    stream = f"layerwatch:tp-test:{uuid.uuid4().hex[:8]}"
+    batch = [{"prompt_token_ids": p, "force": True, "max_tokens": 2} for p in PROMPTS]
+    env = {**tap_env(transport="redis://127.0.0.1:6379/0", stream=stream), "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    run = run_engine(tmp_path, _tiny_engine(ckpt, tensor_parallel_size=2), [batch], env=env)
+    assert all(len(o["completions"][0]) == 2 for o in run.outputs[0])
+    r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        samples = [decode(f[b"d"]) for _, f in r.xrange(stream)]
+    finally:
+        r.delete(stream)
+    assert sorted(s.request_id for s in samples) == ["0", "1", "2"]
+    hf = tf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    for s in samples:
+        st = collect_states(hf, find_parts(hf), torch.tensor([PROMPTS[int(s.request_id)]]))[:, 0]
+        ref = torch.stack([st.mean(1), st[:, -1]], 1)
+        assert torch.allclose(torch.from_numpy(s.hidden.copy()), ref, rtol=1e-3, atol=1e-4)
