@@ -60,10 +60,10 @@ def _reference(model_dir: Path, tokens: list[int], mode: str, position_index: li
     return st[:, position_index]
 
 
-def assert_parity(model_dir: Path, run: Any, sequences: dict[str, list[int]], mode: str) -> float:
-    """Every sample of ``run`` matches HF; returns the largest absolute difference."""
+def assert_parity(model_dir: Path, run: Any, sequences: dict[str, list[int]], mode: str) -> tuple[float, float]:
+    """Every sample of ``run`` matches HF; returns the largest absolute and relative differences."""
     _, model = _hf(str(model_dir))
-    worst = 0.0
+    worst = worst_rel = 0.0
     assert run.samples, "nothing was captured"
     for s in run.samples:
         got = torch.from_numpy(run.hidden[s["sample_id"]])
@@ -75,8 +75,8 @@ def assert_parity(model_dir: Path, run: Any, sequences: dict[str, list[int]], mo
         with torch.no_grad():
             lens = lambda x: model.lm_head(model.model.norm(x)).argmax(-1)  # noqa: E731
             assert torch.equal(lens(got), lens(ref)), f"request {s['request_id']}: logit-lens top-1 differs"
-        worst = max(worst, diff.max().item())
-    return worst
+        worst, worst_rel = max(worst, diff.max().item()), max(worst_rel, rel)
+    return worst, worst_rel
 
 
 def _batch(ids: list[list[int]], sampled: set[int], max_tokens: int = 4) -> list[dict[str, Any]]:
@@ -103,8 +103,8 @@ def test_prompt_modes_match_hugging_face_under_chunked_prefill_and_a_prefix_hit(
     seqs = {"1": ids[1], "3": ids[3], "4": shared}
     assert {s["request_id"] for s in run.samples} == set(seqs)
     assert all("prefix_cached_tokens" not in s["metadata"] for s in run.samples)
-    worst = assert_parity(smollm2_dir, run, seqs, mode)
-    print(f"parity {mode}: max abs difference {worst:.2e}")
+    worst, rel = assert_parity(smollm2_dir, run, seqs, mode)
+    print(f"\nPARITY {mode}: max abs difference {worst:.2e}, max relative {rel:.2e}", flush=True)
 
 
 def test_generated_mode_matches_hugging_face_on_the_generated_sequence(smollm2_dir: Path, tmp_path: Path) -> None:
@@ -118,7 +118,8 @@ def test_generated_mode_matches_hugging_face_on_the_generated_sequence(smollm2_d
     for s in run.samples:
         n = len(ids[int(s["request_id"])])
         assert s["position_index"] == [n - 1, n, n + 1, n + 2]
-    assert_parity(smollm2_dir, run, seqs, "generated")
+    worst, rel = assert_parity(smollm2_dir, run, seqs, "generated")
+    print(f"\nPARITY generated: max abs difference {worst:.2e}, max relative {rel:.2e}", flush=True)
 
 
 def test_n_greater_than_one_gives_one_sample_and_unsampled_requests_none(smollm2_dir: Path, tmp_path: Path) -> None:
