@@ -55,23 +55,13 @@ def config_reference() -> str:
 
 
 def metrics_reference() -> str:
-    from monitor.metrics import SidecarMetrics, TapMetrics
+    from monitor.metrics import SidecarMetrics, TapMetrics, describe
 
     lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
     for group in (TapMetrics(), SidecarMetrics()):
-        for metric in group.registry.collect():
-            kind = metric.type
-            name = metric.name + ("_total" if kind == "counter" else "")
-            labels = ", ".join(_labels(group, metric.name))
-            lines.append(f"| `{name}` | {kind} | {labels} | {metric.documentation} |")
+        for m in describe(group):
+            lines.append(f"| `{m.name}` | {m.kind} | {', '.join(m.labels)} | {m.help} |")
     return "\n".join(lines)
-
-
-def _labels(group: Any, name: str) -> list[str]:
-    for value in vars(group).values():
-        if getattr(value, "_name", None) == name:
-            return list(value._labelnames)
-    return []
 
 
 BLOCKS = {"config": config_reference, "metrics": metrics_reference}

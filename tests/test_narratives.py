@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from monitor.lenses.readings import BankOutput, split_batch
-from monitor.metrics import NATS_BUCKETS, observe_many
 from monitor.narratives import build_narrative, narratives_for_batch
 
 
@@ -50,22 +48,3 @@ def test_split_batch_gives_python_values_equal_to_the_arrays() -> None:
     assert r.topk_ids == tuple(int(x) for x in out.topk_ids[2, 1]) and type(r.topk_ids[0]) is int
     assert r.entropy == float(out.entropy[2, 1]) and type(r.entropy) is float
     assert r.probes["topic"] == tuple(float(x) for x in out.probes["topic"][2, 1])
-
-
-def test_observe_many_matches_a_loop_of_observe() -> None:
-    """observe_many leaves the same exposition (buckets incl. values on a bound, +Inf, sum, count)."""
-    rng = np.random.default_rng(0)
-    values = np.concatenate([rng.gamma(1.0, 3.0, 500), np.array(NATS_BUCKETS), [0.0, 1e9, np.inf]])
-    expo = []
-    for vectorised in (False, True):
-        reg = CollectorRegistry()
-        h = Histogram("x_nats", "x", ["layer"], buckets=NATS_BUCKETS, registry=reg).labels("3")
-        if vectorised:
-            observe_many(h, values[:200])
-            observe_many(h, values[200:])
-        else:
-            for v in values:
-                h.observe(float(v))
-        expo.append("\n".join(x for x in generate_latest(reg).decode().splitlines() if "_created" not in x))
-    assert expo[0] == expo[1]
-    assert 'x_nats_count{layer="3"} 513.0' in expo[1]

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import monitor
+from monitor.lenses.torch_lens import TorchLogitLens
 from monitor.sidecar.config import load_settings
 from monitor.sidecar.http import SidecarHTTPServer
 from monitor.sidecar.service import Sidecar
-from monitor.sidecar.torch_lens import TorchLogitLens
 from monitor.transport import MemoryTransport, open_transport
 from monitor.wire import encode
 from tests.conftest import make_tiny

@@ -259,16 +259,16 @@ def test_sidecar_scores_with_watched_concepts_and_audits_their_p_values(tmp_path
     assert sc.registry.get_sample_value("layerwatch_watched_concept_total", series) == by_concept
 
 
-def test_publish_counts_each_watched_concept_flag_under_its_concept(baseline: Baseline) -> None:
+def test_recorder_counts_each_watched_concept_flag_under_its_concept(baseline: Baseline) -> None:
     """Every 'watched_concept' flag increments layerwatch_watched_concept_total for its concept and
     the flags counter for its kind; samples flagged by the anomaly score alone do not."""
-    from monitor.drift.detector import publish
     from monitor.metrics import SidecarMetrics
+    from monitor.sidecar.recorder import SidecarRecorder
 
     det = DriftDetector(baseline, watch=["topic=code"])
     m = SidecarMetrics()
     update = det.process(leaning(synth(300, seed=21), 1.2))
-    publish(m, "m", update)
+    SidecarRecorder(m, "m").detector(update)
     n = sum(any(f.kind == "watched_concept" for f in s.flags) for s in update.scores)
     assert n > 100
     assert m.registry.get_sample_value("layerwatch_watched_concept_total", {"model": "m", "concept": "topic=code"}) == n

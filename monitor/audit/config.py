@@ -9,6 +9,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretBytes, mo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitor.errors import ConfigError
+from monitor.urls import is_backend_url, parse_url
 
 MIN_KEY_BYTES = 16
 
@@ -54,7 +55,8 @@ class AuditConfig(BaseModel):
         if self.hmac_key is not None and len(self.hmac_key.get_secret_value()) < MIN_KEY_BYTES:
             raise ValueError(f"hmac_key must be at least {MIN_KEY_BYTES} bytes")
         spec = self.head_store
-        if not (spec in ("file", "none") or spec.startswith(("file:", "redis://", "rediss://", "unix://"))):
+        if not (spec in ("file", "none") or spec.startswith("file:")
+                or (is_backend_url(spec) and parse_url(spec).kind == "redis")):
             raise ValueError(f"head_store {spec!r}: use 'file', 'file:DIR', 'redis://...', 'rediss://...' or 'none'")
         return self
 

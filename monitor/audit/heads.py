@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from monitor.audit.records import KeyRing, canonical_json
 from monitor.errors import AuditError, AuditIntegrityError
+from monitor.urls import is_backend_url, parse_url, strip_credentials
 
 HEAD_FILE = "HEAD.json"
 
@@ -148,15 +148,16 @@ class FileHeadStore:
 class RedisHeadStore:
     """Heads in Redis, one string key per writer: ``key_prefix + writer`` holding the head JSON.
 
-    Timeouts are short: a Redis outage makes ``publish`` fail fast (the writer counts and logs it
-    and keeps writing; the head then lags, which verification reads as a healthy trail)."""
+    Connections and timeouts are the process's (:mod:`monitor.backends.redis`): a Redis outage
+    makes ``publish`` fail fast (the writer counts and logs it and keeps writing; the head then
+    lags, which verification reads as a healthy trail)."""
 
-    def __init__(self, url: str, *, key_prefix: str = "layerwatch:audit:head:", timeout_s: float = 1.0) -> None:
-        import redis
+    def __init__(self, url: str, *, key_prefix: str = "layerwatch:audit:head:", client: Any = None) -> None:
+        from monitor.backends.redis import connect
 
         self.url = url
         self.key_prefix = key_prefix
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._client = client if client is not None else connect(url)
 
     def key(self, writer: str) -> str:
         """The Redis key of ``writer``'s head."""
@@ -164,21 +165,17 @@ class RedisHeadStore:
 
     def publish(self, head: Head) -> None:
         """SET the writer's key."""
-        import redis
+        from monitor.backends.redis import mapped_errors
 
-        try:
+        with mapped_errors(AuditError, f"cannot publish the audit head to {self.describe()}"):
             self._client.set(self.key(head.writer), head.to_json())
-        except redis.RedisError as exc:
-            raise AuditError(f"cannot publish the audit head to {self.describe()}: {exc}") from exc
 
     def load(self, writer: str) -> Head | None:
         """GET the writer's key."""
-        import redis
+        from monitor.backends.redis import mapped_errors
 
-        try:
+        with mapped_errors(AuditError, f"cannot read the audit head from {self.describe()}"):
             raw = self._client.get(self.key(writer))
-        except redis.RedisError as exc:
-            raise AuditError(f"cannot read the audit head from {self.describe()}: {exc}") from exc
         if raw is None:
             return None
         return Head.from_json(raw)
@@ -188,23 +185,19 @@ class RedisHeadStore:
         return f"{strip_credentials(self.url)} prefix {self.key_prefix}"
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._client.close()
+        """Nothing to release: the pool is the process's (:mod:`monitor.backends.redis`)."""
 
 
-def strip_credentials(url: str) -> str:
-    """``redis://user:pw@host/0`` -> ``redis://host/0``."""
-    return re.sub(r"^([a-z]+://)[^@/]*@", r"\1", url)
-
-
-def head_store_from_spec(spec: str, trail_dir: Path, *, key_prefix: str = "layerwatch:audit:head:") -> HeadStore | None:
-    """Build the store an :class:`~monitor.audit.config.AuditConfig` ``head_store`` names."""
+def head_store_from_spec(spec: str, trail_dir: Path, *, key_prefix: str = "layerwatch:audit:head:",
+                         client: Any = None) -> HeadStore | None:
+    """Build the store an :class:`~monitor.audit.config.AuditConfig` ``head_store`` names
+    (``client``: a Redis client of the composition root's backend, for a Redis spec)."""
     if spec == "none":
         return None
     if spec == "file":
         return FileHeadStore(trail_dir / HEAD_FILE)
     if spec.startswith("file:"):
         return FileHeadStore(Path(spec[5:]), per_writer=True)
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisHeadStore(spec, key_prefix=key_prefix)
+    if is_backend_url(spec) and parse_url(spec, field="audit.head_store").kind == "redis":
+        return RedisHeadStore(spec, key_prefix=key_prefix, client=client)
     raise AuditError(f"unknown head store {spec!r}: use 'file', 'file:DIR', 'redis://...' or 'none'")

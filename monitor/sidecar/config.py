@@ -15,8 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretBytes, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from monitor.audit.config import AuditConfig
 from monitor.config import build_settings
 from monitor.errors import ConfigError
+from monitor.urls import USAGE, is_backend_url, strip_credentials
 
 
 class AuditSettings(BaseModel):
@@ -38,6 +40,13 @@ class AuditSettings(BaseModel):
     head_key_prefix: str = Field("layerwatch:audit:head:", description="Redis key prefix of the trail heads.")
     retention_max_segments: int | None = Field(None, ge=2, description="Prune the oldest segments beyond this many.")
     retention_max_age_s: float | None = Field(None, gt=0, description="Prune segments whose records are all older than this.")
+
+    def writer_config(self, writer_id: str, *, auto_head_store: str = "file") -> AuditConfig:
+        """The writer's configuration; ``head_store: auto`` becomes ``auto_head_store``."""
+        fields = self.model_dump()
+        if fields["head_store"] == "auto":
+            fields["head_store"] = auto_head_store
+        return AuditConfig(writer_id=writer_id, **fields)
 
 
 class BaselineSettings(BaseModel):
@@ -92,9 +101,15 @@ class SidecarSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> SidecarSettings:
-        if self.transport.split("://", 1)[0] not in ("memory", "redis", "rediss", "unix"):
-            raise ValueError(f"transport: unsupported URL {self.transport!r}")
+        if not is_backend_url(self.transport):
+            raise ValueError(f"transport: unsupported URL {self.transport!r}; {USAGE}")
         return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON-able data without secrets (the audit trail's ``config`` record)."""
+        d = self.model_dump(mode="json")  # SecretBytes dump as "**********"
+        d["transport"] = strip_credentials(d["transport"])
+        return d
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> SidecarSettings:
