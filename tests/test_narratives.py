@@ -48,3 +48,23 @@ def test_split_batch_gives_python_values_equal_to_the_arrays() -> None:
     assert r.topk_ids == tuple(int(x) for x in out.topk_ids[2, 1]) and type(r.topk_ids[0]) is int
     assert r.entropy == float(out.entropy[2, 1]) and type(r.entropy) is float
     assert r.probes["topic"] == tuple(float(x) for x in out.probes["topic"][2, 1])
+
+
+def test_one_prediction_depth_for_narratives_readings_and_drift_features() -> None:
+    """The narrative's prediction depth, the readings' depth column and the drift features' depth
+    are the same number: the first layer from which the lens top-1 *id* equals the final top-1
+    through the last layer, even where a lens tie puts the final top-1 at rank 0 earlier."""
+    from monitor.drift.features import ReadingArrays
+
+    out = random_output(b=8, seed=3)
+    ids = out.topk_ids.copy()
+    ids[0, 1:, 0] = out.final_topk_ids[0, 0]  # sample 0 agrees from layer index 1 on
+    rank = np.ones_like(out.final_top1_rank)
+    rank[0, :] = 0  # ... but ties put the final top-1 at rank 0 from layer index 0 on
+    out = BankOutput(**{**out.__dict__, "topk_ids": ids, "final_top1_rank": rank})
+    views = out.views()
+    depth_narr = [build_narrative(v).prediction_depth for v in views]
+    assert out.depth.tolist() == depth_narr
+    assert ReadingArrays.from_readings(out).depth.tolist() == depth_narr
+    assert ReadingArrays.from_readings(views).depth.tolist() == depth_narr
+    assert depth_narr[0] == out.layers[1]

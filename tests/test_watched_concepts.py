@@ -305,14 +305,18 @@ def test_watched_flag_names_the_layers_that_drive_the_concept_score(baseline: Ba
     assert sum(f.layers == (2, 5, 9) for f in flagged) >= 0.9 * len(flagged)
 
 
-def test_schema_version_1_baselines_load_and_unknown_versions_are_refused(baseline: Baseline) -> None:
-    """Baselines written as schema version 1 (before factors and concepts were stored) still load
-    with their id; a version this layerwatch does not know is refused with the versions it reads."""
+def test_older_schema_versions_load_and_unknown_versions_are_refused(baseline: Baseline) -> None:
+    """Baselines written as schema version 1 (before factors and concepts were stored) and 2
+    (prediction depth by rank) still load with their id; a version this layerwatch does not know
+    is refused with the versions it reads."""
     content = json.loads(json.dumps(dataclasses.replace(baseline, schema_version=1, concepts=None)._content()))
     v1 = Baseline.from_json({"id": _content_id(content), "created_at": baseline.created_at, **content})
-    assert v1.schema_version == 1 and baseline.schema_version == 2
-    content["schema_version"] = 3
-    with pytest.raises(BaselineError, match=r"schema version 3 is not supported \(this layerwatch reads 1, 2\)"):
+    content2 = json.loads(json.dumps(dataclasses.replace(baseline, schema_version=2)._content()))
+    v2 = Baseline.from_json({"id": _content_id(content2), "created_at": baseline.created_at, **content2})
+    assert v1.schema_version == 1 and v2.schema_version == 2 and baseline.schema_version == 3
+    assert v2.id == _content_id(content2)
+    content["schema_version"] = 4
+    with pytest.raises(BaselineError, match=r"schema version 4 is not supported \(this layerwatch reads 1, 2, 3\)"):
         Baseline.from_json({"id": _content_id(content), "created_at": baseline.created_at, **content})
 
 

@@ -48,8 +48,12 @@ from monitor.lenses.readings import CONTEXT_SUFFIX
 # 2: factor models store loadings and residual variances, and concept calibration is stored;
 # version 1 documents still load. Sidecars that only read version 1 refuse version 2 with that
 # reason: upgrade sidecars before building or learning baselines with a newer layerwatch.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 3: the prediction depth of every reading is the live one (the first layer from which the lens
+# top-1 equals the model's final top-1 through the last layer); versions 1 and 2 were built
+# offline with "the final top-1 has rank 0 under the lens", which differs on ties. They still
+# load and score; their depth quantiles and feature means may differ on tied samples.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 MIN_SAMPLES = 400  # fit split large enough for a stable covariance, >= 120 calibration scores
 QUANTILE_LEVELS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
 # Factors of the detector's covariance model (0 = Ledoit-Wolf; see Mahalanobis.fit). Chosen on
