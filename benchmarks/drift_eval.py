@@ -119,7 +119,7 @@ def texts_for_eval(cache: Cache, n_baseline: int, n_normal: int, n_shift: int,
     for kind, texts in corpora.shift_sets(limit=n_shift).items():
         sets[f"shift:{kind}"] = texts
     try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "monitor/corpora.py"],
+        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "monitor/corpora"],
                                 capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         commit = ""

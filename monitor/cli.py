@@ -20,7 +20,7 @@ _COMMAND_MODULES = (
     "monitor.lenses.cli",
     "monitor.pipeline.cli",
     "monitor.audit.cli",
-    "monitor.corpora_cli",
+    "monitor.corpora.cli",
 )
 
 
