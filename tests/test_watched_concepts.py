@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from monitor.drift import AnomalyScorer, Baseline, ReadingArrays, build_baseline
-from monitor.drift.document import content_id as _content_id
 from monitor.drift.concepts import ConceptReference, combine_p_values, min_calibration, parse_concept
 from monitor.drift.detector import DriftDetector
+from monitor.drift.document import content_id as _content_id
 from monitor.drift.testing import synth
 from monitor.errors import BaselineError, ConfigError
 

@@ -127,8 +127,8 @@ class WindowTester:
                 out.append((best, window_sentence(test, (), {"alpha": self.alpha, "rate": rate})))
                 continue
             if test == "prediction_depth":
-                facts = {"before": float(bl.quantile("prediction_depth", 0.5)), "after": float(np.median(a.depth))}
-                out.append((best, window_sentence(test, (), facts)))
+                depth = {"before": float(bl.quantile("prediction_depth", 0.5)), "after": float(np.median(a.depth))}
+                out.append((best, window_sentence(test, (), depth)))
                 continue
             layers = [f.layer for f in fs if f.layer is not None]
             for run in layer_runs(layers, a.layers):
