@@ -18,6 +18,9 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -201,3 +204,79 @@ def head_store_from_spec(spec: str, trail_dir: Path, *, key_prefix: str = "layer
     if is_backend_url(spec) and parse_url(spec, field="audit.head_store").kind == "redis":
         return RedisHeadStore(spec, key_prefix=key_prefix, client=client)
     raise AuditError(f"unknown head store {spec!r}: use 'file', 'file:DIR', 'redis://...' or 'none'")
+
+
+class HeadPublisher:
+    """Publishes the newest head on its own thread, so a sync waits for the fsync only, never
+    for Redis or the head file. Latest wins: a head superseded before it was sent is skipped.
+    The head lags the file by at most one publish, which verification reads as healthy."""
+
+    def __init__(self, store: HeadStore, on_result: Callable[[Exception | None], None], name: str) -> None:
+        self._store = store
+        self._on_result = on_result
+        self._cv = threading.Condition()
+        self._pending: Head | None = None
+        self._busy = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, head: Head) -> None:
+        with self._cv:
+            self._pending = head
+            self._cv.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the newest submitted head is published (True) or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending is not None or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopped:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def stop(self, *, flush: bool, timeout: float = 5.0) -> None:
+        if flush:
+            self.flush(timeout)
+        with self._cv:
+            self._stopped = True
+            self._pending = None
+            self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._stopped:
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                head, self._pending, self._busy = self._pending, None, True
+            error: Exception | None = None
+            try:
+                assert head is not None
+                self._store.publish(head)
+            except Exception as exc:  # noqa: BLE001 - reported, never raised into the writer
+                error = exc
+            self._on_result(error)
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+
+def head_loss(head: Head | None, seq: int, hash_: str) -> dict[str, Any] | None:
+    """What a head kept outside the trail says about a trail that ends at ``seq``/``hash_``: a lost
+    tail (the head is ahead), a mismatch (same seq, another hash), or nothing (None)."""
+    lost: dict[str, Any] | None = None
+    if head is not None and head.seq > seq:
+        lost = {"reason": "tail_lost", "from_seq": seq + 1, "to_seq": head.seq,
+                "head": {"seq": head.seq, "hash": head.hash, "segment": head.segment, "ts": head.ts},
+                "detail": f"the head said seq {head.seq} was durable but the trail ends at seq {seq}"}
+    elif head is not None and head.seq == seq and head.hash != hash_:
+        lost = {"reason": "head_mismatch", "from_seq": head.seq, "to_seq": head.seq,
+                "head": {"seq": head.seq, "hash": head.hash, "segment": head.segment, "ts": head.ts},
+                "detail": f"the head's hash for seq {head.seq} differs from the record in the trail"}
+    return lost
