@@ -181,7 +181,7 @@ def readings_for(cache: Cache, states_key: str, states: np.ndarray, layers: tupl
                  batch_size: int) -> ReadingArrays:
     from monitor.pipeline.offline import readings_from_states
 
-    key = _key("readings-v2", states_key, bank.bundle_id)
+    key = _key("readings-v3", states_key, bank.bundle_id)  # v3: prediction depth by token id (schema 3)
     p = cache.path(key, "npz")
     if p.exists():
         z = np.load(p)
