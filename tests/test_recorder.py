@@ -67,9 +67,9 @@ def test_recorder_exports_fleet_totals_and_batch_counts() -> None:
     m = SidecarMetrics(CollectorRegistry())
     rec = SidecarRecorder(m, "m")
     rec.fleet.add({"instance": "a", "sampled": 4, "drops": {"closed": 2}})
-    stats = BatchStats(processed=3, duplicates=1)
-    stats.dead_letters["dtype"] += 2
-    rec.batch(stats)
+    rec.batch(BatchStats(processed=3, unique=3, duplicates=1))
+    rec.dead_letter("dtype")
+    rec.dead_letter("dtype")
     r = m.registry
     assert r.get_sample_value("layerwatch_fleet_tap_requests_sampled_total", {"model": "m"}) == 4
     assert r.get_sample_value("layerwatch_fleet_tap_drops_total", {"model": "m", "reason": "closed"}) == 2

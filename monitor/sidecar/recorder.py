@@ -34,6 +34,7 @@ class BatchStats:
     """What one micro-batch did, filled by the consumer loop."""
 
     processed: int = 0
+    unique: int = 0  # decoded, not yet audited samples handed to the pipeline (the micro-batch size)
     duplicates: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
     failed: int = 0
@@ -129,17 +130,18 @@ class SidecarRecorder:
     # --- consumer loop ------------------------------------------------------------------------
     def batch(self, stats: BatchStats) -> None:
         """One micro-batch's counts and latencies."""
-        m, lab = self.metrics, self.model
-        for reason, n in stats.dead_letters.items():
-            m.dead_letters.labels(lab, reason).inc(n)
         if stats.duplicates:
             self._duplicates.inc(stats.duplicates)
         if stats.processed:
             self._processed.inc(stats.processed)
             self.end_to_end(stats.capture_times)
-        if stats.processed and not stats.failed:
+        if stats.unique and not stats.failed:
             self._latency.observe(time.monotonic() - stats.started)
-            self._batch.observe(stats.processed)
+            self._batch.observe(stats.unique)
+
+    def dead_letter(self, reason: str) -> None:
+        """A poison entry moved to the dead-letter stream (counted at once, whatever follows)."""
+        self.metrics.dead_letters.labels(self.model, reason).inc()
 
     def audit_error(self) -> None:
         """A failed audit write or fsync."""

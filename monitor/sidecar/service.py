@@ -178,6 +178,7 @@ class Sidecar:
             else:
                 seen.add(smp.sample_id)
                 unique.append((e, smp))
+        res.unique = len(unique)
         if unique:
             to_ack += self._process_isolating(unique, res)
         if to_ack:
@@ -193,6 +194,7 @@ class Sidecar:
 
     def _dead_letter(self, entry: Entry, reason: str, detail: str, res: BatchStats) -> None:
         self.transport.dead_letter(entry, reason, detail)
+        self.recorder.dead_letter(reason)
         res.dead_letters[reason] += 1
 
     def _process_isolating(self, good: list[tuple[Entry, Sample]], res: BatchStats) -> list[str]:
