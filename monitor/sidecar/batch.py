@@ -79,6 +79,8 @@ class BatchProcessor:
         p.audit.sync()  # durable before the ledger mark and the ack
         p.ledger.mark(smp.sample_id for smp in samples)
         self.audit_ok = True
+        for smp in samples:  # tap counters ride in headers: the fleet totals take each increase
+            p.recorder.fleet.add(smp.tap)
         self._after(scored, narratives, readings)
         self.processed_total += len(good)
         return [smp.created_at for smp in samples]
