@@ -235,12 +235,13 @@ def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None
               "baseline": {"window": 80, "alpha": 0.01, "watch": demo_watch(baseline)},
               "audit": {"directory": str(out / "audit")}}
     if args.redis is None:
+        from monitor.sidecar.bootstrap import build_parts
         from monitor.sidecar.config import load_settings
         from monitor.sidecar.http import SidecarHTTPServer
         from monitor.sidecar.service import Sidecar
 
         settings = load_settings(transport="memory://demo", consumer="demo-sidecar", http_port=metrics_port, **common)
-        sc = Sidecar(settings, bank=bank, baseline=baseline, tokenizer=tokenizer).start()
+        sc = Sidecar(build_parts(settings, bank=bank, baseline=baseline, tokenizer=tokenizer)).start()
         SidecarHTTPServer(sc, "127.0.0.1", metrics_port).start()
         return sc, None, metrics_port
     if bundle_path is None:
