@@ -74,7 +74,18 @@ def metrics_reference() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"config": config_reference, "metrics": metrics_reference}
+def reasons_reference() -> str:
+    from monitor.metrics import TAP_DROP_REASONS
+    from monitor.sidecar.recorder import DEAD_LETTER_REASONS
+
+    def listed(names: tuple[str, ...]) -> str:
+        return ", ".join(f"`{n}`" for n in names)
+
+    return (f"Tap drop reasons: {listed(TAP_DROP_REASONS)}.\n"
+            f"Dead-letter reasons: {listed(DEAD_LETTER_REASONS)}.")
+
+
+BLOCKS = {"config": config_reference, "reasons": reasons_reference, "metrics": metrics_reference}
 
 
 def render(text: str) -> str:
