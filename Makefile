@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup services demo test test-main test-vllm lint bench
+.PHONY: setup services demo test test-main test-vllm lint bench generate
 
 setup:
 	@scripts/bootstrap.sh
@@ -32,3 +32,8 @@ lint: setup
 
 bench: setup services
 	@. $(VENV)/bin/activate && HF_HUB_OFFLINE=1 python -m benchmarks.run_all
+
+# Every derived file from its one source: README references, dashboards (deploy/ and the chart),
+# the chart's rule files. A test fails when one is stale.
+generate: setup
+	@. $(VENV)/bin/activate && python -m monitor.docsgen --write

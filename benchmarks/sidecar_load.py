@@ -81,14 +81,14 @@ def build_baseline_file(bundle: str, samples: list[tuple[dict[str, Any], np.ndar
     from monitor.drift.baseline import build_baseline
     from monitor.drift.features import ReadingArrays
     from monitor.lenses import LensBank
-    from monitor.lenses.runtime import read_with_context
+    from monitor.pipeline import read
 
     bank = LensBank.load(bundle)
     hidden = np.stack([h[:, -1, :] for _, h in samples]).astype(np.float32)
     context = None
     if all(hdr["positions"] == "last+mean" for hdr, _ in samples):
         context = np.stack([h[:, 0, :] for _, h in samples]).astype(np.float32)
-    a = ReadingArrays.from_bank_output(*read_with_context(bank, hidden, context))
+    a = ReadingArrays.from_readings(read(bank, hidden, context))
     b = build_baseline(a, model=model_name, model_fingerprint=bank.fingerprint, bundle_id=bank.bundle_id,
                        source="sidecar_load: captured English prose samples")
     path.write_text(b.dumps())

@@ -18,9 +18,9 @@ _COMMAND_MODULES = (
     "monitor.demo",
     "monitor.sidecar.cli",
     "monitor.lenses.cli",
-    "monitor.drift.cli",
+    "monitor.pipeline.cli",
     "monitor.audit.cli",
-    "monitor.corpora_cli",
+    "monitor.corpora.cli",
 )
 
 

@@ -40,6 +40,18 @@ def build_settings(cls: type[S], prefix: str, **overrides: Any) -> S:
         raise ConfigError(format_validation_error(exc, prefix)) from None
 
 
+class StreamSettings(BaseModel):
+    """The sample stream, as the taps and the sidecars must both see it (the same values on both
+    sides: the tap trims the stream, the sidecar reads it and compares its lag with the bound).
+
+    The sidecar's settings take these fields from here.
+    TODO(issue 15): TapSettings adopts StreamSettings once the vLLM work that owns it lands; until
+    then its ``stream``/``stream_maxlen`` repeat these defaults and bounds."""
+
+    stream: str = Field("layerwatch:samples", min_length=1, description="Stream (Redis key) of the samples: the taps publish to it, the sidecars read it; the same on both sides.")
+    stream_maxlen: int = Field(10_000, ge=100, description="Approximate bound of the stream (the tap trims older entries; the sidecar's lag alert compares lag with it); the same on both sides.")
+
+
 class TapSettings(BaseSettings):
     """How the tap samples and ships hidden states. Env: ``LAYERWATCH_TAP_<FIELD>``."""
 

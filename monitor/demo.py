@@ -61,7 +61,7 @@ def _lens(model: Any, tok: Any, budget: str) -> Any:
     try:
         from monitor.lenses.build import ensure_reference_bundle  # type: ignore[import-not-found]
     except ImportError:
-        from monitor.sidecar.torch_lens import TorchLogitLens
+        from monitor.lenses.torch_lens import TorchLogitLens
 
         print("   lens bank package not available: using the logit lens (PyTorch)")
         return TorchLogitLens(model), None
@@ -78,7 +78,7 @@ def _baseline(model: Any, tok: Any, bank: Any, model_name: str) -> Any:
     from monitor import corpora
     from monitor.adapters import model_fingerprint
     from monitor.drift.baseline import Baseline, build_baseline
-    from monitor.drift.offline import readings_for_texts
+    from monitor.pipeline.offline import readings_for_texts
 
     # the heldout split: the lens bundle's tuned lens and probes were trained on "train" texts,
     # whose readings are in-sample (too confident), so a baseline of them flags more normal
@@ -235,12 +235,13 @@ def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None
               "baseline": {"window": 80, "alpha": 0.01, "watch": demo_watch(baseline)},
               "audit": {"directory": str(out / "audit")}}
     if args.redis is None:
+        from monitor.sidecar.bootstrap import build_parts
         from monitor.sidecar.config import load_settings
         from monitor.sidecar.http import SidecarHTTPServer
         from monitor.sidecar.service import Sidecar
 
         settings = load_settings(transport="memory://demo", consumer="demo-sidecar", http_port=metrics_port, **common)
-        sc = Sidecar(settings, bank=bank, baseline=baseline, tokenizer=tokenizer).start()
+        sc = Sidecar(build_parts(settings, bank=bank, baseline=baseline, tokenizer=tokenizer)).start()
         SidecarHTTPServer(sc, "127.0.0.1", metrics_port).start()
         return sc, None, metrics_port
     if bundle_path is None:

@@ -1,7 +1,14 @@
-"""Generate the README's configuration and metrics references from the code, so they cannot drift.
+"""Generate every derived file from its one source, so copies cannot drift (``make generate``).
 
-``python -m monitor.docsgen --write`` rewrites the blocks between the ``<!-- BEGIN x -->`` /
-``<!-- END x -->`` markers of README.md; ``--check`` exits 1 when they are stale (a test runs it).
+* README.md: the blocks between ``<!-- BEGIN x -->`` / ``<!-- END x -->`` (configuration and
+  metrics references) from the pydantic settings and :mod:`monitor.metrics`;
+* ``deploy/grafana/dashboards/*.json`` from ``deploy/grafana/generate_dashboards.py``;
+* the Helm chart's copies, ``helm/layerwatch/files/dashboards/*.json`` (the same rendering) and
+  ``helm/layerwatch/files/rules/*.yml`` (from ``deploy/prometheus/rules/``): helm's ``.Files``
+  cannot read outside the chart, so the chart gets generated copies; nobody edits them.
+
+``python -m monitor.docsgen --write`` writes them all; ``--check`` exits 1 naming each stale file
+(a test runs it).
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DEPLOY = ROOT / "deploy"
+CHART_FILES = ROOT / "helm" / "layerwatch" / "files"
 
 
 def _default(field: Any) -> str:
@@ -55,26 +65,27 @@ def config_reference() -> str:
 
 
 def metrics_reference() -> str:
-    from monitor.metrics import SidecarMetrics, TapMetrics
+    from monitor.metrics import SidecarMetrics, TapMetrics, describe
 
     lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
     for group in (TapMetrics(), SidecarMetrics()):
-        for metric in group.registry.collect():
-            kind = metric.type
-            name = metric.name + ("_total" if kind == "counter" else "")
-            labels = ", ".join(_labels(group, metric.name))
-            lines.append(f"| `{name}` | {kind} | {labels} | {metric.documentation} |")
+        for m in describe(group):
+            lines.append(f"| `{m.name}` | {m.kind} | {', '.join(m.labels)} | {m.help} |")
     return "\n".join(lines)
 
 
-def _labels(group: Any, name: str) -> list[str]:
-    for value in vars(group).values():
-        if getattr(value, "_name", None) == name:
-            return list(value._labelnames)
-    return []
+def reasons_reference() -> str:
+    from monitor.metrics import TAP_DROP_REASONS
+    from monitor.sidecar.recorder import DEAD_LETTER_REASONS
+
+    def listed(names: tuple[str, ...]) -> str:
+        return ", ".join(f"`{n}`" for n in names)
+
+    return (f"Tap drop reasons: {listed(TAP_DROP_REASONS)}.\n"
+            f"Dead-letter reasons: {listed(DEAD_LETTER_REASONS)}.")
 
 
-BLOCKS = {"config": config_reference, "metrics": metrics_reference}
+BLOCKS = {"config": config_reference, "reasons": reasons_reference, "metrics": metrics_reference}
 
 
 def render(text: str) -> str:
@@ -91,20 +102,58 @@ def render(text: str) -> str:
     return text
 
 
+def dashboards_module() -> Any:
+    """deploy/grafana/generate_dashboards.py (the dashboards' source), imported once by path."""
+    import importlib.util
+
+    path = DEPLOY / "grafana" / "generate_dashboards.py"
+    spec = importlib.util.spec_from_file_location("layerwatch_generate_dashboards", path)
+    assert spec is not None and spec.loader is not None
+    mod = sys.modules.get(spec.name)
+    if mod is None:
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up while it executes
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def dashboards() -> dict[str, str]:
+    """File name -> JSON of every dashboard, rendered by deploy/grafana/generate_dashboards.py."""
+    return dict(dashboards_module().render())
+
+
+def generated_files() -> dict[Path, str]:
+    """Every derived file and the text it must hold."""
+    out = {README: render(README.read_text())}
+    for name, text in dashboards().items():
+        out[DEPLOY / "grafana" / "dashboards" / name] = text
+        out[CHART_FILES / "dashboards" / name] = text
+    for rules in sorted((DEPLOY / "prometheus" / "rules").glob("*.yml")):
+        out[CHART_FILES / "rules" / rules.name] = rules.read_text()
+    return out
+
+
+def stale_files() -> list[Path]:
+    """Derived files whose content differs from what their source generates now."""
+    return [p for p, text in generated_files().items() if not p.exists() or p.read_text() != text]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
-    old = README.read_text()
-    new = render(old)
     if args.write:
-        README.write_text(new)
+        for path, text in generated_files().items():
+            if not path.exists() or path.read_text() != text:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                print(f"wrote {path.relative_to(ROOT)}")
         return 0
-    if old != new:
-        print("README.md references are stale: run `python -m monitor.docsgen --write`", file=sys.stderr)
-        return 1
-    return 0
+    stale = stale_files()
+    for path in stale:
+        print(f"{path.relative_to(ROOT)} is stale: run `make generate`", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

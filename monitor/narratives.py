@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.explain import layer_sentence, narrative_summary
 from monitor.lenses.readings import BankOutput, LayerReading, SampleReadings
 
 TokenDecoder = Callable[[int], str]
@@ -73,10 +74,8 @@ def _probe_summary(probes: dict[str, list[float]], labels: dict[str, tuple[str, 
 
 
 def sentence(reading: LayerReading, decode: TokenDecoder, probes: dict[str, Any]) -> str:
-    """One human sentence for one layer."""
-    parts = [f"L{reading.layer}: leaning {decode(reading.topk_ids[0])!r} ({reading.topk_probs[0]:.2f})"]
-    parts += [f"{name}={p['label']} {p['p']:.2f}" for name, p in probes.items()]
-    return ", ".join(parts)
+    """One human sentence for one layer (:func:`monitor.explain.layer_sentence`)."""
+    return layer_sentence(reading.layer, decode(reading.topk_ids[0]), reading.topk_probs[0], probes)
 
 
 @dataclass
@@ -109,8 +108,7 @@ class Narrative:
         """The narrative as plain text, one line per layer (CLI and demo)."""
         lines = list(self.sentences)
         top = self.final["top"][0] if self.final.get("top") else ["?", 0.0]
-        lines.append(f"output: {top[0]!r} ({top[1]:.2f}); prediction depth {self.prediction_depth}; "
-                     f"changes of mind at {self.changes_of_mind or 'none'}")
+        lines.append(narrative_summary(top, self.prediction_depth, self.changes_of_mind))
         return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages that hold the real offline corpora the lenses, probes and the drift
-# evaluation read (Debian handbook, translated man pages, Python docs, ...; monitor/corpora.py and
+# evaluation read (Debian handbook, translated man pages, Python docs, ...; monitor/corpora/ and
 # docs/corpora.md). Idempotent: installs only what is missing. Used by `make demo` and services.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -28,10 +28,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     from conftest import make_tiny
 
+    from monitor.lenses.torch_lens import TorchLogitLens
     from monitor.sidecar.config import load_settings
     from monitor.sidecar.http import SidecarHTTPServer
     from monitor.sidecar.service import Sidecar
-    from monitor.sidecar.torch_lens import TorchLogitLens
 
     model = make_tiny("llama", seed=args.seed)
     settings = load_settings(

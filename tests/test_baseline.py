@@ -20,7 +20,8 @@ from monitor.drift import (
     build_baseline,
     feature_matrix,
 )
-from monitor.drift.baseline import _content_id, fit_calibration_split
+from monitor.drift.baseline import fit_calibration_split
+from monitor.drift.document import content_id as _content_id
 from monitor.drift.features import TokenTable
 from monitor.drift.testing import synth
 from monitor.errors import BaselineError
@@ -257,3 +258,16 @@ def test_clip_is_stored_and_a_baseline_without_it_scores_unclipped() -> None:
     assert again.id == old.id and again.detector.clip is None and again.id != clipped.id
     x = synth(40, seed=6)
     assert np.array_equal(AnomalyScorer(old).score_arrays(x)[0], AnomalyScorer(again).score_arrays(x)[0])
+
+
+def test_a_schema_2_document_written_before_the_typed_models_loads_unchanged() -> None:
+    """A baseline file written by layerwatch before its documents were typed models (schema 2,
+    16-factor detector, clipped) loads with its id and writes back the same document."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    raw = gzip.decompress((Path(__file__).with_name("data") / "baseline_v2_factor16.json.gz").read_bytes()).decode()
+    bl = Baseline.loads(raw)
+    assert bl.id == "bl-69b85544fd8545b1" and bl.schema_version == 2
+    assert json.loads(bl.dumps()) == json.loads(raw)

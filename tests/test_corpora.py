@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from monitor import corpora, corpora_cli
+from monitor import corpora
 from monitor.corpora import SPLITS
+from monitor.corpora import cli as corpora_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,7 +189,9 @@ def test_html_paragraphs_skip_code_and_decode_entities() -> None:
 
 def test_missing_source_names_the_debian_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A missing source raises CorpusUnavailable naming the package and the install command."""
-    monkeypatch.setattr(corpora, "_HANDBOOK_ROOT", str(tmp_path / "absent"))
+    from monitor.corpora import documents
+
+    monkeypatch.setattr(documents, "_HANDBOOK_ROOT", str(tmp_path / "absent"))
     with pytest.raises(corpora.CorpusUnavailable, match="apt-get install -y debian-handbook"):
         corpora._handbook_documents.__wrapped__("en")
 

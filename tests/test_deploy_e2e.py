@@ -291,7 +291,7 @@ class LivePipeline:
         detector = self.sidecar.detector
         return json.dumps({
             "feeder_alive": self._feeder.is_alive(), "feeder_error": self.feeder_error,
-            "sidecar_alive": bool(self.sidecar._thread and self.sidecar._thread.is_alive()),
+            "sidecar_alive": self.sidecar.running,
             "processed": self.sidecar.processed_total, "learning": self.learning,
             "detector": None if detector is None else {"alert": detector.alert, "scored": detector.stats.scored,
                                                        "anomalies": detector.stats.anomalies},

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from monitor.adapters import collect_states, find_parts
-from monitor.drift.offline import capture_states, read_corpus, readings_from_states
 from monitor.errors import BaselineError
-from monitor.sidecar.torch_lens import TorchLogitLens
+from monitor.lenses.torch_lens import TorchLogitLens
+from monitor.pipeline.offline import capture_states, read_corpus, readings_from_states
 
 
 class CharTokenizer:

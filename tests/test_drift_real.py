@@ -22,8 +22,8 @@ def test_other_languages_and_code_rank_above_held_out_prose_at_a_calibrated_rate
     take them to AUROC 1.000 / 0.996 and TPR at 1% FPR 1.00 / 0.94 (``python -m benchmarks.drift_eval``)."""
     from monitor import corpora
     from monitor.drift import AnomalyScorer, build_baseline
-    from monitor.drift.offline import readings_for_texts
-    from monitor.sidecar.torch_lens import TorchLogitLens
+    from monitor.lenses.torch_lens import TorchLogitLens
+    from monitor.pipeline.offline import readings_for_texts
 
     model, tok = reference_model
     bank = TorchLogitLens(model)

@@ -13,7 +13,6 @@ from monitor.drift import (
     WindowResult,
     WindowTester,
     build_baseline,
-    publish,
 )
 from monitor.drift.features import ReadingArrays
 from monitor.drift.testing import synth
@@ -80,13 +79,15 @@ def test_windows_close_every_step_samples(baseline: Baseline) -> None:
     assert ends == [100, 140, 180, 220]
 
 
-def test_publish_records_metrics(baseline: Baseline) -> None:
-    """publish() counts anomalies, flags and raised alerts on the sidecar metrics."""
+def test_recorder_records_a_detector_update(baseline: Baseline) -> None:
+    """The sidecar's recorder counts anomalies, flags and raised alerts of a detector update."""
+    from monitor.sidecar.recorder import SidecarRecorder
+
     reg = CollectorRegistry()
     m = SidecarMetrics(reg)
     det = DriftDetector(baseline, window=100, step=50)
     upd = det.process(ReadingArrays.concat([synth(300, seed=400, code=6.0)]))
-    publish(m, "tiny", upd)
+    SidecarRecorder(m, "tiny").detector(upd)
     assert reg.get_sample_value("layerwatch_anomalies_total", {"model": "tiny"}) == sum(s.anomalous for s in upd.scores)
     assert reg.get_sample_value("layerwatch_drift_alerts_total", {"model": "tiny"}) == 1
     assert reg.get_sample_value("layerwatch_drift_alert_active", {"model": "tiny"}) == 1

@@ -178,9 +178,9 @@ def test_lens_bank_matches_reference_and_accepts_float16(tiny_bundle) -> None:  
 
 def test_context_probes_equal_the_graphs_probes_on_the_same_states(tiny_bundle) -> None:  # noqa: ANN001
     """read_context (numpy, weights taken from the verified graph) reads exactly what the ONNX
-    graph's probes read on the same states, also on a layer subset; read_with_context adds them
+    graph's probes read on the same states, also on a layer subset; the pipeline's read adds them
     as '<probe>@mean' with their labels."""
-    from monitor.lenses.runtime import read_with_context
+    from monitor.pipeline import read
 
     path, _ = tiny_bundle
     h = states_of(tiny_bundle[1], batch=3)
@@ -192,10 +192,12 @@ def test_context_probes_equal_the_graphs_probes_on_the_same_states(tiny_bundle) 
         assert set(ctx) == {"topic@mean", "lang@mean"}
         for name, probs in out.probes.items():
             np.testing.assert_allclose(ctx[f"{name}@mean"], probs, atol=1e-5)
-    both, labels = read_with_context(bank, sel, sel[::-1].copy())
+    both = read(bank, sel, sel[::-1].copy())
+    labels = both.probe_labels
     assert labels["lang@mean"] == ("en", "de") and labels["topic"] == ("a", "b", "c")
     np.testing.assert_allclose(both.probes["topic@mean"], bank.read_context(sel[::-1].copy())["topic@mean"])
-    plain, plain_labels = read_with_context(bank, sel)
+    plain = read(bank, sel)
+    plain_labels = plain.probe_labels
     assert set(plain.probes) == set(plain_labels) == {"topic", "lang"}
 
 

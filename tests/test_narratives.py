@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from monitor.lenses.readings import BankOutput, split_batch
-from monitor.metrics import NATS_BUCKETS, observe_many
 from monitor.narratives import build_narrative, narratives_for_batch
 
 
@@ -52,20 +50,21 @@ def test_split_batch_gives_python_values_equal_to_the_arrays() -> None:
     assert r.probes["topic"] == tuple(float(x) for x in out.probes["topic"][2, 1])
 
 
-def test_observe_many_matches_a_loop_of_observe() -> None:
-    """observe_many leaves the same exposition (buckets incl. values on a bound, +Inf, sum, count)."""
-    rng = np.random.default_rng(0)
-    values = np.concatenate([rng.gamma(1.0, 3.0, 500), np.array(NATS_BUCKETS), [0.0, 1e9, np.inf]])
-    expo = []
-    for vectorised in (False, True):
-        reg = CollectorRegistry()
-        h = Histogram("x_nats", "x", ["layer"], buckets=NATS_BUCKETS, registry=reg).labels("3")
-        if vectorised:
-            observe_many(h, values[:200])
-            observe_many(h, values[200:])
-        else:
-            for v in values:
-                h.observe(float(v))
-        expo.append("\n".join(x for x in generate_latest(reg).decode().splitlines() if "_created" not in x))
-    assert expo[0] == expo[1]
-    assert 'x_nats_count{layer="3"} 513.0' in expo[1]
+def test_one_prediction_depth_for_narratives_readings_and_drift_features() -> None:
+    """The narrative's prediction depth, the readings' depth column and the drift features' depth
+    are the same number: the first layer from which the lens top-1 *id* equals the final top-1
+    through the last layer, even where a lens tie puts the final top-1 at rank 0 earlier."""
+    from monitor.drift.features import ReadingArrays
+
+    out = random_output(b=8, seed=3)
+    ids = out.topk_ids.copy()
+    ids[0, 1:, 0] = out.final_topk_ids[0, 0]  # sample 0 agrees from layer index 1 on
+    rank = np.ones_like(out.final_top1_rank)
+    rank[0, :] = 0  # ... but ties put the final top-1 at rank 0 from layer index 0 on
+    out = BankOutput(**{**out.__dict__, "topk_ids": ids, "final_top1_rank": rank})
+    views = out.views()
+    depth_narr = [build_narrative(v).prediction_depth for v in views]
+    assert out.depth.tolist() == depth_narr
+    assert ReadingArrays.from_readings(out).depth.tolist() == depth_narr
+    assert ReadingArrays.from_readings(views).depth.tolist() == depth_narr
+    assert depth_narr[0] == out.layers[1]

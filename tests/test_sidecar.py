@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import monitor
+from monitor.lenses.torch_lens import TorchLogitLens
 from monitor.sidecar.config import load_settings
 from monitor.sidecar.http import SidecarHTTPServer
 from monitor.sidecar.service import Sidecar
-from monitor.sidecar.torch_lens import TorchLogitLens
 from monitor.transport import MemoryTransport, open_transport
 from monitor.wire import encode
 from tests.conftest import make_tiny
@@ -245,6 +245,22 @@ def test_redelivered_sample_already_in_the_ledger_is_not_audited_twice(sidecar_f
     sc.step()
     assert sc.processed_total == 1
     assert sc.registry.get_sample_value("layerwatch_samples_duplicate_total", {"model": "LlamaForCausalLM"}) == 2
+
+
+def test_fleet_tap_totals_come_from_the_sample_headers(sidecar_factory: Any, tiny: torch.nn.Module) -> None:
+    """The tap counters in audited samples' headers reach the fleet totals, each increase once."""
+    url = "memory://fleet"
+    MemoryTransport.reset_all()
+    good = _good_sample(tiny, url)
+    sc = sidecar_factory(url)
+    t = MemoryTransport(url)
+    t.ensure_group("g")
+    t.publish([good, _mutate_header(good, sample_id="second")])  # the same tap instance, same counters
+    sc.step()
+    assert sc.processed_total == 2
+    lbl = {"model": "LlamaForCausalLM"}
+    assert sc.registry.get_sample_value("layerwatch_fleet_tap_requests_sampled_total", lbl) == 1
+    assert sc.registry.get_sample_value("layerwatch_fleet_tap_drops_total", {**lbl, "reason": "queue_full"}) == 0
 
 
 def test_http_endpoints_serve_metrics_health_readiness_and_narratives(sidecar_factory: Any, tiny: torch.nn.Module) -> None:

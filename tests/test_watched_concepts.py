@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from monitor.drift import AnomalyScorer, Baseline, ReadingArrays, build_baseline
-from monitor.drift.baseline import _content_id
 from monitor.drift.concepts import ConceptReference, combine_p_values, min_calibration, parse_concept
 from monitor.drift.detector import DriftDetector
+from monitor.drift.document import content_id as _content_id
 from monitor.drift.testing import synth
 from monitor.errors import BaselineError, ConfigError
 
@@ -259,16 +259,16 @@ def test_sidecar_scores_with_watched_concepts_and_audits_their_p_values(tmp_path
     assert sc.registry.get_sample_value("layerwatch_watched_concept_total", series) == by_concept
 
 
-def test_publish_counts_each_watched_concept_flag_under_its_concept(baseline: Baseline) -> None:
+def test_recorder_counts_each_watched_concept_flag_under_its_concept(baseline: Baseline) -> None:
     """Every 'watched_concept' flag increments layerwatch_watched_concept_total for its concept and
     the flags counter for its kind; samples flagged by the anomaly score alone do not."""
-    from monitor.drift.detector import publish
     from monitor.metrics import SidecarMetrics
+    from monitor.sidecar.recorder import SidecarRecorder
 
     det = DriftDetector(baseline, watch=["topic=code"])
     m = SidecarMetrics()
     update = det.process(leaning(synth(300, seed=21), 1.2))
-    publish(m, "m", update)
+    SidecarRecorder(m, "m").detector(update)
     n = sum(any(f.kind == "watched_concept" for f in s.flags) for s in update.scores)
     assert n > 100
     assert m.registry.get_sample_value("layerwatch_watched_concept_total", {"model": "m", "concept": "topic=code"}) == n
@@ -305,14 +305,18 @@ def test_watched_flag_names_the_layers_that_drive_the_concept_score(baseline: Ba
     assert sum(f.layers == (2, 5, 9) for f in flagged) >= 0.9 * len(flagged)
 
 
-def test_schema_version_1_baselines_load_and_unknown_versions_are_refused(baseline: Baseline) -> None:
-    """Baselines written as schema version 1 (before factors and concepts were stored) still load
-    with their id; a version this layerwatch does not know is refused with the versions it reads."""
+def test_older_schema_versions_load_and_unknown_versions_are_refused(baseline: Baseline) -> None:
+    """Baselines written as schema version 1 (before factors and concepts were stored) and 2
+    (prediction depth by rank) still load with their id; a version this layerwatch does not know
+    is refused with the versions it reads."""
     content = json.loads(json.dumps(dataclasses.replace(baseline, schema_version=1, concepts=None)._content()))
     v1 = Baseline.from_json({"id": _content_id(content), "created_at": baseline.created_at, **content})
-    assert v1.schema_version == 1 and baseline.schema_version == 2
-    content["schema_version"] = 3
-    with pytest.raises(BaselineError, match=r"schema version 3 is not supported \(this layerwatch reads 1, 2\)"):
+    content2 = json.loads(json.dumps(dataclasses.replace(baseline, schema_version=2)._content()))
+    v2 = Baseline.from_json({"id": _content_id(content2), "created_at": baseline.created_at, **content2})
+    assert v1.schema_version == 1 and v2.schema_version == 2 and baseline.schema_version == 3
+    assert v2.id == _content_id(content2)
+    content["schema_version"] = 4
+    with pytest.raises(BaselineError, match=r"schema version 4 is not supported \(this layerwatch reads 1, 2, 3\)"):
         Baseline.from_json({"id": _content_id(content), "created_at": baseline.created_at, **content})
 
 

@@ -1,10 +1,9 @@
 """Generate layerwatch's Grafana dashboards (deploy/grafana/dashboards/*.json).
 
 The JSON files are committed so Grafana provisioning, the Helm chart and reviewers read them
-directly; this script is their source, so ids, grid positions and datasource references stay
-consistent. Edit here, then run::
-
-    python deploy/grafana/generate_dashboards.py
+directly; this script is their one source, so ids, grid positions and datasource references stay
+consistent. Edit here, then run ``make generate`` (``python -m monitor.docsgen --write``), which
+writes deploy/grafana/dashboards/ and the Helm chart's copies in helm/layerwatch/files/.
 
 tests/test_grafana.py fails when the committed JSON differs from what this script writes, and
 parses every panel query with promtool. Queries use only the metric names of
@@ -481,11 +480,8 @@ def substitute(expr: str, values: dict[str, str]) -> str:
 
 
 def main() -> int:
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    for name, text in render().items():
-        (OUT_DIR / name).write_text(text)
-        print(f"wrote {OUT_DIR / name}")
-    return 0
+    print("run `make generate`: it writes deploy/grafana/dashboards/ and the Helm chart's copies", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

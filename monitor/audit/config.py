@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretBytes, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitor.errors import ConfigError
+from monitor.urls import is_backend_url, parse_url
 
 MIN_KEY_BYTES = 16
 
 
-class AuditConfig(BaseModel):
-    """How one writer (one sidecar replica) writes its trail, ``directory/writer_id/``."""
+class TrailSettings(BaseModel):
+    """How a trail is written: every setting of :class:`AuditConfig` but the writer's identity.
+
+    The sidecar's ``audit`` section (:class:`monitor.sidecar.config.AuditSettings`) is this model
+    with sidecar defaults, so the two cannot drift apart."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    AUTO_HEAD_STORE: ClassVar[bool] = False  # may head_store be "auto" (the sidecar decides)?
 
-    directory: Path = Field(description="Root of the audit trails; each writer uses its own sub-folder.")
-    writer_id: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-        description="This writer's id (one per sidecar replica), also the trail's folder name.")
+    directory: Path = Field(Path("layerwatch-audit"), description="Root of the audit trails; each writer uses its own sub-folder.")
     fsync: Literal["every_record", "every_n", "interval"] = Field(
         default="every_record",
         description="every_record: each append()/append_many() call is durable when it returns; "
@@ -48,15 +50,25 @@ class AuditConfig(BaseModel):
         default=None, gt=0, description="Prune segments whose records are all older than this (checked at each rotation).")
 
     @model_validator(mode="after")
-    def _check(self) -> AuditConfig:
+    def _check(self) -> TrailSettings:
         if self.hmac_key is not None and self.hmac_key_file is not None:
             raise ValueError("set either hmac_key or hmac_key_file, not both")
         if self.hmac_key is not None and len(self.hmac_key.get_secret_value()) < MIN_KEY_BYTES:
             raise ValueError(f"hmac_key must be at least {MIN_KEY_BYTES} bytes")
         spec = self.head_store
-        if not (spec in ("file", "none") or spec.startswith(("file:", "redis://", "rediss://", "unix://"))):
+        if not (spec in ("file", "none") or spec.startswith("file:") or (spec == "auto" and self.AUTO_HEAD_STORE)
+                or (is_backend_url(spec) and parse_url(spec).kind == "redis")):
             raise ValueError(f"head_store {spec!r}: use 'file', 'file:DIR', 'redis://...', 'rediss://...' or 'none'")
         return self
+
+
+class AuditConfig(TrailSettings):
+    """How one writer (one sidecar replica) writes its trail, ``directory/writer_id/``."""
+
+    directory: Path = Field(description="Root of the audit trails; each writer uses its own sub-folder.")
+    writer_id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="This writer's id (one per sidecar replica), also the trail's folder name.")
 
     @property
     def trail_dir(self) -> Path:

@@ -17,14 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from monitor.audit.records import KeyRing, canonical_json
 from monitor.errors import AuditError, AuditIntegrityError
+from monitor.urls import is_backend_url, parse_url, strip_credentials
 
 HEAD_FILE = "HEAD.json"
 
@@ -148,15 +151,16 @@ class FileHeadStore:
 class RedisHeadStore:
     """Heads in Redis, one string key per writer: ``key_prefix + writer`` holding the head JSON.
 
-    Timeouts are short: a Redis outage makes ``publish`` fail fast (the writer counts and logs it
-    and keeps writing; the head then lags, which verification reads as a healthy trail)."""
+    Connections and timeouts are the process's (:mod:`monitor.backends.redis`): a Redis outage
+    makes ``publish`` fail fast (the writer counts and logs it and keeps writing; the head then
+    lags, which verification reads as a healthy trail)."""
 
-    def __init__(self, url: str, *, key_prefix: str = "layerwatch:audit:head:", timeout_s: float = 1.0) -> None:
-        import redis
+    def __init__(self, url: str, *, key_prefix: str = "layerwatch:audit:head:", client: Any = None) -> None:
+        from monitor.backends.redis import connect
 
         self.url = url
         self.key_prefix = key_prefix
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._client = client if client is not None else connect(url)
 
     def key(self, writer: str) -> str:
         """The Redis key of ``writer``'s head."""
@@ -164,21 +168,17 @@ class RedisHeadStore:
 
     def publish(self, head: Head) -> None:
         """SET the writer's key."""
-        import redis
+        from monitor.backends.redis import mapped_errors
 
-        try:
+        with mapped_errors(AuditError, f"cannot publish the audit head to {self.describe()}"):
             self._client.set(self.key(head.writer), head.to_json())
-        except redis.RedisError as exc:
-            raise AuditError(f"cannot publish the audit head to {self.describe()}: {exc}") from exc
 
     def load(self, writer: str) -> Head | None:
         """GET the writer's key."""
-        import redis
+        from monitor.backends.redis import mapped_errors
 
-        try:
+        with mapped_errors(AuditError, f"cannot read the audit head from {self.describe()}"):
             raw = self._client.get(self.key(writer))
-        except redis.RedisError as exc:
-            raise AuditError(f"cannot read the audit head from {self.describe()}: {exc}") from exc
         if raw is None:
             return None
         return Head.from_json(raw)
@@ -188,23 +188,95 @@ class RedisHeadStore:
         return f"{strip_credentials(self.url)} prefix {self.key_prefix}"
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._client.close()
+        """Nothing to release: the pool is the process's (:mod:`monitor.backends.redis`)."""
 
 
-def strip_credentials(url: str) -> str:
-    """``redis://user:pw@host/0`` -> ``redis://host/0``."""
-    return re.sub(r"^([a-z]+://)[^@/]*@", r"\1", url)
-
-
-def head_store_from_spec(spec: str, trail_dir: Path, *, key_prefix: str = "layerwatch:audit:head:") -> HeadStore | None:
-    """Build the store an :class:`~monitor.audit.config.AuditConfig` ``head_store`` names."""
+def head_store_from_spec(spec: str, trail_dir: Path, *, key_prefix: str = "layerwatch:audit:head:",
+                         client: Any = None) -> HeadStore | None:
+    """Build the store an :class:`~monitor.audit.config.AuditConfig` ``head_store`` names
+    (``client``: a Redis client of the composition root's backend, for a Redis spec)."""
     if spec == "none":
         return None
     if spec == "file":
         return FileHeadStore(trail_dir / HEAD_FILE)
     if spec.startswith("file:"):
         return FileHeadStore(Path(spec[5:]), per_writer=True)
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisHeadStore(spec, key_prefix=key_prefix)
+    if is_backend_url(spec) and parse_url(spec, field="audit.head_store").kind == "redis":
+        return RedisHeadStore(spec, key_prefix=key_prefix, client=client)
     raise AuditError(f"unknown head store {spec!r}: use 'file', 'file:DIR', 'redis://...' or 'none'")
+
+
+class HeadPublisher:
+    """Publishes the newest head on its own thread, so a sync waits for the fsync only, never
+    for Redis or the head file. Latest wins: a head superseded before it was sent is skipped.
+    The head lags the file by at most one publish, which verification reads as healthy."""
+
+    def __init__(self, store: HeadStore, on_result: Callable[[Exception | None], None], name: str) -> None:
+        self._store = store
+        self._on_result = on_result
+        self._cv = threading.Condition()
+        self._pending: Head | None = None
+        self._busy = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, head: Head) -> None:
+        with self._cv:
+            self._pending = head
+            self._cv.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the newest submitted head is published (True) or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending is not None or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopped:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def stop(self, *, flush: bool, timeout: float = 5.0) -> None:
+        if flush:
+            self.flush(timeout)
+        with self._cv:
+            self._stopped = True
+            self._pending = None
+            self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._stopped:
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                head, self._pending, self._busy = self._pending, None, True
+            error: Exception | None = None
+            try:
+                assert head is not None
+                self._store.publish(head)
+            except Exception as exc:  # noqa: BLE001 - reported, never raised into the writer
+                error = exc
+            self._on_result(error)
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+
+def head_loss(head: Head | None, seq: int, hash_: str) -> dict[str, Any] | None:
+    """What a head kept outside the trail says about a trail that ends at ``seq``/``hash_``: a lost
+    tail (the head is ahead), a mismatch (same seq, another hash), or nothing (None)."""
+    lost: dict[str, Any] | None = None
+    if head is not None and head.seq > seq:
+        lost = {"reason": "tail_lost", "from_seq": seq + 1, "to_seq": head.seq,
+                "head": {"seq": head.seq, "hash": head.hash, "segment": head.segment, "ts": head.ts},
+                "detail": f"the head said seq {head.seq} was durable but the trail ends at seq {seq}"}
+    elif head is not None and head.seq == seq and head.hash != hash_:
+        lost = {"reason": "head_mismatch", "from_seq": head.seq, "to_seq": head.seq,
+                "head": {"seq": head.seq, "hash": head.hash, "segment": head.segment, "ts": head.ts},
+                "detail": f"the head's hash for seq {head.seq} differs from the record in the trail"}
+    return lost

@@ -34,6 +34,8 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
+from monitor.errors import AuditError
+
 SCHEMA_VERSION = 1
 GENESIS_HASH = "0" * 64
 
@@ -288,3 +290,27 @@ def sample_fields(
     if redelivered:
         fields["redelivered"] = True
     return fields
+
+
+def check_kind(kind: str) -> str:
+    """The kind of a record a caller may append; AuditError names the kinds otherwise."""
+    value = str(kind)
+    if value not in CALLER_KINDS:
+        if value in (RecordKind.CHECKPOINT, RecordKind.RECOVERY):
+            raise AuditError(f"{value} records are written by the audit writer itself")
+        raise AuditError(f"unknown audit record kind {value!r}; use one of {', '.join(sorted(CALLER_KINDS))}")
+    return value
+
+
+def check_fields(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A caller's fields for a record of ``kind``; AuditError names the field that cannot be used."""
+    clash = RESERVED_FIELDS.intersection(fields)
+    if clash:
+        raise AuditError(f"audit record fields {sorted(clash)} are set by the writer; rename them or nest the "
+                         "payload (e.g. {\"alert\": event.to_dict()})")
+    bad = [k for k in fields if not isinstance(k, str)]
+    if bad:
+        raise AuditError(f"audit record field names must be strings, got {bad!r}")
+    if kind == RecordKind.SAMPLE and not (isinstance(fields.get("sample_id"), str) and fields["sample_id"]):
+        raise AuditError("a sample record needs a non-empty string sample_id (use sample_fields(...))")
+    return dict(fields)

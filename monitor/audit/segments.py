@@ -13,6 +13,7 @@ A trail is one folder per writer::
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -21,8 +22,10 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from monitor.errors import AuditError, AuditLockedError
+from monitor.audit.records import RecordFormatError, parse_and_hash
+from monitor.errors import AuditError, AuditIntegrityError, AuditLockedError
 
 SEGMENT_RE = re.compile(r"^segment-(\d{12,})\.jsonl$")
 LOCK_FILE = "LOCK"
@@ -182,3 +185,73 @@ class TrailLock:
 def iter_segment_lines(path: Path) -> Iterator[Line]:
     """Lines of one segment file."""
     yield from split_lines(path.read_bytes())
+
+
+def quarantine_tail(trail_dir: Path, seg: Path, data: bytes, offset: int, *, whole: bool, now: float) -> dict[str, Any]:
+    """Move a torn tail (``data[offset:]``) of ``seg`` to the quarantine folder, fsynced, and cut the
+    segment there (or remove it when ``whole``); returns what the recovery record says."""
+    qdir = trail_dir / QUARANTINE_DIR
+    qdir.mkdir(exist_ok=True)
+    tail = data[offset:]
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    target = qdir / f"{seg.stem}.offset-{offset}.{stamp}.torn"
+    n = 1
+    while target.exists():
+        target = qdir / f"{seg.stem}.offset-{offset}.{stamp}.{n}.torn"
+        n += 1
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, tail)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(qdir)
+    if whole:
+        seg.unlink()
+    else:
+        fd = os.open(seg, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(trail_dir)
+    return {"segment": seg.name, "offset": offset, "bytes": len(tail), "sha256": hashlib.sha256(tail).hexdigest(),
+            "quarantined_to": f"{QUARANTINE_DIR}/{target.name}", "segment_removed": whole}
+
+
+def recover_tail(trail_dir: Path, writer_id: str, *, now: float) -> tuple[dict[str, Any] | None, str | None, list[dict[str, Any]]]:
+    """Start-up recovery of a trail: quarantine torn tails (newest segments first) and return the
+    newest intact record, its segment name, and what was quarantined. AuditIntegrityError when
+    the newest record is damaged, edited, or another writer's."""
+    segments = list_segments(trail_dir)
+    quarantined: list[dict[str, Any]] = []
+    last: dict[str, Any] | None = None
+    last_segment: str | None = None
+    while segments:
+        seg = segments[-1]
+        data = seg.read_bytes()
+        lines = split_lines(data)
+        start = torn_suffix_start(lines)
+        if start < len(lines) or not lines:
+            offset = lines[start].offset if lines else 0
+            quarantined.append(quarantine_tail(trail_dir, seg, data, offset, whole=start == 0, now=now))
+            if start == 0:
+                segments.pop()
+                continue
+        line = lines[start - 1]
+        try:
+            rec, digest = parse_and_hash(line.data)
+        except RecordFormatError as exc:
+            raise AuditIntegrityError(
+                f"{seg} line {line.number}: the newest record is damaged ({exc.reason}); the trail was "
+                "modified. Run `layerwatch audit verify`; to start afresh, use a new directory.") from exc
+        if digest != rec["hash"]:
+            raise AuditIntegrityError(
+                f"{seg} line {line.number}: the newest record does not match its hash (edited after it was "
+                "written). Run `layerwatch audit verify`; to start afresh, use a new directory.")
+        if rec["writer"] != writer_id:
+            raise AuditIntegrityError(f"{trail_dir} holds the trail of writer {rec['writer']!r}, not {writer_id!r}")
+        last, last_segment = rec, seg.name
+        break
+    return last, last_segment, quarantined

@@ -20,9 +20,7 @@ them short (e.g. hand the seq to the thread that acks).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,26 +30,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monitor.audit.config import AuditConfig
-from monitor.audit.heads import Head, HeadStore, head_store_from_spec
+from monitor.audit.heads import Head, HeadPublisher, HeadStore, head_loss, head_store_from_spec
 from monitor.audit.pipeline import ChainState, SegmentSink, build_logger
 from monitor.audit.records import (
-    CALLER_KINDS,
-    RESERVED_FIELDS,
     AuditRecord,
     KeyRing,
-    RecordFormatError,
     RecordKind,
+    check_fields,
+    check_kind,
     format_ts,
-    parse_and_hash,
 )
 from monitor.audit.segments import (
-    QUARANTINE_DIR,
     TrailLock,
     fsync_dir,
     list_segments,
+    recover_tail,
     segment_name,
-    split_lines,
-    torn_suffix_start,
 )
 from monitor.errors import AuditError, AuditIntegrityError, AuditWriteError
 
@@ -71,67 +65,6 @@ class PruneResult:
     through_seq: int | None
     through_hash: str | None
     record: AuditRecord | None
-
-
-class _HeadPublisher:
-    """Publishes the newest head on its own thread, so a sync waits for the fsync only, never
-    for Redis or the head file. Latest wins: a head superseded before it was sent is skipped.
-    The head lags the file by at most one publish, which verification reads as healthy."""
-
-    def __init__(self, store: HeadStore, on_result: Callable[[Exception | None], None], name: str) -> None:
-        self._store = store
-        self._on_result = on_result
-        self._cv = threading.Condition()
-        self._pending: Head | None = None
-        self._busy = False
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, head: Head) -> None:
-        with self._cv:
-            self._pending = head
-            self._cv.notify_all()
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until the newest submitted head is published (True) or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while self._pending is not None or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stopped:
-                    return False
-                self._cv.wait(left)
-        return True
-
-    def stop(self, *, flush: bool, timeout: float = 5.0) -> None:
-        if flush:
-            self.flush(timeout)
-        with self._cv:
-            self._stopped = True
-            self._pending = None
-            self._cv.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while self._pending is None and not self._stopped:
-                    self._cv.wait()
-                if self._stopped:
-                    return
-                head, self._pending, self._busy = self._pending, None, True
-            error: Exception | None = None
-            try:
-                assert head is not None
-                self._store.publish(head)
-            except Exception as exc:  # noqa: BLE001 - reported, never raised into the writer
-                error = exc
-            self._on_result(error)
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
 
 
 class AuditWriter:
@@ -183,12 +116,12 @@ class AuditWriter:
             self.head_publish_errors = 0
             self._head_failing = False
             self.recoveries: list[dict[str, Any]] = []
-            self._publisher = (_HeadPublisher(head_store, self._head_result, f"audit-head-{self.writer_id}")
+            self._publisher = (HeadPublisher(head_store, self._head_result, f"audit-head-{self.writer_id}")
                                if head_store is not None else None)
             self._open()
         except BaseException:
             self._sink_close_quietly()
-            publisher: _HeadPublisher | None = getattr(self, "_publisher", None)
+            publisher: HeadPublisher | None = getattr(self, "_publisher", None)
             if publisher is not None:
                 publisher.stop(flush=False)
             if self._head_store is not None:
@@ -215,7 +148,7 @@ class AuditWriter:
         """Append several records in order with one fsync decision (one fsync for
         ``every_record``). On failure raises AuditWriteError whose ``written`` lists the records of
         this call already in the trail."""
-        batch = [(k, self._check_fields(k, fields)) for k, fields in ((self._check_kind(k), f) for k, f in items)]
+        batch = [(k, check_fields(k, fields)) for k, fields in ((check_kind(k), f) for k, f in items)]
         with self._lock:
             self._check_usable()
             written: list[AuditRecord] = []
@@ -304,28 +237,6 @@ class AuditWriter:
         self.close()
 
     # --- checks ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_kind(kind: str) -> str:
-        value = str(kind)
-        if value not in CALLER_KINDS:
-            if value in (RecordKind.CHECKPOINT, RecordKind.RECOVERY):
-                raise AuditError(f"{value} records are written by the audit writer itself")
-            raise AuditError(f"unknown audit record kind {value!r}; use one of {', '.join(sorted(CALLER_KINDS))}")
-        return value
-
-    @staticmethod
-    def _check_fields(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        clash = RESERVED_FIELDS.intersection(fields)
-        if clash:
-            raise AuditError(f"audit record fields {sorted(clash)} are set by the writer; rename them or nest the "
-                             "payload (e.g. {\"alert\": event.to_dict()})")
-        bad = [k for k in fields if not isinstance(k, str)]
-        if bad:
-            raise AuditError(f"audit record field names must be strings, got {bad!r}")
-        if kind == RecordKind.SAMPLE and not (isinstance(fields.get("sample_id"), str) and fields["sample_id"]):
-            raise AuditError("a sample record needs a non-empty string sample_id (use sample_fields(...))")
-        return dict(fields)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -483,47 +394,10 @@ class AuditWriter:
 
     def _open(self) -> None:
         head = self._load_head()
-        segments = list_segments(self.trail_dir)
-        quarantined: list[dict[str, Any]] = []
-        last: dict[str, Any] | None = None
-        last_segment: str | None = None
-        while segments:
-            seg = segments[-1]
-            data = seg.read_bytes()
-            lines = split_lines(data)
-            start = torn_suffix_start(lines)
-            if start < len(lines) or not lines:
-                offset = lines[start].offset if lines else 0
-                quarantined.append(self._quarantine(seg, data, offset, whole=start == 0))
-                if start == 0:
-                    segments.pop()
-                    continue
-            line = lines[start - 1]
-            try:
-                rec, digest = parse_and_hash(line.data)
-            except RecordFormatError as exc:
-                raise AuditIntegrityError(
-                    f"{seg} line {line.number}: the newest record is damaged ({exc.reason}); the trail was "
-                    "modified. Run `layerwatch audit verify`; to start afresh, use a new directory.") from exc
-            if digest != rec["hash"]:
-                raise AuditIntegrityError(
-                    f"{seg} line {line.number}: the newest record does not match its hash (edited after it was "
-                    "written). Run `layerwatch audit verify`; to start afresh, use a new directory.")
-            if rec["writer"] != self.writer_id:
-                raise AuditIntegrityError(f"{self.trail_dir} holds the trail of writer {rec['writer']!r}, not {self.writer_id!r}")
-            last, last_segment = rec, seg.name
-            break
+        last, last_segment, quarantined = recover_tail(self.trail_dir, self.writer_id, now=self._clock())
         if last is not None:
             self._state.seq, self._state.hash = last["seq"], last["hash"]
-        lost: dict[str, Any] | None = None
-        if head is not None and head.seq > self._state.seq:
-            lost = {"reason": "tail_lost", "from_seq": self._state.seq + 1, "to_seq": head.seq,
-                    "head": {"seq": head.seq, "hash": head.hash, "segment": head.segment, "ts": head.ts},
-                    "detail": f"the head said seq {head.seq} was durable but the trail ends at seq {self._state.seq}"}
-        elif head is not None and head.seq == self._state.seq and head.hash != self._state.hash:
-            lost = {"reason": "head_mismatch", "from_seq": head.seq, "to_seq": head.seq,
-                    "head": {"seq": head.seq, "hash": head.hash, "segment": head.segment, "ts": head.ts},
-                    "detail": f"the head's hash for seq {head.seq} differs from the record in the trail"}
+        lost = head_loss(head, self._state.seq, self._state.hash)
         last_good = {"seq": self._state.seq, "hash": self._state.hash}
         self._start_segment("open", last_segment)
         for q in quarantined:
@@ -537,36 +411,6 @@ class AuditWriter:
             self._emit(RecordKind.RECOVERY, {"recovery": lost})
             log.error("audit trail %s: %s; recorded as a recovery record", self.trail_dir, lost["detail"])
         self._sync_locked()
-
-    def _quarantine(self, seg: Path, data: bytes, offset: int, *, whole: bool) -> dict[str, Any]:
-        qdir = self.trail_dir / QUARANTINE_DIR
-        qdir.mkdir(exist_ok=True)
-        tail = data[offset:]
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
-        target = qdir / f"{seg.stem}.offset-{offset}.{stamp}.torn"
-        n = 1
-        while target.exists():
-            target = qdir / f"{seg.stem}.offset-{offset}.{stamp}.{n}.torn"
-            n += 1
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        try:
-            os.write(fd, tail)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(qdir)
-        if whole:
-            seg.unlink()
-        else:
-            fd = os.open(seg, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.ftruncate(fd, offset)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(self.trail_dir)
-        return {"segment": seg.name, "offset": offset, "bytes": len(tail), "sha256": hashlib.sha256(tail).hexdigest(),
-                "quarantined_to": f"{QUARANTINE_DIR}/{target.name}", "segment_removed": whole}
 
     # --- retention ---------------------------------------------------------------------------------
 

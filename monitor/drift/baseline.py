@@ -21,7 +21,6 @@ for and :meth:`Baseline.check_compatible` refuses any other.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from monitor.drift.codec import decode_array as _dec
-from monitor.drift.codec import encode_array as _enc
 from monitor.drift.concepts import ConceptReference
+from monitor.drift.document import content_id, from_document, parse_document, to_document
 from monitor.drift.features import (
     GLOBAL_FEATURES,
     READINGS,
@@ -48,8 +46,12 @@ from monitor.lenses.readings import CONTEXT_SUFFIX
 # 2: factor models store loadings and residual variances, and concept calibration is stored;
 # version 1 documents still load. Sidecars that only read version 1 refuse version 2 with that
 # reason: upgrade sidecars before building or learning baselines with a newer layerwatch.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 3: the prediction depth of every reading is the live one (the first layer from which the lens
+# top-1 equals the model's final top-1 through the last layer); versions 1 and 2 were built
+# offline with "the final top-1 has rank 0 under the lens", which differs on ties. They still
+# load and score; their depth quantiles and feature means may differ on tied samples.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 MIN_SAMPLES = 400  # fit split large enough for a stable covariance, >= 120 calibration scores
 QUANTILE_LEVELS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
 # Factors of the detector's covariance model (0 = Ledoit-Wolf; see Mahalanobis.fit). Chosen on
@@ -145,50 +147,9 @@ class Baseline:
                 f"readings carry probes {have}, baseline {self.id} expects {dict(self.probe_labels)}"
             )
 
-    # --- JSON -------------------------------------------------------------------------------
+    # --- JSON (the stored form: monitor.drift.document) --------------------------------------
     def _content(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.schema_version,
-            "model": self.model,
-            "model_fingerprint": self.model_fingerprint,
-            "bundle_id": self.bundle_id,
-            "source": self.source,
-            "layers": list(self.layers),
-            "probe_labels": {k: list(v) for k, v in sorted(self.probe_labels.items())},
-            "n_samples": self.n_samples,
-            "n_fit": self.n_fit,
-            "n_calibration": self.n_calibration,
-            "features": {
-                "names": list(self.layout.names),
-                "layer_of": list(self.layout.layer_of),
-                "reading_of": list(self.layout.reading_of),
-                "mean": self.detector.mean.tolist(),
-                "scale": self.detector.scale.tolist(),
-                "active": [bool(x) for x in self.detector.active],
-                "shrinkage": self.detector.shrinkage,
-                "components": self.detector.components,
-                # only when set: baselines written before clipping existed keep their content id
-                **({} if self.detector.clip is None else {"clip": self.detector.clip}),
-                # a factor model stores its loadings and residual variances (Fa x (k + 1) numbers),
-                # Ledoit-Wolf its precision matrix (Fa x Fa)
-                **({"precision": _enc(self.detector.precision, "float32")} if self.detector.loadings is None
-                   or self.detector.psi is None else
-                   {"loadings": _enc(self.detector.loadings, "float32"), "psi": _enc(self.detector.psi, "float32")}),
-            },
-            "calibration_scores": self.calibration_scores.tolist(),
-            "quantile_levels": list(self.quantile_levels),
-            "quantiles": {k: np.asarray(v).tolist() for k, v in sorted(self.quantiles.items())},
-            "window_bins": {
-                k: [{"edges": list(r.edges), "counts": list(r.counts)} for r in refs]
-                for k, refs in sorted(self.window_bins.items())
-            },
-            "prediction_depth_histogram": {str(k): v for k, v in sorted(self.depth_histogram.items())},
-            "probe_counts": {k: v.astype(int).tolist() for k, v in sorted(self.probe_counts.items())},
-            "token_table": self.tokens.to_json(),
-            # only when set: older baselines keep their content id
-            **({} if self.concepts is None else {"concepts": self.concepts.to_json()}),
-            "extra": self.extra,
-        }
+        return to_document(self).content()
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document stored in Redis and on disk."""
@@ -201,63 +162,9 @@ class Baseline:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Baseline:
         """Parse a stored baseline; refuses unknown schema versions and tampered content."""
-        try:
-            version = int(doc.get("schema_version", -1))
-            if version not in READABLE_SCHEMA_VERSIONS:
-                raise BaselineError(
-                    f"baseline schema version {version} is not supported (this layerwatch reads "
-                    f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); rebuild the baseline or upgrade layerwatch"
-                )
-            f = doc["features"]
-            layout = FeatureLayout(
-                tuple(f["names"]), tuple(int(x) for x in f["layer_of"]), tuple(f["reading_of"])
-            )
-            mean = np.asarray(f["mean"], dtype=np.float64)
-            scale = np.asarray(f["scale"], dtype=np.float64)
-            active = np.asarray(f["active"], dtype=bool)
-            clip = None if f.get("clip") is None else float(f["clip"])
-            if "loadings" in f:
-                det = Mahalanobis.from_factors(mean, scale, active, _dec(f["loadings"]).astype(np.float64),
-                                               _dec(f["psi"]).astype(np.float64), float(f["shrinkage"]), clip)
-            else:  # Ledoit-Wolf, and factor-model baselines written before factors were stored
-                det = Mahalanobis(mean, scale, active, _dec(f["precision"]).astype(np.float64),
-                                  float(f["shrinkage"]), int(f.get("components", 0)), clip)
-            bl = cls(
-                id=str(doc["id"]),
-                created_at=str(doc["created_at"]),
-                model=str(doc["model"]),
-                model_fingerprint=str(doc["model_fingerprint"]),
-                bundle_id=str(doc["bundle_id"]),
-                source=str(doc.get("source", "")),
-                layers=tuple(int(x) for x in doc["layers"]),
-                probe_labels={k: tuple(v) for k, v in doc["probe_labels"].items()},
-                n_samples=int(doc["n_samples"]),
-                n_fit=int(doc["n_fit"]),
-                n_calibration=int(doc["n_calibration"]),
-                layout=layout,
-                detector=det,
-                calibration_scores=np.asarray(doc["calibration_scores"], dtype=np.float64),
-                quantiles={k: np.asarray(v, dtype=np.float64) for k, v in doc["quantiles"].items()},
-                window_bins={
-                    k: tuple(
-                        WindowReference(tuple(float(e) for e in r["edges"]), tuple(int(c) for c in r["counts"]))
-                        for r in refs
-                    )
-                    for k, refs in doc["window_bins"].items()
-                },
-                depth_histogram={int(k): int(v) for k, v in doc["prediction_depth_histogram"].items()},
-                probe_counts={k: np.asarray(v, dtype=np.int64) for k, v in doc["probe_counts"].items()},
-                tokens=TokenTable.from_json(doc["token_table"]),
-                concepts=ConceptReference.from_json(doc["concepts"]) if "concepts" in doc else None,
-                quantile_levels=tuple(float(x) for x in doc["quantile_levels"]),
-                schema_version=version,
-                extra=dict(doc.get("extra", {})),
-            )
-        except BaselineError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BaselineError(f"baseline document is malformed ({type(exc).__name__}: {exc})") from exc
-        if _content_id(bl._content()) != bl.id:
+        parsed = parse_document(doc, READABLE_SCHEMA_VERSIONS)
+        bl = cls(**from_document(parsed))
+        if content_id(parsed.content()) != bl.id:
             raise BaselineError(
                 f"baseline {bl.id}: content does not match its id (edited or corrupted); rebuild it"
             )
@@ -312,11 +219,6 @@ class Baseline:
                 for p, lbls in self.probe_labels.items()
             },
         }
-
-
-def _content_id(content: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return "bl-" + digest[:16]
 
 
 def _window_reference(values: np.ndarray) -> WindowReference:
@@ -447,7 +349,7 @@ def build_baseline(
     )
     # Hash what is stored: round-trip through JSON so the id matches a reloaded baseline.
     content = json.loads(json.dumps(bl._content()))
-    return Baseline.from_json({"id": _content_id(content), "created_at": bl.created_at, **content})
+    return Baseline.from_json({"id": content_id(content), "created_at": bl.created_at, **content})
 
 
 class BaselineLearner:

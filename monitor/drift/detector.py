@@ -2,8 +2,8 @@
 
 Threading: one :class:`DriftDetector` per consumer loop; :meth:`DriftDetector.process` is called
 on that loop's thread with each micro-batch and does no I/O. It fills a plain
-:class:`DriftStats` object; :func:`publish` translates an update into the Prometheus metrics of
-:class:`monitor.metrics.SidecarMetrics`.
+:class:`DriftStats` object and returns a :class:`DetectorUpdate`; the sidecar's recorder
+(:mod:`monitor.sidecar.recorder`) turns updates into metrics.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from monitor.drift.baseline import Baseline
 from monitor.drift.features import ReadingArrays
 from monitor.drift.score import AnomalyScorer, SampleScore
 from monitor.drift.window import AlertEvent, SlidingWindowMonitor, WindowResult
-from monitor.lenses.readings import BankOutput, SampleReadings
+from monitor.lenses.readings import Readings, SampleReadings
 
 
 @dataclass
@@ -46,14 +46,14 @@ class DetectorUpdate:
 
 
 def as_arrays(
-    readings: BankOutput | ReadingArrays | Sequence[SampleReadings],
+    readings: Readings | ReadingArrays | Sequence[SampleReadings],
     probe_labels: dict[str, tuple[str, ...]] | None = None,
     depth: np.ndarray | Sequence[int] | None = None,
 ) -> ReadingArrays:
-    """Accept the lens bank's batch output, per-sample readings or ready arrays."""
+    """Accept readings (columnar or per-sample views) or ready arrays."""
     if isinstance(readings, ReadingArrays):
         return readings
-    if isinstance(readings, BankOutput):
+    if isinstance(readings, Readings):
         return ReadingArrays.from_bank_output(readings, probe_labels, depth)
     return ReadingArrays.from_readings(list(readings), depth)
 
@@ -85,7 +85,7 @@ class DriftDetector:
 
     def process(
         self,
-        readings: BankOutput | ReadingArrays | Sequence[SampleReadings],
+        readings: Readings | ReadingArrays | Sequence[SampleReadings],
         probe_labels: dict[str, tuple[str, ...]] | None = None,
         depth: np.ndarray | Sequence[int] | None = None,
     ) -> DetectorUpdate:
@@ -105,22 +105,3 @@ class DriftDetector:
         st.alert_active = self.windows.alert.active
         st.alert_sentence = self.windows.alert.sentence
         return DetectorUpdate(scores, windows, events)
-
-
-def publish(metrics: Any, model: str, update: DetectorUpdate) -> None:
-    """Record one update on a :class:`monitor.metrics.SidecarMetrics` (bounded labels only)."""
-    for s in update.scores:
-        if np.isfinite(s.score):
-            metrics.anomaly_score.labels(model=model).observe(s.score)
-        if s.anomalous:
-            metrics.anomalies.labels(model=model).inc()
-        for f in s.flags:
-            metrics.flags.labels(model=model, flag=f.kind).inc()
-            if f.kind == "watched_concept":
-                metrics.watched_concepts.labels(model=model, concept=f.reading.split(":", 1)[1]).inc()
-    for ev in update.events:
-        if ev.kind == "raised":
-            metrics.drift_alerts.labels(model=model).inc()
-            metrics.drift_alert_active.labels(model=model).set(1)
-        else:
-            metrics.drift_alert_active.labels(model=model).set(0)

@@ -1,8 +1,8 @@
 """From lens readings to the arrays and the compact feature vector the detector works on.
 
-The lens bank hands out a batch :class:`~monitor.lenses.readings.BankOutput`; narratives and the
-audit trail use per-sample :class:`~monitor.lenses.readings.SampleReadings`. Both become one
-:class:`ReadingArrays` here (numpy, [B, L]), so baselines built from either are the same.
+The lens bank hands out :class:`~monitor.lenses.readings.Readings` (columnar, with per-sample
+views for narratives); the statistics read them as :class:`ReadingArrays`, the same columns
+widened to float64 (plus the prediction depth), so baselines built from either are the same.
 
 The per-sample feature vector, per watched layer: entropy, log(1 + KL to final), log of the lens
 confidence (top-1 probability), log(1 + rank of the final top-1 under the lens), the surprisal of
@@ -20,28 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitor.errors import BaselineError
-from monitor.lenses.readings import BankOutput, SampleReadings
+from monitor.lenses.readings import Readings, SampleReadings, prediction_depth
 
 # Scalar readings per layer, in feature order.
 READINGS = ("entropy", "kl_to_final", "confidence", "final_top1_rank")
 GLOBAL_FEATURES = ("prediction_depth", "final_entropy", "final_confidence", "final_top1_surprisal")
 GLOBAL_LAYER = -1  # layer index used for the global features in contribution tables
 _EPS = 1e-6
-
-
-def prediction_depth(final_top1_rank: np.ndarray, layers: Sequence[int]) -> np.ndarray:
-    """First watched layer from which the lens top-1 stays equal to the final top-1 ([B] int).
-
-    ``final_top1_rank`` is [B, L] (0 = the lens top-1 is the model's final top-1). A sample whose
-    last watched layer disagrees gets ``layers[-1]``, as :func:`monitor.narratives.prediction_depth`.
-    """
-    agree = np.asarray(final_top1_rank) == 0  # [B, L]
-    n_layers = agree.shape[1]
-    # trailing run of agreement: reverse cumulative AND
-    trailing = np.flip(np.cumprod(np.flip(agree, axis=1), axis=1), axis=1).astype(bool)
-    first = np.where(trailing.any(axis=1), np.argmax(trailing, axis=1), n_layers)
-    lay = np.asarray(list(layers) + [layers[-1]])
-    return lay[first].astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -78,14 +63,15 @@ class ReadingArrays:
     @classmethod
     def from_bank_output(
         cls,
-        out: BankOutput,
+        out: Readings,
         probe_labels: dict[str, tuple[str, ...]] | None = None,
         depth: np.ndarray | Sequence[int] | None = None,
     ) -> ReadingArrays:
-        """Build from a batch straight out of the lens bank (depth computed if not given)."""
+        """The float64 columns of a batch of :class:`~monitor.lenses.readings.Readings` (its
+        prediction depth unless ``depth`` is given; its probe labels unless given)."""
         rank = np.asarray(out.final_top1_rank, dtype=np.int64)
-        d = prediction_depth(rank, out.layers) if depth is None else np.asarray(depth, dtype=np.int64)
-        labels = dict(probe_labels or {})
+        d = out.depth if depth is None else np.asarray(depth, dtype=np.int64)
+        labels = dict(out.probe_labels if probe_labels is None else probe_labels)
         probes = {k: np.asarray(v, dtype=np.float64) for k, v in out.probes.items()}
         for k, v in probes.items():
             labels.setdefault(k, tuple(str(i) for i in range(v.shape[-1])))
@@ -106,9 +92,11 @@ class ReadingArrays:
 
     @classmethod
     def from_readings(
-        cls, samples: Sequence[SampleReadings], depth: np.ndarray | Sequence[int] | None = None
+        cls, samples: Readings | Sequence[SampleReadings], depth: np.ndarray | Sequence[int] | None = None
     ) -> ReadingArrays:
-        """Build from per-sample readings (all samples must watch the same layers and probes)."""
+        """Build from readings, columnar or per-sample views (all watching the same layers and probes)."""
+        if isinstance(samples, Readings):
+            return cls.from_bank_output(samples, depth=depth)
         if not samples:
             raise BaselineError("no samples given")
         layers = tuple(r.layer for r in samples[0].layers)
@@ -129,7 +117,9 @@ class ReadingArrays:
         for p, v in probes.items():
             if len(labels[p]) != v.shape[-1]:
                 labels[p] = tuple(str(i) for i in range(v.shape[-1]))
-        d = prediction_depth(rank, layers) if depth is None else np.asarray(depth, dtype=np.int64)
+        top1 = np.array([[r.top1 for r in s.layers] for s in samples], dtype=np.int64)
+        final_top1 = np.array([s.final_top1 for s in samples], dtype=np.int64)
+        d = prediction_depth(top1, final_top1, layers) if depth is None else np.asarray(depth, dtype=np.int64)
         return cls(
             layers=layers,
             entropy=grid("entropy"),
@@ -141,8 +131,8 @@ class ReadingArrays:
             final_confidence=np.array([s.final_topk_probs[0] for s in samples], dtype=np.float64),
             probes=probes,
             probe_labels=labels,
-            top1=np.array([[r.top1 for r in s.layers] for s in samples], dtype=np.int64),
-            final_top1=np.array([s.final_top1 for s in samples], dtype=np.int64),
+            top1=top1,
+            final_top1=final_top1,
         )
 
     def subset(self, idx: np.ndarray | Sequence[int] | slice) -> ReadingArrays:

@@ -22,7 +22,7 @@ at most ``alpha``, and a watched concept that fired is flagged as ``watched_conc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,28 +32,24 @@ from monitor.drift.concepts import combine_p_values, parse_concept
 from monitor.drift.features import GLOBAL_LAYER, READINGS, ReadingArrays, feature_matrix
 from monitor.drift.stats import conformal_p_values
 from monitor.errors import BaselineError
-
-READING_TITLES = {
-    "entropy": ("entropy", "nats"),
-    "kl_to_final": ("KL to final", "nats"),
-    "confidence": ("lens confidence", ""),
-    "final_top1_rank": ("rank of the final top-1", ""),
-    "prediction_depth": ("prediction depth", ""),
-    "final_entropy": ("final entropy", "nats"),
-    "final_confidence": ("final confidence", ""),
-    "top1_surprisal": ("surprisal of the lens top-1 token", "nats"),
-    "final_top1_surprisal": ("surprisal of the final top-1 token", "nats"),
-}
+from monitor.explain import flag_sentence
 
 
 @dataclass(frozen=True)
 class Flag:
-    """Why a sample was flagged: which reading moved, at which layers, and how."""
+    """Why a sample was flagged, as data: which reading moved, at which layers, and the numbers
+    (``facts``: value, normal median, ...). :attr:`detail` renders the sentence
+    (:func:`monitor.explain.flag_sentence`)."""
 
     kind: str  # bounded set: "<reading>_high|low", "probe_<name>_unusual_label", "unusual_pattern"
     layers: tuple[int, ...]
     reading: str
-    detail: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def detail(self) -> str:
+        """The flag as one English sentence."""
+        return flag_sentence(self.kind, self.layers, self.reading, self.facts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "layers": list(self.layers), "reading": self.reading, "detail": self.detail}
@@ -100,16 +96,6 @@ def layer_runs(layers: Sequence[int], all_layers: Sequence[int], max_gap: int = 
         else:
             runs.append([all_layers[i]])
     return runs
-
-
-def layer_span(layers: Sequence[int]) -> str:
-    """'layer 7' or 'layers 10-18'."""
-    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
-
-
-def _fmt(v: float, unit: str) -> str:
-    s = f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    return f"{s} {unit}".rstrip()
 
 
 class AnomalyScorer:
@@ -233,10 +219,9 @@ class AnomalyScorer:
             z = self.baseline.concepts.layer_scores(a, name)[b]  # what the concept score averages
             top = np.argsort(np.nan_to_num(z, nan=-np.inf))[::-1][:3]
             lays = tuple(sorted(a.layers[i] for i in top))
-            detail = (f"watched concept {name}: the {probe} probe reads {label!r} at "
-                      f"{float(np.mean(probs)):.2f} on average over the layers (normal median "
-                      f"{float(np.mean(normal)):.2f}; p={pv:.3g}, most at layers {', '.join(map(str, lays))})")
-            out.append(Flag("watched_concept", lays, f"concept:{name}", detail))
+            out.append(Flag("watched_concept", lays, f"concept:{name}",
+                            {"concept": name, "probe": probe, "label": label, "mean": float(np.mean(probs)),
+                             "normal": float(np.mean(normal)), "p": pv}))
         return out
 
     def _flags(self, a: ReadingArrays, b: int, shares: dict[int, float]) -> list[Flag]:
@@ -245,20 +230,14 @@ class AnomalyScorer:
         layers = a.layers
         for r in READINGS:
             v = a.reading(r)[b]
-            title, unit = READING_TITLES[r]
             for direction, mask in (("high", v > self._hi[r]), ("low", v < self._lo[r])):
                 idx = np.nonzero(mask)[0]
                 for run in layer_runs([layers[i] for i in idx], layers):
                     if len(run) < self.min_flag_run:
                         continue
                     sel = [layers.index(x) for x in run]
-                    pct = "99th" if direction == "high" else "1st"
-                    detail = (
-                        f"{title} {_fmt(float(np.median(v[sel])), unit)} at {layer_span(run)}, "
-                        f"{direction}er than the baseline's {pct} percentile there "
-                        f"(normal median {_fmt(float(np.median(self._med[r][sel])), unit)})"
-                    )
-                    flags.append(Flag(f"{r}_{direction}", tuple(run), r, detail))
+                    flags.append(Flag(f"{r}_{direction}", tuple(run), r,
+                                      {"value": float(np.median(v[sel])), "normal": float(np.median(self._med[r][sel]))}))
         ids = a.token_ids()
         sur = bl.tokens.surprisal(ids[b:b + 1])[0]
         idx = np.nonzero(sur[:-1] > self._sur_hi)[0]
@@ -267,11 +246,8 @@ class AnomalyScorer:
                 continue
             sel = [layers.index(x) for x in run]
             toks = list(dict.fromkeys(int(t) for t in ids[b, sel]))[:5]
-            detail = (
-                f"the lens top-1 at {layer_span(run)} is a token normal traffic rarely has there "
-                f"(token ids {', '.join(str(t) for t in toks)}; surprisal {float(np.median(sur[sel])):.2f} nats)"
-            )
-            flags.append(Flag("top1_surprisal_high", tuple(run), "top1_surprisal", detail))
+            flags.append(Flag("top1_surprisal_high", tuple(run), "top1_surprisal",
+                              {"tokens": toks, "value": float(np.median(sur[sel]))}))
         for p, probs in a.probes.items():
             labels = bl.probe_labels[p]
             arg = probs[b].argmax(axis=1)  # [L]
@@ -286,29 +262,20 @@ class AnomalyScorer:
                 sel = [layers.index(x) for x in run]
                 lab_ids, counts = np.unique(arg[sel], return_counts=True)
                 lab = int(lab_ids[np.argmax(counts)])
-                detail = (
-                    f"{p} probe reads {labels[lab]!r} ({float(np.mean(probs[b][sel, lab])):.2f}) at "
-                    f"{layer_span(run)}, beyond the baseline's 99th percentile there (normal traffic "
-                    f"reads it in {100 * float(np.mean(self._shares[p][sel, lab])):.1f}% of samples)"
-                )
-                flags.append(Flag(f"probe_{p}_unusual_label", tuple(run), f"probe:{p}", detail))
+                flags.append(Flag(f"probe_{p}_unusual_label", tuple(run), f"probe:{p}",
+                                  {"probe": p, "label": labels[lab], "value": float(np.mean(probs[b][sel, lab])),
+                                   "share": float(np.mean(self._shares[p][sel, lab]))}))
         for g, v in (("prediction_depth", float(a.depth[b])), ("final_entropy", float(a.final_entropy[b])),
                      ("final_confidence", float(a.final_confidence[b])), ("final_top1_surprisal", float(sur[-1]))):
             lo, hi = float(bl.quantile(g, 0.01)), float(bl.quantile(g, 0.99))
             med = float(bl.quantile(g, 0.5))
-            title, unit = READING_TITLES[g]
             if v > hi or v < lo:
                 direction = "high" if v > hi else "low"
                 lay = (int(a.depth[b]),) if g == "prediction_depth" else (layers[-1],)
-                detail = f"{title} {_fmt(v, unit)} (normal median {_fmt(med, unit)}, 98% range {_fmt(lo, unit)}-{_fmt(hi, unit)})"
-                flags.append(Flag(f"{g}_{direction}", lay, g, detail))
+                flags.append(Flag(f"{g}_{direction}", lay, g, {"value": v, "normal": med, "low": lo, "high": hi}))
         if not flags:
             top = sorted(((s, g) for g, s in shares.items() if g != GLOBAL_LAYER), reverse=True)[:3]
             lays = tuple(sorted(g for _, g in top))
             total = sum(s for s, _ in top)
-            detail = (
-                "no single reading is beyond its normal range; the combination of readings at "
-                f"layers {', '.join(str(x) for x in lays)} is unusual ({100 * total:.0f}% of the score)"
-            )
-            flags.append(Flag("unusual_pattern", lays, "pattern", detail))
+            flags.append(Flag("unusual_pattern", lays, "pattern", {"share": total}))
         return flags

@@ -63,9 +63,9 @@ class BaselineStore:
     def __init__(self, model: str, *, redis: Any | None = None, redis_url: str | None = None,
                  directory: str | Path | None = None) -> None:
         if redis is None and redis_url:
-            import redis as redis_lib
+            from monitor.backends.redis import connect  # the process's pool and timeouts
 
-            redis = redis_lib.Redis.from_url(redis_url)
+            redis = connect(redis_url)
         if redis is None and directory is None:
             raise BaselineError("a BaselineStore needs a Redis client/URL, a directory, or both")
         self.model = model
@@ -85,14 +85,10 @@ class BaselineStore:
         return f"{KEY_PREFIX}:{self.model}:history"
 
     def _redis_call(self, fn: Any, *args: Any) -> Any:
-        import redis as redis_lib
+        from monitor.backends.redis import mapped_errors
 
-        try:
+        with mapped_errors(BaselineError, "baseline store"):
             return fn(*args)
-        except redis_lib.ResponseError as exc:
-            raise BaselineError(f"baseline store: {exc}") from exc
-        except redis_lib.RedisError as exc:
-            raise BaselineError(f"baseline store: Redis is unavailable ({exc}); check the Redis URL") from exc
 
     # --- build / save / load ------------------------------------------------------------------
     def build(self, readings: ReadingArrays, *, model_fingerprint: str, bundle_id: str, **kwargs: Any) -> Baseline:

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monitor.drift.features import ReadingArrays, prediction_depth
+from monitor.drift.features import ReadingArrays
+from monitor.lenses.readings import prediction_depth
 
 LABELS = ("prose", "news", "code")
 
@@ -42,7 +43,7 @@ def synth(n: int, *, n_layers: int = 12, seed: int = 0, shift: float = 0.0, code
         top1[:, sl] += 5000
     return ReadingArrays(
         layers=lay, entropy=ent, kl_to_final=kl, confidence=conf, final_top1_rank=rank,
-        depth=prediction_depth(rank, lay), final_entropy=ent[:, -1].copy(),
+        depth=prediction_depth(top1, top1[:, -1], lay), final_entropy=ent[:, -1].copy(),
         final_confidence=conf[:, -1].copy(), probes={"topic": probs}, probe_labels={"topic": LABELS},
         top1=top1, final_top1=top1[:, -1].copy(),
     )

@@ -26,8 +26,9 @@ import numpy as np
 
 from monitor.drift.baseline import Baseline, window_values
 from monitor.drift.features import READINGS, ReadingArrays
-from monitor.drift.score import READING_TITLES, _fmt, layer_runs, layer_span
+from monitor.drift.score import layer_runs
 from monitor.drift.stats import benjamini_hochberg, bin_counts, binom_sf, g_test, holm
+from monitor.explain import window_sentence
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class WindowTester:
             min_p=float(pv.min()) if pv.size else 1.0, findings=tuple(sig), sentences=tuple(sentences),
         )
 
-    # --- human sentences ----------------------------------------------------------------------
+    # --- what moved (sentences rendered by monitor.explain) ----------------------------------------------------------------------
     def describe(self, sig: Sequence[Finding], a: ReadingArrays, p_values: np.ndarray | None) -> list[str]:
         """One sentence per (test, run of neighbouring layers), most significant first."""
         bl = self.baseline
@@ -123,12 +124,11 @@ class WindowTester:
             if test == "anomaly_rate":
                 assert p_values is not None
                 rate = float(np.mean(np.asarray(p_values) < self.alpha))
-                out.append((best, f"anomalous samples {100 * self.alpha:.0f}% -> {100 * rate:.0f}% of the window"))
+                out.append((best, window_sentence(test, (), {"alpha": self.alpha, "rate": rate})))
                 continue
             if test == "prediction_depth":
-                title, _ = READING_TITLES[test]
-                med0 = float(bl.quantile("prediction_depth", 0.5))
-                out.append((best, f"{title} median {med0:.0f} -> {float(np.median(a.depth)):.0f}"))
+                depth = {"before": float(bl.quantile("prediction_depth", 0.5)), "after": float(np.median(a.depth))}
+                out.append((best, window_sentence(test, (), depth)))
                 continue
             layers = [f.layer for f in fs if f.layer is not None]
             for run in layer_runs(layers, a.layers):
@@ -141,13 +141,11 @@ class WindowTester:
                     arg = a.probes[name].argmax(axis=2)[:, sel]
                     now = np.stack([np.mean(arg == c, axis=0) for c in range(len(labels))], axis=1).mean(axis=0)
                     c = int(np.argmax(np.abs(now - base)))
-                    out.append((run_p, f"{layer_span(run)}: {name} probe '{labels[c]}' share "
-                                       f"{100 * base[c]:.0f}% -> {100 * now[c]:.0f}%"))
+                    facts: dict[str, Any] = {"label": labels[c], "before": float(base[c]), "after": float(now[c])}
                 else:
-                    title, unit = READING_TITLES[test]
-                    med0 = float(np.median(bl.quantile(test, 0.5)[sel]))
-                    med1 = float(np.median(np.median(a.reading(test)[:, sel], axis=0)))
-                    out.append((run_p, f"{layer_span(run)}: {title} median {_fmt(med0, unit)} -> {_fmt(med1, unit)}"))
+                    facts = {"before": float(np.median(bl.quantile(test, 0.5)[sel])),
+                             "after": float(np.median(np.median(a.reading(test)[:, sel], axis=0)))}
+                out.append((run_p, window_sentence(test, run, facts)))
         return [s for _, s in sorted(out, key=lambda t: t[0])]
 
 

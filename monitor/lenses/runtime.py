@@ -360,25 +360,6 @@ class LensBank:
                 f"probes={list(self.probe_labels)}, provider={self.provider})")
 
 
-def read_with_context(bank: Any, hidden: np.ndarray, context: np.ndarray | None = None
-                      ) -> tuple[BankOutput, dict[str, tuple[str, ...]]]:
-    """The bank's readings of last-token states ``hidden`` [B, L, d], plus, when prompt-mean
-    states ``context`` [B, L, d] are given and the bank has probes, the probes on them
-    (``<probe>@mean``); returns the output and the labels of every probe reading in it.
-
-    The one read path of the sidecar and of offline scoring (``layerwatch score``,
-    ``baseline build --corpus``), so both compute the same readings."""
-    from dataclasses import replace
-
-    out = bank.read_arrays(hidden)
-    labels = dict(bank.probe_labels)
-    read_context = getattr(bank, "read_context", None)
-    if context is not None and read_context is not None and getattr(bank, "context_probe_labels", None):
-        out = replace(out, probes={**out.probes, **read_context(context)})
-        labels.update(bank.context_probe_labels)
-    return out, labels
-
-
 def _probe_weights(model: Any, manifest: dict[str, Any], index: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each probe's weights [L, d, C] and biases [L, C] at the chosen layers, from the graph."""
     from onnx import numpy_helper

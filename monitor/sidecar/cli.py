@@ -26,10 +26,11 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(settings.model_dump(mode="json"), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from monitor.sidecar.bootstrap import build_parts
     from monitor.sidecar.http import SidecarHTTPServer
     from monitor.sidecar.service import Sidecar
 
-    sidecar = Sidecar(settings)
+    sidecar = Sidecar(build_parts(settings))
     http = SidecarHTTPServer(sidecar, settings.http_host, settings.http_port).start()
     logging.getLogger("layerwatch.sidecar").info(
         "sidecar %s reading %s (group %s); http on :%d; lens provider %s",

@@ -10,34 +10,33 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, SecretBytes, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
-from monitor.config import build_settings
+from monitor.audit.config import AuditConfig, TrailSettings
+from monitor.config import StreamSettings, build_settings
 from monitor.errors import ConfigError
+from monitor.urls import USAGE, is_backend_url, strip_credentials
 
 
-class AuditSettings(BaseModel):
-    """Where and how this replica writes its audit trail (``directory/<consumer>/``).
+class AuditSettings(TrailSettings):
+    """Where and how this replica writes its audit trail (``directory/<consumer>/``): the writer's
+    settings (:class:`monitor.audit.config.TrailSettings`) with the sidecar's head-store default;
+    the writer id is the consumer name."""
 
-    The fields mirror :class:`monitor.audit.config.AuditConfig`; the writer id is the consumer name.
-    """
+    AUTO_HEAD_STORE: ClassVar[bool] = True
 
     directory: Path = Field(Path("layerwatch-audit"), description="Root of the audit trails; each replica writes its own sub-folder.")
-    hmac_key: SecretBytes | None = Field(None, description="HMAC key (>= 16 bytes) signing every record; prefer hmac_key_file (a mounted secret).")
-    hmac_key_file: Path | None = Field(None, description="File holding the HMAC key (a mounted secret); every record is then signed.")
-    fsync: Literal["every_record", "every_n", "interval"] = Field("every_record", description="When records are fsynced. Entries are acked only after the fsync covering their records.")
-    fsync_every_n: int = Field(64, ge=1, description="Records per fsync with fsync=every_n.")
-    fsync_interval_s: float = Field(1.0, gt=0, description="Seconds between fsyncs with fsync=interval.")
-    max_segment_bytes: int = Field(64 * 1024 * 1024, ge=256, description="Rotate a segment once it reaches this size.")
-    max_segment_age_s: float | None = Field(86400.0, gt=0, description="Rotate a segment once it is this old.")
-    store_text: Literal["none", "redacted", "full"] = Field("none", description="Prompt text in sample records: none (digest only), redacted, or full.")
     head_store: str = Field("auto", description="Where the trail head is kept outside the segments: auto (Redis when the transport is Redis, else a file), file, file:DIR, redis://..., none.")
-    head_key_prefix: str = Field("layerwatch:audit:head:", description="Redis key prefix of the trail heads.")
-    retention_max_segments: int | None = Field(None, ge=2, description="Prune the oldest segments beyond this many.")
-    retention_max_age_s: float | None = Field(None, gt=0, description="Prune segments whose records are all older than this.")
+
+    def writer_config(self, writer_id: str, *, auto_head_store: str = "file") -> AuditConfig:
+        """The writer's configuration; ``head_store: auto`` becomes ``auto_head_store``."""
+        fields = self.model_dump()
+        if fields["head_store"] == "auto":
+            fields["head_store"] = auto_head_store
+        return AuditConfig(writer_id=writer_id, **fields)
 
 
 class BaselineSettings(BaseModel):
@@ -60,13 +59,15 @@ class BaselineSettings(BaseModel):
         return self
 
 
-class SidecarSettings(BaseSettings):
-    """Everything the sidecar needs. Env: ``LAYERWATCH_<FIELD>``, nested with ``__``."""
+class SidecarSettings(BaseSettings, StreamSettings):
+    """Everything the sidecar needs. Env: ``LAYERWATCH_<FIELD>``, nested with ``__``.
+
+    ``stream`` and ``stream_maxlen`` come from :class:`monitor.config.StreamSettings`, the fields
+    the taps share (see its TODO for the tap's side)."""
 
     model_config = SettingsConfigDict(env_prefix="LAYERWATCH_", env_nested_delimiter="__", extra="forbid")
 
     transport: str = Field("memory://default", description="Where samples come from: memory://NAME, redis://..., rediss://...")
-    stream: str = Field("layerwatch:samples", min_length=1, description="Stream key (must match the tap's).")
     group: str = Field("layerwatch", min_length=1, description="Consumer group shared by all replicas.")
     consumer: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="This replica's consumer name (default: hostname-pid).")
     model_name: str | None = Field(None, description="Model label in metrics (default: the label in each sample).")
@@ -79,7 +80,6 @@ class SidecarSettings(BaseSettings):
     claim_idle_ms: int = Field(30_000, ge=100, description="Reclaim entries pending longer than this (their replica died).")
     claim_interval_s: float = Field(5.0, gt=0, description="How often to look for stale entries.")
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Bigger samples are dead-lettered (oversized).")
-    stream_maxlen: int = Field(10_000, ge=100, description="The stream's bound; must equal the taps' stream_maxlen (the tap trims Redis; the lag alert compares lag with it).")
     ledger_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long the idempotency ledger remembers a sample id.")
     ort_threads: int = Field(1, ge=0, description="Lens-bank CPU threads: N > 1 reads each micro-batch as N concurrent single-threaded parts; 0 = ONNX Runtime's default.")
     warm_up: bool = Field(True, description="Read zero states at every micro-batch size at start-up, so memory is at its steady size before the first sample (a few seconds).")
@@ -92,34 +92,43 @@ class SidecarSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> SidecarSettings:
-        if self.transport.split("://", 1)[0] not in ("memory", "redis", "rediss", "unix"):
-            raise ValueError(f"transport: unsupported URL {self.transport!r}")
+        if not is_backend_url(self.transport):
+            raise ValueError(f"transport: unsupported URL {self.transport!r}; {USAGE}")
         return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON-able data without secrets (the audit trail's ``config`` record)."""
+        d = self.model_dump(mode="json")  # SecretBytes dump as "**********"
+        d["transport"] = strip_credentials(d["transport"])
+        return d
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> SidecarSettings:
-    """Settings from (explicit overrides >) environment > YAML file > defaults."""
+    """Settings from (explicit overrides >) environment > YAML file > defaults. The file is read by
+    pydantic-settings' own YAML source; a file that is missing, not YAML or not a mapping is a
+    ConfigError naming it."""
     path = config_file or os.environ.get("LAYERWATCH_CONFIG")
-    file_values: dict[str, Any] = {}
-    if path:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping")
-        file_values = loaded
+    yaml_source = _yaml_source(Path(path)) if path else None
 
     class _FromFile(SidecarSettings):
         @classmethod
         def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,  # type: ignore[override]
                                        file_secret_settings):  # noqa: ANN001, ANN206
-            from pydantic_settings import InitSettingsSource
-
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+            return (init_settings, env_settings) + ((yaml_source,) if yaml_source is not None else ())
 
     return build_settings(_FromFile, "LAYERWATCH_", **overrides)
+
+
+def _yaml_source(path: Path) -> YamlConfigSettingsSource:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: no such file")
+    try:
+        return YamlConfigSettingsSource(SidecarSettings, yaml_file=path)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # a list or a scalar at the top
+        raise ConfigError(f"config file {path}: top level must be a mapping") from exc

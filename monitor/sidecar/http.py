@@ -67,9 +67,7 @@ def _make_handler(sidecar: Sidecar) -> type[BaseHTTPRequestHandler]:
                 ready, details = sidecar.readiness()
                 self._json(200 if ready else 503, {"ready": ready, **details})
             elif path == "/narratives":
-                with sidecar._recent_lock:
-                    ids = list(sidecar.recent)[-100:]
-                self._json(200, {"recent": ids})
+                self._json(200, {"recent": sidecar.recent.ids(100)})
             elif path.startswith("/narratives/"):
                 item = sidecar.narrative(path.rsplit("/", 1)[1])
                 if item is None:

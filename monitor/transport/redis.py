@@ -8,8 +8,10 @@
 * at-least-once: ``XACK`` after processing, ``XAUTOCLAIM`` of entries idle past a timeout;
 * poison entries go to ``<stream>:dead`` with their reason.
 
-Every redis-py error is mapped to :class:`~monitor.errors.TransportError`. redis-py reconnects
-by itself on the next command once the server is back.
+Connections come from the process's shared pool (:func:`monitor.backends.redis.connect`, one
+set of timeouts); every redis-py error is mapped to :class:`~monitor.errors.TransportError` by
+:func:`monitor.backends.redis.mapped_errors`. redis-py reconnects by itself on the next command
+once the server is back.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
+from monitor.backends.redis import Timeouts, connect, mapped_errors
 from monitor.errors import TransportClosed, TransportError
 from monitor.transport.base import DeadLetter, Entry, StreamStats, Transport
 
@@ -44,20 +47,14 @@ class RedisTransport(Transport):
 
     def __init__(self, url: str, *, stream: str = "layerwatch:samples", maxlen: int = 10_000,
                  dead_maxlen: int = 10_000, socket_timeout: float = 2.0,
-                 connect_timeout: float = 1.0) -> None:
+                 connect_timeout: float = 1.0, client: redis.Redis | None = None) -> None:
         self.url = url
         self.stream = stream
         self.maxlen = maxlen
         self.dead_maxlen = dead_maxlen
         self.dead_key = f"{stream}:dead"
         self._socket_timeout = socket_timeout
-        try:
-            self._r = redis.Redis.from_url(
-                url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-                retry_on_timeout=False, health_check_interval=10,
-            )
-        except (RedisError, ValueError) as exc:
-            raise TransportError(f"invalid redis URL {url!r}: {exc}") from exc
+        self._r = client if client is not None else connect(url, Timeouts(connect_timeout, socket_timeout))
         self._read = self._r.register_script(_READ_SCRIPT)
         self._closed = False
 
@@ -70,10 +67,8 @@ class RedisTransport(Transport):
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
             raise TransportClosed(f"{self.url} is closed")
-        try:
+        with mapped_errors(TransportError, f"redis {what} on {self.stream!r} failed", self.url):
             return fn(*args, **kwargs)
-        except RedisError as exc:
-            raise TransportError(f"redis {what} on {self.stream!r} failed: {exc}") from exc
 
     def publish(self, payloads: Sequence[bytes]) -> list[str]:
         def run() -> list[str]:
@@ -190,9 +185,7 @@ class RedisTransport(Transport):
         self._call("DEL", self._r.delete, *keys)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._r.close()
+        self._closed = True  # the pool is the process's: other components keep using it
 
 
 def _pairs(fields: Any) -> list[tuple[bytes, bytes]]:

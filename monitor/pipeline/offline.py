@@ -15,23 +15,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from monitor.drift.features import ReadingArrays
 from monitor.errors import BaselineError
-from monitor.lenses.readings import BankOutput
+from monitor.pipeline.stages import LensReader, read
 
-
-class LensBankLike(Protocol):
-    """The part of the lens bank's interface the detector needs."""
-
-    layers: tuple[int, ...]
-    probe_labels: dict[str, tuple[str, ...]]
-    bundle_id: str
-
-    def read_arrays(self, hidden: np.ndarray) -> BankOutput: ...
+LensBankLike = LensReader  # the former name
 
 
 POSITIONS = ("last", "mean", "last+mean")  # modes with a fixed number of vectors per text
@@ -120,8 +112,6 @@ def readings_from_states(
 ) -> ReadingArrays:
     """Read captured states [n, L, d] (or [n, L, 2, d] of "last+mean": the probes also read the
     mean) with the lens bank, selecting the bank's watched layers, as the sidecar reads them."""
-    from monitor.lenses.runtime import read_with_context
-
     missing = [x for x in bank.layers if x not in state_layers]
     if missing:
         raise BaselineError(f"the lens bank watches states {missing} that were not captured")
@@ -130,8 +120,7 @@ def readings_from_states(
     for start in range(0, states.shape[0], batch_size):
         h = np.asarray(states[start:start + batch_size][:, sel], dtype=np.float32)
         last, context = (h[:, :, -1], h[:, :, 0]) if h.ndim == 4 else (h, None)
-        out, labels = read_with_context(bank, last, context)
-        parts.append(ReadingArrays.from_bank_output(out, labels))
+        parts.append(ReadingArrays.from_readings(read(bank, last, context)))
     return ReadingArrays.concat(parts)
 
 
@@ -178,6 +167,6 @@ def lens_bank_for(model: Any, bundle: str | None = None) -> LensBankLike:
         from monitor.lenses import LensBank  # type: ignore[attr-defined]
 
         return LensBank.load(bundle, expected_fingerprint=model_fingerprint(model))  # type: ignore[no-any-return]
-    from monitor.sidecar.torch_lens import TorchLogitLens
+    from monitor.lenses.torch_lens import TorchLogitLens
 
-    return TorchLogitLens(model)  # type: ignore[return-value]
+    return TorchLogitLens(model)

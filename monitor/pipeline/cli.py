@@ -1,7 +1,7 @@
 """``layerwatch baseline build|show|list|promote|rollback`` and ``layerwatch score`` (backtests).
 
 Texts run through the tap, the wire format and the lens bank exactly as in the sidecar (see
-:mod:`monitor.drift.offline`). Heavy imports (torch, transformers) happen inside the handlers.
+:mod:`monitor.pipeline.offline`). Heavy imports (torch, transformers) happen inside the handlers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from monitor.drift.baseline import baseline_positions
-from monitor.drift.offline import POSITIONS
+from monitor.pipeline.offline import POSITIONS
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +116,7 @@ def _progress(done: int, total: int) -> None:
 
 def _readings(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
     from monitor.adapters import model_fingerprint
-    from monitor.drift.offline import lens_bank_for, read_corpus, readings_for_texts
+    from monitor.pipeline.offline import lens_bank_for, read_corpus, readings_for_texts
     from monitor.refmodel import load_model
 
     texts = read_corpus(args.corpus)

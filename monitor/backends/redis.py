@@ -1,0 +1,149 @@
+"""The Redis backend: one connection pool per process, one set of timeouts, one error mapping.
+
+Everything layerwatch keeps in Redis (the sample stream, the ledger, baselines, audit heads)
+connects through :func:`connect`, so a process holds one pool per URL (and per timeout pair:
+the tap's exporter asks for its own, shorter ones) instead of one per component, and every
+redis-py error is translated by :func:`mapped_errors` into the project's exception tree::
+
+    redis.ResponseError  -> <error class>("<what>: <server message>")
+    redis.RedisError     -> <error class>("<what>: Redis at <url> is unavailable (...); check the URL")
+
+Timeouts (:data:`TIMEOUTS`): connecting waits at most 1 s, a command at most 2 s; no retry on a
+timeout (the caller decides: the sidecar leaves entries pending, the tap drops and backs off).
+Pools are per process: a forked child (gunicorn workers) opens its own on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+from redis.exceptions import RedisError, ResponseError
+
+from monitor.errors import LayerwatchError, TransportError
+from monitor.urls import BackendURL, parse_url, strip_credentials
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monitor.transport.base import Transport
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Socket timeouts of a Redis connection, in seconds."""
+
+    connect_s: float = 1.0
+    command_s: float = 2.0
+
+
+TIMEOUTS = Timeouts()
+
+_POOLS: dict[tuple[int, str, Timeouts], redis.ConnectionPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def connect(url: str, timeouts: Timeouts = TIMEOUTS) -> redis.Redis:
+    """A client on this process's pool for ``url`` (created on first use)."""
+    key = (os.getpid(), url, timeouts)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            try:
+                pool = redis.ConnectionPool.from_url(
+                    url, socket_timeout=timeouts.command_s, socket_connect_timeout=timeouts.connect_s,
+                    retry_on_timeout=False, health_check_interval=10)
+            except ValueError as exc:
+                raise TransportError(f"invalid redis URL {strip_credentials(url)!r}: {exc}") from exc
+            _POOLS[key] = pool
+    return redis.Redis(connection_pool=pool)
+
+
+@contextmanager
+def mapped_errors(error: type[LayerwatchError], what: str, url: str = "") -> Iterator[None]:
+    """Run a block of Redis calls, raising ``error`` (with ``what`` in its message) on failure."""
+    try:
+        yield
+    except ResponseError as exc:
+        raise error(f"{what}: {exc}") from exc
+    except RedisError as exc:
+        where = f" at {strip_credentials(url)}" if url else ""
+        raise error(f"{what}: Redis{where} is unavailable ({exc}); check the Redis URL") from exc
+
+
+class RedisLedger:
+    """One Redis key per sample id with a TTL: ``<prefix>:<sample_id>``."""
+
+    def __init__(self, client: redis.Redis, prefix: str, ttl_s: int, url: str = "") -> None:
+        self._r = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._url = url
+
+    def seen(self, sample_ids: Iterable[str]) -> set[str]:
+        """The ids already marked (one pipelined EXISTS per id)."""
+        ids = list(sample_ids)
+        if not ids:
+            return set()
+        with mapped_errors(TransportError, "ledger lookup failed", self._url):
+            pipe = self._r.pipeline(transaction=False)
+            for s in ids:
+                pipe.exists(f"{self.prefix}:{s}")
+            return {s for s, f in zip(ids, pipe.execute(), strict=True) if f}
+
+    def mark(self, sample_ids: Iterable[str]) -> None:
+        """SET each id with the ledger's TTL (pipelined)."""
+        with mapped_errors(TransportError, "ledger mark failed", self._url):
+            pipe = self._r.pipeline(transaction=False)
+            for s in sample_ids:
+                pipe.set(f"{self.prefix}:{s}", 1, ex=self.ttl_s)
+            pipe.execute()
+
+
+class RedisBackend:
+    """Hands out the stream transport, the ledger and clients, all on one pool."""
+
+    def __init__(self, url: BackendURL | str, timeouts: Timeouts = TIMEOUTS) -> None:
+        self.url = url if isinstance(url, BackendURL) else parse_url(url)
+        self.timeouts = timeouts
+
+    def client(self) -> redis.Redis:
+        """A client on the shared pool (for the baseline store and the audit head store)."""
+        return connect(self.url.url, self.timeouts)
+
+    def transport(self, *, stream: str, maxlen: int) -> Transport:
+        """The Redis Streams transport on the shared pool."""
+        from monitor.transport.redis import RedisTransport
+
+        return RedisTransport(self.url.url, stream=stream, maxlen=maxlen, client=self.client())
+
+    def ledger(self, *, key_prefix: str, ttl_s: int) -> RedisLedger:
+        """The ledger shared by every replica of the consumer group."""
+        return RedisLedger(self.client(), key_prefix, ttl_s, self.url.url)
+
+    def close(self) -> None:
+        """Disconnect this process's pool for the URL (clients reconnect on next use)."""
+        with _POOLS_LOCK:
+            pool = _POOLS.pop((os.getpid(), self.url.url, self.timeouts), None)
+        if pool is not None:
+            pool.disconnect()
+
+
+def close_all() -> None:
+    """Disconnect every pool of this process (tests and shutdown)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for p in pools:
+        p.disconnect()
+
+
+def url_of(client: Any) -> str:
+    """The redacted address a client talks to (for error messages and ``describe()``)."""
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}"
+    return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"

@@ -1,0 +1,91 @@
+"""Every English sentence layerwatch writes about a sample, a layer or a window, in one place.
+
+The code that decides (the scorer, the window tests, the narratives) produces data: flags with
+their facts, findings with their statistics, layer readings. This module renders them; nothing
+else builds sentences. It imports nothing from the package, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# reading -> (title, unit) as printed in sentences
+READING_TITLES = {
+    "entropy": ("entropy", "nats"),
+    "kl_to_final": ("KL to final", "nats"),
+    "confidence": ("lens confidence", ""),
+    "final_top1_rank": ("rank of the final top-1", ""),
+    "prediction_depth": ("prediction depth", ""),
+    "final_entropy": ("final entropy", "nats"),
+    "final_confidence": ("final confidence", ""),
+    "top1_surprisal": ("surprisal of the lens top-1 token", "nats"),
+    "final_top1_surprisal": ("surprisal of the final top-1 token", "nats"),
+}
+
+
+def fmt(v: float, unit: str) -> str:
+    """A value with 3 significant digits (whole numbers from 1000 on) and its unit."""
+    s = f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return f"{s} {unit}".rstrip()
+
+
+def layer_span(layers: Sequence[int]) -> str:
+    """'layer 7' or 'layers 10-18'."""
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+
+
+# --- flags on one sample (monitor.drift.score.Flag) ---------------------------------------------
+def flag_sentence(kind: str, layers: Sequence[int], reading: str, facts: Mapping[str, Any]) -> str:
+    """Why a sample was flagged, from the flag's data."""
+    f = facts
+    if kind == "watched_concept":
+        return (f"watched concept {f['concept']}: the {f['probe']} probe reads {f['label']!r} at "
+                f"{f['mean']:.2f} on average over the layers (normal median {f['normal']:.2f}; "
+                f"p={f['p']:.3g}, most at layers {', '.join(map(str, layers))})")
+    if kind == "top1_surprisal_high":
+        return (f"the lens top-1 at {layer_span(layers)} is a token normal traffic rarely has there "
+                f"(token ids {', '.join(str(t) for t in f['tokens'])}; surprisal {f['value']:.2f} nats)")
+    if kind.startswith("probe_"):
+        return (f"{f['probe']} probe reads {f['label']!r} ({f['value']:.2f}) at {layer_span(layers)}, beyond the "
+                f"baseline's 99th percentile there (normal traffic reads it in {100 * f['share']:.1f}% of samples)")
+    if kind == "unusual_pattern":
+        return ("no single reading is beyond its normal range; the combination of readings at "
+                f"layers {', '.join(str(x) for x in layers)} is unusual ({100 * f['share']:.0f}% of the score)")
+    title, unit = READING_TITLES[reading]
+    if "low" in f:  # a global reading outside its 98% range
+        return (f"{title} {fmt(f['value'], unit)} (normal median {fmt(f['normal'], unit)}, 98% range "
+                f"{fmt(f['low'], unit)}-{fmt(f['high'], unit)})")
+    direction = kind.rsplit("_", 1)[1]
+    pct = "99th" if direction == "high" else "1st"
+    return (f"{title} {fmt(f['value'], unit)} at {layer_span(layers)}, {direction}er than the baseline's {pct} "
+            f"percentile there (normal median {fmt(f['normal'], unit)})")
+
+
+# --- window findings (monitor.drift.window) -----------------------------------------------------
+def window_sentence(test: str, layers: Sequence[int], facts: Mapping[str, Any]) -> str:
+    """One window finding: what moved between the baseline and the window."""
+    f = facts
+    if test == "anomaly_rate":
+        return f"anomalous samples {100 * f['alpha']:.0f}% -> {100 * f['rate']:.0f}% of the window"
+    if test == "prediction_depth":
+        return f"{READING_TITLES[test][0]} median {f['before']:.0f} -> {f['after']:.0f}"
+    if test.startswith("probe:"):
+        return (f"{layer_span(layers)}: {test.split(':', 1)[1]} probe '{f['label']}' share "
+                f"{100 * f['before']:.0f}% -> {100 * f['after']:.0f}%")
+    title, unit = READING_TITLES[test]
+    return f"{layer_span(layers)}: {title} median {fmt(f['before'], unit)} -> {fmt(f['after'], unit)}"
+
+
+# --- narratives (monitor.narratives) -------------------------------------------------------------
+def layer_sentence(layer: int, token: str, p: float, probes: Mapping[str, Mapping[str, Any]]) -> str:
+    """One layer of a narrative: 'L14: leaning ' Paris' (0.41), topic=geography 0.88'."""
+    parts = [f"L{layer}: leaning {token!r} ({p:.2f})"]
+    parts += [f"{name}={r['label']} {r['p']:.2f}" for name, r in probes.items()]
+    return ", ".join(parts)
+
+
+def narrative_summary(top: Sequence[Any], depth: int, changes: Sequence[int]) -> str:
+    """The last line of a rendered narrative: the output, its prediction depth, changes of mind."""
+    return (f"output: {top[0]!r} ({top[1]:.2f}); prediction depth {depth}; "
+            f"changes of mind at {list(changes) or 'none'}")

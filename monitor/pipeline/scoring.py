@@ -1,0 +1,144 @@
+"""The scoring stage: readings -> scores against a baseline, or learning one first.
+
+With a baseline, every sample gets a score, a conformal p-value and flags, and sliding windows
+are tested (:class:`monitor.drift.detector.DriftDetector`). Without one, the first
+``learn_samples`` samples are collected, a baseline is built from them and promoted, and the
+samples of that batch past the target are scored by it. Promotion is reported to the caller
+(``on_promoted``): storing it, auditing it and exporting it are not this stage's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monitor.drift.baseline import Baseline, BaselineLearner, fit_calibration_split
+from monitor.drift.concepts import concept_name, min_calibration, parse_concept
+from monitor.drift.detector import DetectorUpdate, DriftDetector
+from monitor.drift.features import ReadingArrays
+from monitor.errors import BaselineError, ConfigError
+from monitor.lenses.readings import Readings
+
+log = logging.getLogger("layerwatch.pipeline")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How samples are scored (the sidecar's ``baseline`` settings)."""
+
+    alpha: float = 0.01
+    window: int = 200
+    learn_samples: int = 500
+    watch: tuple[str, ...] = ()
+
+
+@dataclass
+class Scored:
+    """What the stage made of one batch: one result per sample (``score`` None while learning),
+    the detector's update (None when every sample went to learning) and a promoted baseline."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+    update: DetectorUpdate | None = None
+    promoted: Baseline | None = None
+    refused_watch: str | None = None  # why the watch list was dropped for a learned baseline
+
+
+class ScoringStage:
+    """Learn-then-score state machine of one consumer loop (not thread-safe; one loop owns it)."""
+
+    def __init__(self, config: ScoringConfig, *, model: str, fingerprint: str, bundle_id: str,
+                 probe_labels: dict[str, tuple[str, ...]], baseline: Baseline | None = None) -> None:
+        self.config = config
+        self._fingerprint, self._bundle_id = fingerprint, bundle_id
+        self._check_watch(probe_labels, learning=baseline is None)
+        self.detector: DriftDetector | None = None
+        self.learner: BaselineLearner | None = None
+        if baseline is not None:
+            self.detector = self._detector(baseline, config.watch)
+        else:
+            self.learner = BaselineLearner(config.learn_samples, model=model, model_fingerprint=fingerprint,
+                                           bundle_id=bundle_id)
+
+    @property
+    def baseline(self) -> Baseline | None:
+        """The baseline in use (None while learning)."""
+        return self.detector.baseline if self.detector is not None else None
+
+    def state(self) -> dict[str, Any]:
+        """For /readyz: the baseline in use and its alert, or the learning progress."""
+        if self.detector is not None:
+            return {"state": "loaded", "id": self.detector.baseline.id, "alert": self.detector.alert}
+        assert self.learner is not None
+        return {"state": "learning", "collected": self.learner.collected, "target": self.learner.target}
+
+    def score(self, readings: Readings) -> Scored:
+        """Score (or learn from) one batch."""
+        arrays = ReadingArrays.from_readings(readings)
+        out = Scored()
+        if self.learner is not None:
+            taken = self.learner.add(arrays)
+            out.results = [{"score": None, "flags": [], "learning": True} for _ in range(taken)]
+            if not self.learner.done:
+                return out
+            out.promoted, out.refused_watch = self._promote()
+            if taken == arrays.n:
+                return out
+            arrays = arrays.subset(slice(taken, None))  # past the target: scored by the new baseline
+        assert self.detector is not None
+        out.update = self.detector.process(arrays)
+        out.results += [{"score": s.to_dict(), "flags": [f.to_dict() for f in s.flags]} for s in out.update.scores]
+        return out
+
+    def _promote(self) -> tuple[Baseline, str | None]:
+        assert self.learner is not None
+        baseline = self.learner.build()
+        refused = None
+        try:
+            self.detector = self._detector(baseline, self.config.watch)
+        except BaselineError as exc:
+            # Whether the watch list fits depends on what the taps sent (a '<probe>@mean' concept
+            # needs positions "last+mean"), which start-up cannot know: score without it rather
+            # than failing every batch from now on.
+            if not self.config.watch:
+                raise
+            log.error("baseline.watch %s does not fit the learned baseline %s, scoring without watched "
+                      "concepts: %s", list(self.config.watch), baseline.id, exc)
+            refused = str(exc)
+            self.detector = self._detector(baseline, ())
+        self.learner = None
+        return baseline, refused
+
+    def _detector(self, baseline: Baseline, watch: Sequence[str]) -> DriftDetector:
+        c = self.config
+        return DriftDetector(baseline, alpha=c.alpha, window=c.window, step=max(1, c.window // 4),
+                             watch=watch, bundle_id=self._bundle_id, model_fingerprint=self._fingerprint)
+
+    def _check_watch(self, probe_labels: dict[str, tuple[str, ...]], learning: bool) -> None:
+        """Watched concepts must be labels of the bundle's probes, and a learned baseline must
+        calibrate enough samples to flag anything with them: refused at start-up, not later."""
+        c = self.config
+        if not c.watch:
+            return
+        known = {concept_name(p, lab) for p, labs in probe_labels.items() for lab in labs}
+        for w in c.watch:
+            if concept_name(*parse_concept(w)) not in known:
+                raise ConfigError(f"baseline.watch: {w!r} is not a probe label of bundle {self._bundle_id} "
+                                  f"(have {sorted(known)[:12]}{' ...' if len(known) > 12 else ''})")
+        if learning:
+            n_cal = fit_calibration_split(c.learn_samples)[1].size
+            need = min_calibration(len(c.watch), c.alpha)
+            if n_cal < need:
+                raise ConfigError(
+                    f"baseline.learn_samples: a learned baseline of {c.learn_samples} samples calibrates "
+                    f"{n_cal}; watching {len(c.watch)} concept(s) at alpha={c.alpha} needs {need} (set "
+                    f"learn_samples to at least {int(np.ceil(need / 0.3))}, or watch fewer concepts)")
+
+
+def watchable_labels(bank: Any) -> dict[str, tuple[str, ...]]:
+    """Every probe reading a bank can give: its probes and, with a context head, ``<probe>@mean``."""
+    return {**dict(bank.probe_labels), **dict(getattr(bank, "context_probe_labels", {}) or {})}
+
