@@ -82,7 +82,7 @@ class TapMetrics:
         self.transport_errors = _counter(
             "layerwatch_tap_transport_errors_total",
             "Transport failures seen by the exporter (each may drop a batch).", ["model"], registry=r)
-        self.attached = Gauge(
+        self.attached = _gauge(
             "layerwatch_tap_attached",
             "1 when the tap is attached to the served model; 0 (reason: unsupported, error) when it "
             "could not attach and nothing is captured (the server serves on).", ["model", "reason"], registry=r)

@@ -45,7 +45,6 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,7 +55,7 @@ from monitor.adapters import ModelParts, find_parts, model_fingerprint
 from monitor.config import TapSettings, build_settings
 from monitor.errors import ConfigError
 from monitor.tap.core import TapCore
-from monitor.tap.exporter import CapturedStep
+from monitor.tap.hf_plan import Capture, plan_padded_step
 from monitor.tap.plan import StepPlan, final_topk, seal, take, to_device
 from monitor.transport import Transport
 from monitor.wire import sanitize_metadata
@@ -87,27 +86,6 @@ class RequestHandle:
         return f"RequestHandle({self.request_id!r}, sampled={self.sampled}, sample_ids={self.sample_ids})"
 
 
-@dataclass(slots=True)
-class _Capture:
-    """Per-request capture state, held in a ContextVar while the request runs."""
-
-    request_ids: list[str]
-    sample_ids: list[str]
-    rows: list[int] | None  # sampled batch rows (None: every row of the call, known at plan time)
-    metadata: list[dict[str, Any]]
-    batch_size: int | None  # tap.batch(): the batch size the caller announced
-    started: float
-    step: int = 0
-    failed: bool = False
-    plan: StepPlan | None = None
-    rows_dev: dict[torch.device, torch.Tensor] = field(default_factory=dict)
-    lengths: torch.Tensor | list[int] | None = None  # tokens per sampled row at step 0
-    steps: list[CapturedStep] = field(default_factory=list)
-    events: list[Any] = field(default_factory=list)
-    nbytes: int = 0
-    hooked: bool = False  # holds a reference on the per-layer hooks (see Tap._hold_layer_hooks)
-
-
 class Tap:
     """Hooks on one model over a :class:`TapCore`. Create with :func:`attach`."""
 
@@ -136,7 +114,7 @@ class Tap:
         self.registry = self.core.registry
         self.sampler = self.core.sampler
         self.exporter = self.core.exporter
-        self._var: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
+        self._var: contextvars.ContextVar[Capture | None] = contextvars.ContextVar(
             f"layerwatch_tap_{id(self)}", default=None
         )
         self._handles: list[Any] = []
@@ -160,7 +138,7 @@ class Tap:
         if self._closed or self._var.get() is not None or self.core.decide(rid, force) is not None:
             yield RequestHandle(rid, False)
             return
-        cap = _Capture([rid], self.core.new_ids(1), None, [sanitize_metadata(metadata)], None, time.time())
+        cap = Capture([rid], self.core.new_ids(1), None, [sanitize_metadata(metadata)], None, time.time())
         token = self._var.set(cap)
         ok = False
         try:
@@ -201,7 +179,7 @@ class Tap:
             return
         many = len(rids) > 1
         meta = [{**sanitize_metadata(metas[i]), "row": i} if many else sanitize_metadata(metas[i]) for i in rows]
-        cap = _Capture([rids[i] for i in rows], self.core.new_ids(len(rows)), rows, meta, len(rids), time.time())
+        cap = Capture([rids[i] for i in rows], self.core.new_ids(len(rows)), rows, meta, len(rids), time.time())
         for slot, row in enumerate(rows):
             handles[row]._ids = cap.sample_ids[slot : slot + 1]
         token = self._var.set(cap)
@@ -279,7 +257,7 @@ class Tap:
             h.remove()
         self._layer_handles, self._layer_refs = [], 0
 
-    def _finish(self, cap: _Capture, ok: bool) -> None:
+    def _finish(self, cap: Capture, ok: bool) -> None:
         """Offer the request's captures to the exporter. Never raises; O(1) Python work."""
         try:
             self._release_layer_hooks(cap)  # a forward that raised never reached _model_post
@@ -311,7 +289,7 @@ class Tap:
             out.append(p.unembed.register_forward_hook(self._unembed_post))
         return out
 
-    def _hold_layer_hooks(self, cap: _Capture) -> None:
+    def _hold_layer_hooks(self, cap: Capture) -> None:
         """Take a reference on the per-layer hooks for ``cap``'s forward (installs them on the
         first). Hooks of other threads' unsampled forwards see no capture and return at once."""
         if cap.hooked or not self._handles:  # detached: never re-install
@@ -322,7 +300,7 @@ class Tap:
             self._layer_refs += 1
         cap.hooked = True
 
-    def _release_layer_hooks(self, cap: _Capture) -> None:
+    def _release_layer_hooks(self, cap: Capture) -> None:
         if not cap.hooked:
             return
         cap.hooked = False
@@ -333,7 +311,7 @@ class Tap:
                     h.remove()
                 self._layer_handles = []
 
-    def _hook_failed(self, cap: _Capture) -> None:
+    def _hook_failed(self, cap: Capture) -> None:
         cap.plan = None
         if not cap.failed:
             cap.failed = True
@@ -428,101 +406,9 @@ class Tap:
         except Exception:
             self._hook_failed(cap)
 
-    # ------------------------------------------------------------------------- planning
-    def _plan_step(self, cap: _Capture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepPlan | None:
-        """Decide, once per forward, which rows and positions every hook of this step takes.
-
-        Everything is built with torch ops on the inputs' device: no ``.tolist()``/``int()`` of a
-        device tensor, so there is no host synchronisation on CUDA.
-        """
-        mode = self.settings.positions
-        step = cap.step
-        if step > 0 and (mode != "generated" or step >= self.settings.max_positions):
-            return None
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor):
-            ids = args[0]
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
-            raise ValueError("cannot find input_ids or inputs_embeds of shape [batch, seq, ...]")
-        bsz, seq = int(ids.shape[0]), int(ids.shape[1])
-        dev = ids.device
-        if cap.rows is None:  # tap.request(): every row of the call belongs to the request
-            cap.rows = list(range(bsz))
-            if bsz > len(cap.sample_ids):
-                cap.sample_ids.extend(self.core.new_ids(bsz - len(cap.sample_ids)))
-            if bsz > 1:
-                base_meta = cap.metadata[0]
-                cap.request_ids = cap.request_ids * bsz
-                cap.metadata = [{**base_meta, "row": r} for r in range(bsz)]
-        elif cap.batch_size is not None and bsz != cap.batch_size:
-            raise ValueError(f"tap.batch() got {cap.batch_size} request ids but the model ran {bsz} rows")
-        n_slots = len(cap.rows)
-        all_rows = n_slots == bsz
-        rows = cap.rows_dev.get(dev)
-        if rows is None:
-            rows = torch.arange(bsz, device=dev) if all_rows else to_device(torch.tensor(cap.rows), dev)
-            cap.rows_dev[dev] = rows
-        mask = kwargs.get("attention_mask")
-        m = None
-        if step == 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == seq:
-            m = (mask if all_rows else mask.index_select(0, rows.to(mask.device))).to(dev) != 0
-        common: dict[str, Any] = {"device": dev, "seq": seq, "all_rows": all_rows}
-        if mode in ("mean", "last+mean"):
-            if m is None:
-                weights = torch.full((n_slots, 1, seq), 1.0 / seq, device=dev)
-            else:
-                w = m.float()
-                weights = (w / w.sum(-1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
-            last = None
-            if mode == "last+mean":  # vector 0: the mean, vector 1: the last real token
-                last_pos = torch.full((n_slots,), seq - 1, device=dev) if m is None else _last_valid(m)
-                last = rows * seq + last_pos
-            k = 1 if last is None else 2
-            return StepPlan(mode="mean", per_slot=k, n_out=n_slots * k, index=rows, bmm_weights=weights,
-                            last=last, fixed_positions=[], **common)
-        if mode == "all":
-            k = min(self.settings.max_positions, seq)
-            rows_k = rows.unsqueeze(1).expand(n_slots, k).reshape(-1)  # (repeat_interleave may sync)
-            if m is None:
-                pos = torch.arange(seq - k, seq, device=dev).repeat(n_slots)
-                return self._gather(rows_k, pos, k, n_slots * k, common,
-                                    fixed_positions=list(range(seq - k, seq)) * n_slots)
-            idx = _last_valid(m).unsqueeze(1) - (k - 1) + torch.arange(k, device=dev)  # [S, k] windows
-            idxc = idx.clamp(min=0)
-            valid = (idx >= 0) & m.gather(1, idxc)
-            real = m.long().cumsum(-1).gather(1, idxc) - 1
-            return self._gather(rows_k, idxc.reshape(-1), k, n_slots * k, common,
-                                positions=real.reshape(-1), valid=valid.reshape(-1))
-        # "last", or "generated" (step 0: the last prompt token; then each token fed back)
-        if step == 0:
-            if m is None:
-                cap.lengths = [seq] * n_slots
-                pos = torch.full((n_slots,), seq - 1, device=dev)
-                return self._gather(rows, pos, 1, n_slots, common, fixed_positions=[seq - 1] * n_slots)
-            row_len = m.sum(-1)
-            cap.lengths = row_len
-            return self._gather(rows, _last_valid(m), 1, n_slots, common, positions=(row_len - 1).clamp(min=0))
-        pos = torch.full((n_slots,), seq - 1, device=dev)
-        lengths = cap.lengths
-        if isinstance(lengths, torch.Tensor):
-            return self._gather(rows, pos, 1, n_slots, common, positions=lengths + (step - 1))
-        fixed = [n + step - 1 for n in lengths or [seq] * n_slots]
-        return self._gather(rows, pos, 1, n_slots, common, fixed_positions=fixed)
-
-    @staticmethod
-    def _gather(rows: torch.Tensor, pos: torch.Tensor, k: int, n_out: int, common: dict[str, Any],
-                **where: Any) -> StepPlan:
-        """A gather plan: vector ``i`` is token ``pos[i]`` of batch row ``rows[i]``."""
-        return StepPlan(mode="gather", per_slot=k, n_out=n_out, index=rows * common["seq"] + pos,
-                        rows=rows, pos=pos, **common, **where)
-
-
-def _last_valid(m: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last non-padding position ([S, T] bool -> [S]; 0 for an empty row)."""
-    ar = torch.arange(m.shape[1], device=m.device)
-    return torch.where(m, ar, 0).amax(-1)
+    def _plan_step(self, cap: Capture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepPlan | None:
+        """Decide, once per forward, which rows and positions every hook of this step takes."""
+        return plan_padded_step(cap, self.settings, self.core.new_ids, args, kwargs)
 
 
 def attach(
