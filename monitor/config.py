@@ -44,23 +44,19 @@ class StreamSettings(BaseModel):
     """The sample stream, as the taps and the sidecars must both see it (the same values on both
     sides: the tap trims the stream, the sidecar reads it and compares its lag with the bound).
 
-    The sidecar's settings take these fields from here.
-    TODO(issue 15): TapSettings adopts StreamSettings once the vLLM work that owns it lands; until
-    then its ``stream``/``stream_maxlen`` repeat these defaults and bounds."""
+    The tap's and the sidecar's settings both take these fields from here."""
 
     stream: str = Field("layerwatch:samples", min_length=1, description="Stream (Redis key) of the samples: the taps publish to it, the sidecars read it; the same on both sides.")
     stream_maxlen: int = Field(10_000, ge=100, description="Approximate bound of the stream (the tap trims older entries; the sidecar's lag alert compares lag with it); the same on both sides.")
 
 
-class TapSettings(BaseSettings):
+class TapSettings(BaseSettings, StreamSettings):
     """How the tap samples and ships hidden states. Env: ``LAYERWATCH_TAP_<FIELD>``."""
 
     model_config = SettingsConfigDict(env_prefix="LAYERWATCH_TAP_", extra="forbid")
 
     sample_rate: float = Field(0.01, ge=0.0, le=1.0, description="Fraction of requests sampled (deterministic by request id).")
     transport: str = Field("memory://default", description="memory://NAME, redis://HOST:PORT/DB or rediss://...")
-    stream: str = Field("layerwatch:samples", min_length=1, description="Stream (Redis key) samples are published to.")
-    stream_maxlen: int = Field(10_000, ge=100, description="Approximate bound of the stream (older entries are trimmed).")
     model_name: str | None = Field(None, description="Model label in metrics and records (default: the model's name_or_path).")
     layers: Literal["all"] | list[int] = Field("all", description="States to capture: 'all' or a list of indices (state N is always added).")
     positions: PositionsMode = Field("last+mean", description="last+mean: the mean over the prompt's tokens and its last token (lenses read the last token, the drift detector's context probes also the mean) | last prompt token | all prompt tokens (up to max_positions) | mean over them | each generated token (up to max_positions).")

@@ -32,14 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from monitor.metrics import TapMetrics
+from monitor.metrics import TAP_DROP_REASONS, TapMetrics
 from monitor.transport import Transport
 from monitor.wire import encode
 
-DROP_REASONS = (
-    "queue_full", "queue_bytes", "transport_error", "transport_down", "hook_error",
-    "request_error", "encode_error", "closed",
-)
+DROP_REASONS = TAP_DROP_REASONS  # one list, with what each reason means, in monitor.metrics
 
 
 class Counts:
