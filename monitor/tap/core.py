@@ -26,12 +26,13 @@ from prometheus_client import CollectorRegistry
 from monitor.config import TapSettings
 from monitor.errors import ConfigError
 from monitor.metrics import TapMetrics
-from monitor.tap.exporter import CapturedRequest, CapturedStep, Counts, Exporter
+from monitor.tap.exporter import CapturedRequest, CapturedStep, Exporter
+from monitor.tap.recorder import SKIP_REASONS, TapRecorder
 from monitor.tap.sampler import Sampler, read_key
 from monitor.transport import Transport, open_transport
 from monitor.wire import SCHEMA_VERSION
 
-SKIP_REASONS = ("rate", "budget", "opt_out", "unsupported")
+__all__ = ["SKIP_REASONS", "TapCore", "watched_layers"]
 
 
 def watched_layers(settings: TapSettings, n_blocks: int) -> tuple[int, ...]:
@@ -66,10 +67,8 @@ class TapCore:
         self.wire_dtype = getattr(torch, settings.wire_dtype)
         self.metrics = TapMetrics(registry)
         self.registry = self.metrics.registry
-        self._m_sampled = self.metrics.requests_sampled.labels(model_name)
-        self._m_skipped = {r: self.metrics.requests_skipped.labels(model_name, r) for r in SKIP_REASONS}
+        self.recorder = TapRecorder(self.metrics, model_name)
         self.sampler = Sampler(settings.sample_rate, settings.max_samples_per_s, key=read_key(settings))
-        self.counts = Counts(("sampled", *(f"skipped_{r}" for r in SKIP_REASONS), "hook_errors"))
         self._new_instance()
         self.base_header: dict[str, Any] = {
             "schema": SCHEMA_VERSION, "model": model_name, "model_fingerprint": fingerprint,
@@ -83,7 +82,7 @@ class TapCore:
         factory: Callable[[], Transport] = (
             (lambda: transport) if transport is not None else (lambda: open_transport(settings.transport, **options)))
         self.exporter = Exporter(
-            factory, self.metrics, model_name,
+            factory, self.recorder,
             max_items=settings.queue_max_items, max_bytes=settings.queue_max_bytes,
             batch_size=settings.export_batch, max_payload_bytes=settings.max_payload_bytes,
             backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s,
@@ -103,20 +102,17 @@ class TapCore:
         """None when ``request_id`` is sampled (counted), else the skip reason (counted)."""
         reason = self.sampler.decide(request_id, force)
         if reason is None:
-            self.counts.add("sampled")
-            self._m_sampled.inc()
+            self.recorder.sampled()
         else:
             self.skip(reason)
         return reason
 
     def count_sampled(self, n: int) -> None:
         """Count ``n`` sampled requests decided elsewhere (another process of the same server)."""
-        self.counts.add("sampled", n)
-        self._m_sampled.inc(n)
+        self.recorder.sampled(n)
 
     def skip(self, reason: str) -> None:
-        self.counts.add("skipped_" + reason)
-        self._m_skipped[reason].inc()
+        self.recorder.skipped(reason)
 
     def new_ids(self, n: int) -> list[str]:
         """``n`` fresh sample ids: a random per-process instance id plus a sequence number."""
@@ -140,30 +136,34 @@ class TapCore:
         """Offer one finished capture to the exporter (or count it dropped). Never raises."""
         try:
             if drop_reason is not None:
-                self.exporter.drop(drop_reason, len(sample_ids))
+                self.recorder.dropped(drop_reason, len(sample_ids))
             elif steps:
                 self.exporter.offer(CapturedRequest(
                     self.base_header, sample_ids, request_ids, metadata, steps, events, nbytes, started))
         except Exception:
-            self.exporter.drop("hook_error", len(sample_ids) or 1)
+            self.recorder.dropped("hook_error", len(sample_ids) or 1)
 
     def hook_failed(self) -> None:
-        self.counts.add("hook_errors")
+        self.recorder.hook_error()
 
     # ------------------------------------------------------------------------- state
     @property
     def sampled(self) -> int:
-        return self.counts.get("sampled")
+        return self.recorder.stats.sampled
 
     @property
     def skipped(self) -> dict[str, int]:
-        return {r: self.counts.get("skipped_" + r) for r in SKIP_REASONS}
+        return self.recorder.stats.skipped
+
+    @property
+    def hook_errors(self) -> int:
+        return self.recorder.stats.hook_errors
 
     def stats(self) -> dict[str, Any]:
         """Counters of this process's tap (the same numbers ride in every sample header)."""
         return {
             "model": self.model_name, "instance": self.instance, "sampled": self.sampled,
-            "skipped": self.skipped, "hook_errors": self.counts.get("hook_errors"),
+            "skipped": self.skipped, "hook_errors": self.hook_errors,
             "exported": self.exporter.exported, "drops": self.exporter.drops,
             "queue_depth": self.exporter.queue_depth, "queue_bytes": self.exporter.queued_bytes,
             "layers": list(self.layers),
@@ -206,7 +206,7 @@ class TapCore:
     def _after_fork_in_child(self) -> None:
         # A forked worker is a new tap instance: fresh id, counters and locks.
         self._new_instance()
-        self.counts.reset()
+        self.recorder.stats.reset()
         self.sampler.after_fork()
         for fn in self._fork_hooks:
             fn()

@@ -32,35 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from monitor.metrics import TAP_DROP_REASONS, TapMetrics
+from monitor.tap.recorder import DROP_REASONS, Counts, TapRecorder
 from monitor.transport import Transport
 from monitor.wire import encode
 
-DROP_REASONS = TAP_DROP_REASONS  # one list, with what each reason means, in monitor.metrics
-
-
-class Counts:
-    """Thread-safe integer counters by name (serving threads and the worker both count)."""
-
-    def __init__(self, names: tuple[str, ...] = ()) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[str, int] = dict.fromkeys(names, 0)
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._values[name] = self._values.get(name, 0) + n
-
-    def get(self, name: str) -> int:
-        return self._values.get(name, 0)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._values)
-
-    def reset(self) -> None:
-        """Zero every counter with a new lock (a forked child is a new tap instance)."""
-        self._lock = threading.Lock()
-        self._values = dict.fromkeys(self._values, 0)
+__all__ = ["DROP_REASONS", "CapturedRequest", "CapturedStep", "Counts", "Exporter"]
 
 
 @dataclass
@@ -183,8 +159,7 @@ class Exporter:
     def __init__(
         self,
         transport_factory: Callable[[], Transport],
-        metrics: TapMetrics,
-        model_label: str,
+        recorder: TapRecorder,
         *,
         max_items: int,
         max_bytes: int,
@@ -206,14 +181,7 @@ class Exporter:
         self.backoff_max_s = backoff_max_s
         self._counters = counters
         self.interval_s = interval_s
-        self._m_drops = {r: metrics.drops.labels(model_label, r) for r in DROP_REASONS}
-        self._m_exported = metrics.samples_exported.labels(model_label)
-        self._m_depth = metrics.queue_depth.labels(model_label)
-        self._m_bytes = metrics.queue_bytes.labels(model_label)
-        self._m_latency = metrics.export_latency.labels(model_label)
-        self._m_terr = metrics.transport_errors.labels(model_label)
-        self._drops = Counts(DROP_REASONS)
-        self._exported = Counts(("samples",))
+        self.recorder = recorder
         self._init_state()
         ref = weakref.WeakMethod(self._after_fork_in_child)
         os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
@@ -239,9 +207,7 @@ class Exporter:
     def _after_fork_in_child(self) -> None:
         # Locks and threads do not survive fork: start afresh. Queued items belong to the
         # parent, which exports them; the child is a new tap instance with zeroed counters.
-        self._init_state()
-        self._drops.reset()
-        self._exported.reset()
+        self._init_state()  # the counters are the recorder's: TapCore resets them
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -251,12 +217,7 @@ class Exporter:
     # --- serving thread -----------------------------------------------------------------------
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` dropped samples (no logging: drops can be frequent)."""
-        if n <= 0:
-            return
-        self._drops.add(reason, n)
-        m = self._m_drops.get(reason)
-        if m is not None:
-            m.inc(n)
+        self.recorder.dropped(reason, n)
 
     def offer(self, item: CapturedRequest) -> bool:
         """Queue a captured batch; never blocks or raises. False when dropped (and counted)."""
@@ -301,8 +262,7 @@ class Exporter:
                         batch.append(item)
                         n += item.n_samples
                     self._in_flight = len(batch)
-                    self._m_depth.set(self._items)  # the gauges follow the worker, not offer()
-                    self._m_bytes.set(self._bytes)
+                    self.recorder.queue(self._items, self._bytes)  # the gauges follow the worker, not offer()
                 if not batch:
                     break
                 try:
@@ -314,8 +274,7 @@ class Exporter:
                         self._in_flight = 0
                         self._items -= n
                         self._bytes -= sum(it.nbytes for it in batch)
-                        self._m_depth.set(self._items)  # before the notify: flush() sees them
-                        self._m_bytes.set(self._bytes)
+                        self.recorder.queue(self._items, self._bytes)  # before the notify: flush() sees them
                         self._idle.notify_all()
             with self._lock:
                 self._idle.notify_all()
@@ -354,28 +313,24 @@ class Exporter:
                 self._transport = self._factory()
             self._transport.publish(payloads)
         except Exception:  # TransportError, a missing redis package, anything: count and back off
-            self._m_terr.inc()
+            self.recorder.transport_error()
             self.drop("transport_error", len(payloads))
             self._down_until = time.monotonic() + self._backoff
             self._backoff = min(self.backoff_max_s, self._backoff * 2)
             return
         self._backoff = self.backoff_initial_s
-        self._exported.add("samples", len(payloads))
-        self._m_exported.inc(len(payloads))
-        now = time.time()
-        for t in stamps:
-            self._m_latency.observe(max(0.0, now - t))
+        self.recorder.exported(stamps)
 
     # --- control ----------------------------------------------------------------------------
     @property
     def exported(self) -> int:
         """Samples published successfully (by this process)."""
-        return self._exported.get("samples")
+        return self.recorder.stats.exported.get("samples")
 
     @property
     def drops(self) -> dict[str, int]:
         """Dropped samples by reason (by this process)."""
-        return self._drops.snapshot()
+        return self.recorder.stats.drops.snapshot()
 
     @property
     def queue_depth(self) -> int:

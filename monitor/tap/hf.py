@@ -212,7 +212,7 @@ class Tap:
     @property
     def hook_errors(self) -> int:
         """Requests whose capture failed inside a hook (each also counted as a drop)."""
-        return self.core.counts.get("hook_errors")
+        return self.core.hook_errors
 
     def stats(self) -> dict[str, Any]:
         """Counters of this process's tap (the same numbers ride in every sample header)."""

@@ -39,6 +39,7 @@ from monitor.metrics import TapMetrics
 from monitor.tap.core import TapCore
 from monitor.tap.exporter import CapturedStep
 from monitor.tap.plan import StepPlan, record_events, take, to_device, to_host
+from monitor.tap.recorder import attached as record_attached
 from monitor.tap.vllm import log
 from monitor.tap.vllm.plugin import MARK
 
@@ -108,7 +109,7 @@ class VllmTap:
         runner.execute_model = self._execute_model
         runner._model_forward = self._model_forward
         if self.core is not None:
-            self.core.metrics.attached.labels(self.core.model_name, "ok").set(1)
+            self.core.recorder.attached("ok")
 
     # ------------------------------------------------------------------------- runner seams
     def _execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
@@ -358,7 +359,7 @@ class VllmTap:
         if self.core is None:
             return
         self.core.hook_failed()
-        if self.core.counts.get("hook_errors") <= 3:
+        if self.core.hook_errors <= 3:
             log.error("layerwatch: tap error (serving continues): %s: %s", type(exc).__name__, exc)
         for rid in list(self.active):
             r = self.active.pop(rid)
@@ -423,7 +424,7 @@ def attach_worker(worker: Any) -> VllmTap | None:
                   type(exc).__name__, exc)
         try:
             metrics = TapMetrics()
-            metrics.attached.labels(settings.model_name or "" if settings else "", reason).set(0)
+            record_attached(metrics, settings.model_name or "" if settings else "", reason)
             if settings is not None and settings.metrics_port:
                 from prometheus_client import start_http_server
 
