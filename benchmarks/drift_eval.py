@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from monitor.drift.baseline import DEFAULT_CLIP, build_baseline, fit_calibration_split
-from monitor.drift.features import ReadingArrays
 from monitor.drift.score import AnomalyScorer
 from monitor.drift.stats import Mahalanobis, binom_sf, conformal_p_values
 from monitor.drift.window import AlertState, SlidingWindowMonitor, WindowResult
+from monitor.lenses.readings import Readings
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -178,7 +178,7 @@ def _capture(name: str, texts: list[str], model: Any, tok: Any, max_tokens: int,
 
 
 def readings_for(cache: Cache, states_key: str, states: np.ndarray, layers: tuple[int, ...], bank: Any,
-                 batch_size: int) -> ReadingArrays:
+                 batch_size: int) -> Readings:
     from monitor.pipeline.offline import readings_from_states
 
     key = _key("readings-v3", states_key, bank.bundle_id)  # v3: prediction depth by token id (schema 3)
@@ -187,9 +187,11 @@ def readings_for(cache: Cache, states_key: str, states: np.ndarray, layers: tupl
         z = np.load(p)
         probes = {k[6:]: z[k] for k in z.files if k.startswith("probe:")}
         labels = json.loads(str(z["probe_labels"]))
-        return ReadingArrays(tuple(int(x) for x in z["layers"]), z["entropy"], z["kl_to_final"], z["confidence"],
-                             z["final_top1_rank"], z["depth"], z["final_entropy"], z["final_confidence"],
-                             probes, {k: tuple(v) for k, v in labels.items()}, z["top1"], z["final_top1"])
+        return Readings.from_columns(
+            z["layers"], entropy=z["entropy"], kl_to_final=z["kl_to_final"], confidence=z["confidence"],
+            final_top1_rank=z["final_top1_rank"], final_entropy=z["final_entropy"],
+            final_confidence=z["final_confidence"], top1=z["top1"], final_top1=z["final_top1"],
+            probes=probes, probe_labels={k: tuple(v) for k, v in labels.items()})
     a = readings_from_states(bank, states, layers, batch_size=batch_size)
     np.savez(p, layers=np.asarray(a.layers), entropy=a.entropy, kl_to_final=a.kl_to_final,
              confidence=a.confidence, final_top1_rank=a.final_top1_rank, depth=a.depth,
@@ -246,7 +248,7 @@ def tail_normaliser(fit_scores: np.ndarray, tail: float = 0.1) -> Any:
     return u
 
 
-def watched_rank_score(baseline: Any, a: ReadingArrays, d2: np.ndarray, watch: tuple[str, ...]) -> np.ndarray:
+def watched_rank_score(baseline: Any, a: Readings, d2: np.ndarray, watch: tuple[str, ...]) -> np.ndarray:
     """A continuous score that ranks samples as the combined p-value does, for AUROC and TPR at a
     test-set threshold: the largest of the anomaly score's and each watched concept's
     tail-normalised surprise, each against its own calibration split. (The conformal p-value
@@ -272,7 +274,7 @@ def tpr_by_transform(garbled: list[str], neg: np.ndarray, pos: np.ndarray) -> di
 
 
 def run_window_stream(kind_samples: Any, *, window: int, step: int, fdr: float, alpha: float,
-                      raise_after: int, clear_after: int, baseline: Any, readings: ReadingArrays | None,
+                      raise_after: int, clear_after: int, baseline: Any, readings: Readings | None,
                       p_values: np.ndarray, last_layer: bool) -> tuple[int | None, int, int]:
     """Feed a stream; returns (samples until first alert or None, alerts raised, windows)."""
     n = len(p_values)
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         sets = {k: v for k, v in sets.items() if k in args.only.split(",")}
     bank = None if args.capture_only else load_bank(args.bank, model, args.bundle)
-    readings: dict[str, ReadingArrays] = {}
+    readings: dict[str, Readings] = {}
     finals: dict[str, np.ndarray] = {}
     for name, texts in sets.items():
         states, layers = states_for(cache, name, texts, model, tok, fp, args.max_tokens, args.batch_size,
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{det}_tpr_at_1pct_fpr"] = tpr_at_fpr(neg, pos, 0.01)
             row[f"{det}_conformal_tpr"] = float(np.mean(sc[name][1] < args.alpha))
         # window detection of a mix: each sample is shifted with probability ``mix``
-        pool = ReadingArrays.concat([normal, readings[name]])
+        pool = Readings.concat([normal, readings[name]])
         for det in ("layerwatch", "last_layer"):
             delays = []
             for _ in range(args.trials):

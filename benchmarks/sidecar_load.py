@@ -79,7 +79,7 @@ def build_baseline_file(bundle: str, samples: list[tuple[dict[str, Any], np.ndar
                         model_name: str) -> Path:
     """A baseline from the readings of the captured samples, as ``layerwatch baseline build`` would."""
     from monitor.drift.baseline import build_baseline
-    from monitor.drift.features import ReadingArrays
+    from monitor.drift.features import as_arrays
     from monitor.lenses import LensBank
     from monitor.pipeline import read
 
@@ -88,7 +88,7 @@ def build_baseline_file(bundle: str, samples: list[tuple[dict[str, Any], np.ndar
     context = None
     if all(hdr["positions"] == "last+mean" for hdr, _ in samples):
         context = np.stack([h[:, 0, :] for _, h in samples]).astype(np.float32)
-    a = ReadingArrays.from_readings(read(bank, hidden, context))
+    a = as_arrays(read(bank, hidden, context))
     b = build_baseline(a, model=model_name, model_fingerprint=bank.fingerprint, bundle_id=bank.bundle_id,
                        source="sidecar_load: captured English prose samples")
     path.write_text(b.dumps())

@@ -16,13 +16,13 @@ from monitor.drift import (
     BaselineLearner,
     BaselineStore,
     DriftDetector,
-    ReadingArrays,
+    Readings,
     build_baseline,
     feature_matrix,
 )
 from monitor.drift.baseline import fit_calibration_split
 from monitor.drift.document import content_id as _content_id
-from monitor.drift.features import TokenTable
+from monitor.drift.features import TokenTable, as_arrays
 from monitor.drift.testing import synth
 from monitor.errors import BaselineError
 from monitor.lenses.readings import BankOutput, split_batch
@@ -129,10 +129,11 @@ def test_readings_with_other_layers_are_refused(baseline: Baseline) -> None:
 def test_constant_features_do_not_produce_nan() -> None:
     """Readings constant over the whole baseline score finitely, even when a sample moves them."""
     a = synth(500)
-    const = ReadingArrays(a.layers, np.full_like(a.entropy, 2.0), a.kl_to_final, np.full_like(a.confidence, 1.0),
-                          np.zeros_like(a.final_top1_rank), np.zeros_like(a.depth), np.full(a.n, 2.0),
-                          np.full(a.n, 1.0), {"topic": np.tile([1.0, 0.0, 0.0], (a.n, len(a.layers), 1))},
-                          a.probe_labels)
+    const = Readings.from_columns(
+        a.layers, entropy=np.full_like(a.entropy, 2.0), kl_to_final=a.kl_to_final,
+        confidence=np.full_like(a.confidence, 1.0), final_top1_rank=np.zeros_like(a.final_top1_rank),
+        final_entropy=np.full(a.n, 2.0), final_confidence=np.full(a.n, 1.0),
+        probes={"topic": np.tile([1.0, 0.0, 0.0], (a.n, len(a.layers), 1))}, probe_labels=a.probe_labels)
     bl = build_baseline(const, **META)
     moved = const.subset(slice(0, 3))
     moved.entropy[0] = 9.0
@@ -156,10 +157,10 @@ def test_bank_output_and_sample_readings_give_the_same_features() -> None:
         probes={"lang": rng.dirichlet(np.ones(2), size=(b, n_layers)).astype(np.float32)},
     )
     labels = {"lang": ("en", "de")}
-    a1 = ReadingArrays.from_bank_output(out, labels)
+    a1 = as_arrays(out)
     tokens = TokenTable.count(a1.token_ids())
     x1 = feature_matrix(a1, tokens)
-    x2 = feature_matrix(ReadingArrays.from_readings(split_batch(out, labels)), tokens)
+    x2 = feature_matrix(as_arrays(split_batch(out, labels)), tokens)
     assert np.allclose(x1, x2)
 
 

@@ -14,8 +14,8 @@ from monitor.drift import (
     WindowTester,
     build_baseline,
 )
-from monitor.drift.features import ReadingArrays
 from monitor.drift.testing import synth
+from monitor.lenses.readings import Readings
 from monitor.metrics import SidecarMetrics
 
 META = {"model": "tiny", "model_fingerprint": "sha256:aaa", "bundle_id": "bundle-1"}
@@ -86,7 +86,7 @@ def test_recorder_records_a_detector_update(baseline: Baseline) -> None:
     reg = CollectorRegistry()
     m = SidecarMetrics(reg)
     det = DriftDetector(baseline, window=100, step=50)
-    upd = det.process(ReadingArrays.concat([synth(300, seed=400, code=6.0)]))
+    upd = det.process(Readings.concat([synth(300, seed=400, code=6.0)]))
     SidecarRecorder(m, "tiny").detector(upd)
     assert reg.get_sample_value("layerwatch_anomalies_total", {"model": "tiny"}) == sum(s.anomalous for s in upd.scores)
     assert reg.get_sample_value("layerwatch_drift_alerts_total", {"model": "tiny"}) == 1

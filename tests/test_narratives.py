@@ -54,7 +54,7 @@ def test_one_prediction_depth_for_narratives_readings_and_drift_features() -> No
     """The narrative's prediction depth, the readings' depth column and the drift features' depth
     are the same number: the first layer from which the lens top-1 *id* equals the final top-1
     through the last layer, even where a lens tie puts the final top-1 at rank 0 earlier."""
-    from monitor.drift.features import ReadingArrays
+    from monitor.drift.features import as_arrays
 
     out = random_output(b=8, seed=3)
     ids = out.topk_ids.copy()
@@ -65,6 +65,6 @@ def test_one_prediction_depth_for_narratives_readings_and_drift_features() -> No
     views = out.views()
     depth_narr = [build_narrative(v).prediction_depth for v in views]
     assert out.depth.tolist() == depth_narr
-    assert ReadingArrays.from_readings(out).depth.tolist() == depth_narr
-    assert ReadingArrays.from_readings(views).depth.tolist() == depth_narr
+    assert as_arrays(out).depth.tolist() == depth_narr
+    assert as_arrays(views).depth.tolist() == depth_narr
     assert depth_narr[0] == out.layers[1]

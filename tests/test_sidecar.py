@@ -52,15 +52,17 @@ def publish_samples(url: str, stream: str, n: int, seed: int = 0, positions: str
     """Publish ``n`` real samples from the tapped tiny model (inputs drawn with ``seed``); return their ids."""
     model = make_tiny("llama", seed=0)  # the same weights as the workers' lens (fingerprint)
     tap = monitor.attach(model, sample_rate=1.0, transport=url, stream=stream, stream_maxlen=100_000,
-                         queue_max_items=n + 10, positions=positions)
+                         queue_max_items=n + 10, positions=positions, transport_timeout_s=30.0)
     ids: list[str] = []
     gen = torch.Generator().manual_seed(seed)
     for i in range(n):
         with tap.request(f"req-{i}") as h:
             model(input_ids=torch.randint(0, 128, (1, 5), generator=gen))
         ids += list(h.sample_ids)
-    assert tap.flush(30)
+    assert tap.flush(60)
+    drops = {k: v for k, v in tap.stats()["drops"].items() if v}
     tap.close()
+    assert not drops, f"the test's tap dropped samples (a loaded machine?): {drops}"
     return ids
 
 

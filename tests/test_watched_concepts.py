@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from monitor.drift import AnomalyScorer, Baseline, ReadingArrays, build_baseline
+from monitor.drift import AnomalyScorer, Baseline, Readings, build_baseline
 from monitor.drift.concepts import ConceptReference, combine_p_values, min_calibration, parse_concept
 from monitor.drift.detector import DriftDetector
 from monitor.drift.document import content_id as _content_id
@@ -26,7 +26,7 @@ def baseline() -> Baseline:
     return build_baseline(synth(1500, seed=0), **META)
 
 
-def leaning(a: ReadingArrays, toward: float, label: int = 2) -> ReadingArrays:
+def leaning(a: Readings, toward: float, label: int = 2) -> Readings:
     """``a`` with its topic probe leaning toward ``label`` by ``toward`` nats at every layer and
     nothing else changed: a shift in what the text is about that no other reading shows."""
     logp = np.log(a.probes["topic"])
@@ -165,7 +165,7 @@ def test_detector_windows_see_the_combined_p_values(baseline: Baseline) -> None:
         part_n, part_s = normal.subset(np.arange(s, s + 50)), shifted.subset(np.arange(s, s + 50))
         rows = np.where(idx[sl])[0]
         mixed = part_n.subset(np.setdiff1d(np.arange(50), rows))
-        batch = mixed if not len(rows) else ReadingArrays.concat([mixed, part_s.subset(rows)])
+        batch = mixed if not len(rows) else Readings.concat([mixed, part_s.subset(rows)])
         events += det.process(batch).events
     assert any(e.kind == "raised" for e in events)
     assert "anomalous samples" in det.alert["sentence"]

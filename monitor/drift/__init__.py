@@ -3,7 +3,7 @@
 Public API::
 
     from monitor.drift import (
-        ReadingArrays, build_baseline, Baseline, BaselineLearner, BaselineStore,
+        Readings, build_baseline, Baseline, BaselineLearner, BaselineStore,
         AnomalyScorer, SampleScore, Flag, DriftDetector, DetectorUpdate,
     )
 
@@ -16,16 +16,16 @@ the metrics of a detector update are recorded by :mod:`monitor.sidecar.recorder`
 from __future__ import annotations
 
 from monitor.drift.baseline import MIN_SAMPLES, Baseline, BaselineLearner, build_baseline
-from monitor.drift.detector import DetectorUpdate, DriftDetector, DriftStats, as_arrays
-from monitor.drift.features import ReadingArrays, feature_layout, feature_matrix
+from monitor.drift.detector import DetectorUpdate, DriftDetector, DriftStats
+from monitor.drift.features import as_arrays, feature_layout, feature_matrix
 from monitor.drift.score import AnomalyScorer, Flag, SampleScore
 from monitor.drift.store import BaselineStore
 from monitor.drift.window import AlertEvent, AlertState, SlidingWindowMonitor, WindowResult, WindowTester
-from monitor.lenses.readings import prediction_depth
+from monitor.lenses.readings import Readings, prediction_depth
 
 __all__ = [
     "MIN_SAMPLES", "AlertEvent", "AlertState", "AnomalyScorer", "Baseline", "BaselineLearner",
-    "BaselineStore", "DetectorUpdate", "DriftDetector", "DriftStats", "Flag", "ReadingArrays",
+    "BaselineStore", "DetectorUpdate", "DriftDetector", "DriftStats", "Flag", "Readings",
     "SampleScore", "SlidingWindowMonitor", "WindowResult", "WindowTester", "as_arrays",
     "build_baseline", "feature_layout", "feature_matrix", "prediction_depth",
 ]

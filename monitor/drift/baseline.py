@@ -34,7 +34,7 @@ from monitor.drift.features import (
     GLOBAL_FEATURES,
     READINGS,
     FeatureLayout,
-    ReadingArrays,
+    Readings,
     TokenTable,
     feature_layout,
     feature_matrix,
@@ -133,7 +133,7 @@ class Baseline:
                 "a baseline with this bundle or run in learning mode"
             )
 
-    def check_readings(self, a: ReadingArrays) -> None:
+    def check_readings(self, a: Readings) -> None:
         """Refuse readings whose layers or probes differ from the baseline's."""
         if a.layers != self.layers:
             raise BaselineError(
@@ -226,7 +226,7 @@ def _window_reference(values: np.ndarray) -> WindowReference:
     return WindowReference(tuple(float(e) for e in edges), tuple(int(c) for c in bin_counts(values, edges)))
 
 
-def window_values(a: ReadingArrays, reading: str) -> np.ndarray:
+def window_values(a: Readings, reading: str) -> np.ndarray:
     """The values a window test bins for ``reading`` ([B, L], or [B, 1] for prediction depth)."""
     if reading == "prediction_depth":
         return a.depth.astype(np.float64)[:, None]
@@ -250,7 +250,7 @@ def fit_calibration_split(n: int, calibration_fraction: float = 0.3, seed: int =
 
 
 def build_baseline(
-    a: ReadingArrays,
+    a: Readings,
     *,
     model: str,
     model_fingerprint: str,
@@ -379,7 +379,7 @@ class BaselineLearner:
         self._meta = {"model": model, "model_fingerprint": model_fingerprint, "bundle_id": bundle_id,
                       "source": source}
         self._kwargs = build_kwargs
-        self._parts: list[ReadingArrays] = []
+        self._parts: list[Readings] = []
         self._n = 0
 
     @property
@@ -397,7 +397,7 @@ class BaselineLearner:
         """Fraction collected, in [0, 1]."""
         return min(1.0, self._n / self.target)
 
-    def add(self, a: ReadingArrays) -> int:
+    def add(self, a: Readings) -> int:
         """Keep the samples of ``a`` that fit under the target; returns how many were taken."""
         room = self.target - self._n
         if room <= 0 or a.n == 0:
@@ -419,7 +419,7 @@ class BaselineLearner:
         """Build the baseline from what was collected (refused with the number needed if short)."""
         if self._n == 0:
             raise BaselineError(f"no samples collected yet; a baseline needs {self.target}")
-        a = ReadingArrays.concat(self._parts)
+        a = Readings.concat(self._parts)
         kwargs = dict(self._kwargs)
         kwargs.setdefault("extra", {"learned_samples": self._n})
         return build_baseline(a, **self._meta, **kwargs)  # type: ignore[arg-type]

@@ -29,9 +29,9 @@ import numpy as np
 
 from monitor.drift.codec import decode_array as _dec
 from monitor.drift.codec import encode_array as _enc
-from monitor.drift.features import ReadingArrays
 from monitor.drift.stats import conformal_p_values
 from monitor.errors import BaselineError
+from monitor.lenses.readings import Readings
 
 _LOG_FLOOR = 1e-6  # probabilities below this read as this (a log of 0 would be -inf)
 
@@ -64,7 +64,7 @@ class ConceptReference:
     calibration: dict[str, np.ndarray]  # "<probe>=<label>" -> sorted scores of the calibration split
 
     @classmethod
-    def standardisation(cls, fit: ReadingArrays) -> ConceptReference:
+    def standardisation(cls, fit: Readings) -> ConceptReference:
         """The per-layer standardisation of every label on ``fit`` (no calibration yet)."""
         center, scale = {}, {}
         for p in sorted(fit.probes):
@@ -76,7 +76,7 @@ class ConceptReference:
         return cls(center, scale, {})
 
     @classmethod
-    def fit(cls, fit: ReadingArrays, cal: ReadingArrays) -> ConceptReference:
+    def fit(cls, fit: Readings, cal: Readings) -> ConceptReference:
         """Standardise on ``fit``, calibrate on ``cal`` (two disjoint splits of normal samples)."""
         ref = cls.standardisation(fit)
         return cls(ref.center, ref.scale, {k: np.sort(v) for k, v in ref.scores(cal).items()})
@@ -86,7 +86,7 @@ class ConceptReference:
         """Every concept this reference can score."""
         return tuple(sorted(self.calibration))
 
-    def scores(self, a: ReadingArrays, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def scores(self, a: Readings, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Concept scores [B] of ``a``, for ``names`` (default: every label of every probe)."""
         wanted = None if names is None else {parse_concept(n) for n in names}
         out: dict[str, np.ndarray] = {}
@@ -99,14 +99,14 @@ class ConceptReference:
                     out[name] = self.layer_scores(a, name).mean(axis=1)
         return out
 
-    def layer_scores(self, a: ReadingArrays, name: str) -> np.ndarray:
+    def layer_scores(self, a: Readings, name: str) -> np.ndarray:
         """Per layer [B, L], the standardised log-probability whose mean over the layers is
         the concept's score (which layers drive it)."""
         probe, label = parse_concept(name)
         j = a.probe_labels[probe].index(label)
         return np.asarray((_log_probs(a.probes[probe][:, :, j]) - self.center[probe][:, j]) / self.scale[probe][:, j])
 
-    def p_values(self, a: ReadingArrays, names: Sequence[str]) -> dict[str, np.ndarray]:
+    def p_values(self, a: Readings, names: Sequence[str]) -> dict[str, np.ndarray]:
         """Conformal p-values [B] of the watched ``names``. A non-finite score (a broken probe
         reading) gets p = 1: it says nothing about the concept, and the anomaly score already
         flags such a sample."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from monitor.drift.baseline import Baseline
-from monitor.drift.features import ReadingArrays
+from monitor.drift.features import as_arrays
 from monitor.drift.score import AnomalyScorer, SampleScore
 from monitor.drift.window import AlertEvent, SlidingWindowMonitor, WindowResult
 from monitor.lenses.readings import Readings, SampleReadings
@@ -43,19 +43,6 @@ class DetectorUpdate:
     scores: list[SampleScore]
     windows: list[WindowResult]
     events: list[AlertEvent]
-
-
-def as_arrays(
-    readings: Readings | ReadingArrays | Sequence[SampleReadings],
-    probe_labels: dict[str, tuple[str, ...]] | None = None,
-    depth: np.ndarray | Sequence[int] | None = None,
-) -> ReadingArrays:
-    """Accept readings (columnar or per-sample views) or ready arrays."""
-    if isinstance(readings, ReadingArrays):
-        return readings
-    if isinstance(readings, Readings):
-        return ReadingArrays.from_bank_output(readings, probe_labels, depth)
-    return ReadingArrays.from_readings(list(readings), depth)
 
 
 class DriftDetector:
@@ -85,12 +72,10 @@ class DriftDetector:
 
     def process(
         self,
-        readings: Readings | ReadingArrays | Sequence[SampleReadings],
-        probe_labels: dict[str, tuple[str, ...]] | None = None,
-        depth: np.ndarray | Sequence[int] | None = None,
+        readings: Readings | Sequence[SampleReadings],
     ) -> DetectorUpdate:
-        """Score a batch, feed it to the sliding windows, update the stats."""
-        a = as_arrays(readings, probe_labels, depth)
+        """Score a batch (columns or per-sample views), feed it to the sliding windows, update the stats."""
+        a = as_arrays(readings)
         scores = self.scorer.score(a)
         pv = np.array([s.p_value for s in scores])
         windows, events = self.windows.add(a, pv)

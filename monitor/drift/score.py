@@ -29,10 +29,11 @@ import numpy as np
 
 from monitor.drift.baseline import Baseline
 from monitor.drift.concepts import combine_p_values, parse_concept
-from monitor.drift.features import GLOBAL_LAYER, READINGS, ReadingArrays, feature_matrix
+from monitor.drift.features import GLOBAL_LAYER, READINGS, feature_matrix
 from monitor.drift.stats import conformal_p_values
 from monitor.errors import BaselineError
 from monitor.explain import flag_sentence
+from monitor.lenses.readings import Readings
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class AnomalyScorer:
         self._sur_hi = baseline.quantile("top1_surprisal", 0.99)
         self._probe_hi = {p: baseline.quantile(f"probe:{p}", 0.99) for p in baseline.probe_labels}
 
-    def score_arrays(self, a: ReadingArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score_arrays(self, a: Readings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vector form: squared distances [B], p-values [B], per-layer contributions [B, G].
 
         Columns of the contributions follow :attr:`contribution_layers` (sorted layer numbers,
@@ -142,19 +143,19 @@ class AnomalyScorer:
         d2, p, per_layer, concept_p = self._score(a)
         return d2, (combine_p_values([p, *concept_p.values()]) if concept_p else p), per_layer
 
-    def concept_p_values(self, a: ReadingArrays) -> dict[str, np.ndarray]:
+    def concept_p_values(self, a: Readings) -> dict[str, np.ndarray]:
         """The watched concepts' own conformal p-values [B] (empty without watched concepts)."""
         self.baseline.check_readings(a)
         return self._concept_p(a)
 
-    def _concept_p(self, a: ReadingArrays) -> dict[str, np.ndarray]:
+    def _concept_p(self, a: Readings) -> dict[str, np.ndarray]:
         if not self.watch:
             return {}
         assert self.baseline.concepts is not None
         got = self.baseline.concepts.p_values(a, self.watch)
         return {w: got[w] for w in self.watch}
 
-    def _score(self, a: ReadingArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def _score(self, a: Readings) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         self.baseline.check_readings(a)
         x = feature_matrix(a, self.baseline.tokens)
         bad = ~np.all(np.isfinite(x), axis=1)
@@ -170,7 +171,7 @@ class AnomalyScorer:
         """Layer of each contribution column (``-1`` = global features)."""
         return list(self._groups)
 
-    def score(self, a: ReadingArrays) -> list[SampleScore]:
+    def score(self, a: Readings) -> list[SampleScore]:
         """Score every sample of ``a``."""
         d2, p_score, per_layer, concept_p = self._score(a)
         p = combine_p_values([p_score, *concept_p.values()]) if concept_p else p_score
@@ -208,7 +209,7 @@ class AnomalyScorer:
         return out
 
     # --- flags --------------------------------------------------------------------------------
-    def _watched_flags(self, a: ReadingArrays, b: int, fired: list[tuple[str, float]]) -> list[Flag]:
+    def _watched_flags(self, a: Readings, b: int, fired: list[tuple[str, float]]) -> list[Flag]:
         out = []
         for name, pv in fired:
             probe, label = parse_concept(name)
@@ -224,7 +225,7 @@ class AnomalyScorer:
                              "normal": float(np.mean(normal)), "p": pv}))
         return out
 
-    def _flags(self, a: ReadingArrays, b: int, shares: dict[int, float]) -> list[Flag]:
+    def _flags(self, a: Readings, b: int, shares: dict[int, float]) -> list[Flag]:
         bl = self.baseline
         flags: list[Flag] = []
         layers = a.layers

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from monitor.drift.baseline import Baseline, build_baseline
-from monitor.drift.features import ReadingArrays
 from monitor.errors import BaselineError
+from monitor.lenses.readings import Readings
 
 KEY_PREFIX = "layerwatch:baseline"
 HISTORY_LIMIT = 50
@@ -91,7 +91,7 @@ class BaselineStore:
             return fn(*args)
 
     # --- build / save / load ------------------------------------------------------------------
-    def build(self, readings: ReadingArrays, *, model_fingerprint: str, bundle_id: str, **kwargs: Any) -> Baseline:
+    def build(self, readings: Readings, *, model_fingerprint: str, bundle_id: str, **kwargs: Any) -> Baseline:
         """Build a baseline for this store's model (see :func:`build_baseline`); does not save it."""
         return build_baseline(readings, model=self.model, model_fingerprint=model_fingerprint,
                               bundle_id=bundle_id, **kwargs)

@@ -12,14 +12,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monitor.drift.features import ReadingArrays
-from monitor.lenses.readings import prediction_depth
+from monitor.lenses.readings import Readings
 
 LABELS = ("prose", "news", "code")
 
 
 def synth(n: int, *, n_layers: int = 12, seed: int = 0, shift: float = 0.0, code: float = 0.0,
-          shift_layers: Sequence[int] = (4, 5, 6, 7)) -> ReadingArrays:
+          shift_layers: Sequence[int] = (4, 5, 6, 7)) -> Readings:
     """``n`` samples of synthetic readings."""
     rng = np.random.default_rng(seed)
     lay = tuple(range(n_layers))
@@ -41,9 +40,8 @@ def synth(n: int, *, n_layers: int = 12, seed: int = 0, shift: float = 0.0, code
     top1 = rng.integers(0, 20, size=(n, n_layers)) + 100 * np.arange(n_layers)
     if code:
         top1[:, sl] += 5000
-    return ReadingArrays(
-        layers=lay, entropy=ent, kl_to_final=kl, confidence=conf, final_top1_rank=rank,
-        depth=prediction_depth(top1, top1[:, -1], lay), final_entropy=ent[:, -1].copy(),
+    return Readings.from_columns(
+        lay, entropy=ent, kl_to_final=kl, confidence=conf, final_top1_rank=rank, final_entropy=ent[:, -1].copy(),
         final_confidence=conf[:, -1].copy(), probes={"topic": probs}, probe_labels={"topic": LABELS},
         top1=top1, final_top1=top1[:, -1].copy(),
     )

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from monitor.drift.baseline import Baseline, window_values
-from monitor.drift.features import READINGS, ReadingArrays
+from monitor.drift.features import READINGS
 from monitor.drift.score import layer_runs
 from monitor.drift.stats import benjamini_hochberg, bin_counts, binom_sf, g_test, holm
 from monitor.explain import window_sentence
+from monitor.lenses.readings import Readings
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class WindowTester:
         }
         self._ref = {r: [np.asarray(ref.counts) for ref in refs] for r, refs in baseline.window_bins.items()}
 
-    def test(self, a: ReadingArrays, p_values: np.ndarray | None = None, end: int = 0) -> WindowResult:
+    def test(self, a: Readings, p_values: np.ndarray | None = None, end: int = 0) -> WindowResult:
         """Test one window of readings (and the samples' conformal p-values, if given)."""
         bl = self.baseline
         findings: list[Finding] = []
@@ -112,7 +113,7 @@ class WindowTester:
         )
 
     # --- what moved (sentences rendered by monitor.explain) ----------------------------------------------------------------------
-    def describe(self, sig: Sequence[Finding], a: ReadingArrays, p_values: np.ndarray | None) -> list[str]:
+    def describe(self, sig: Sequence[Finding], a: Readings, p_values: np.ndarray | None) -> list[str]:
         """One sentence per (test, run of neighbouring layers), most significant first."""
         bl = self.baseline
         by_test: dict[str, list[Finding]] = {}
@@ -201,7 +202,7 @@ class AlertState:
 
 @dataclass
 class _Buffer:
-    parts: deque[ReadingArrays] = field(default_factory=deque)
+    parts: deque[Readings] = field(default_factory=deque)
     pvals: deque[np.ndarray] = field(default_factory=deque)
     n: int = 0
 
@@ -227,7 +228,7 @@ class SlidingWindowMonitor:
     def seen(self) -> int:
         return self._seen
 
-    def add(self, a: ReadingArrays, p_values: np.ndarray) -> tuple[list[WindowResult], list[AlertEvent]]:
+    def add(self, a: Readings, p_values: np.ndarray) -> tuple[list[WindowResult], list[AlertEvent]]:
         """Add a batch; returns the windows that closed and the alert transitions they caused."""
         results: list[WindowResult] = []
         events: list[AlertEvent] = []
@@ -249,7 +250,7 @@ class SlidingWindowMonitor:
                     events.append(ev)
         return results, events
 
-    def _push(self, part: ReadingArrays, pv: np.ndarray) -> None:
+    def _push(self, part: Readings, pv: np.ndarray) -> None:
         b = self._buf
         b.parts.append(part)
         b.pvals.append(pv)
@@ -258,7 +259,7 @@ class SlidingWindowMonitor:
             b.n -= b.parts.popleft().n
             b.pvals.popleft()
 
-    def _window(self) -> tuple[ReadingArrays, np.ndarray]:
-        a = ReadingArrays.concat(list(self._buf.parts))
+    def _window(self) -> tuple[Readings, np.ndarray]:
+        a = Readings.concat(list(self._buf.parts))
         pv = np.concatenate(list(self._buf.pvals))
         return a.subset(slice(a.n - self.window, a.n)), pv[-self.window:]

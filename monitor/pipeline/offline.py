@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from monitor.drift.features import ReadingArrays
+from monitor.drift.features import as_arrays
 from monitor.errors import BaselineError
+from monitor.lenses.readings import Readings
 from monitor.pipeline.stages import LensReader, read
 
 LensBankLike = LensReader  # the former name
@@ -109,7 +110,7 @@ def capture_states(
 
 def readings_from_states(
     bank: LensBankLike, states: np.ndarray, state_layers: Sequence[int], *, batch_size: int = 16
-) -> ReadingArrays:
+) -> Readings:
     """Read captured states [n, L, d] (or [n, L, 2, d] of "last+mean": the probes also read the
     mean) with the lens bank, selecting the bank's watched layers, as the sidecar reads them."""
     missing = [x for x in bank.layers if x not in state_layers]
@@ -120,8 +121,8 @@ def readings_from_states(
     for start in range(0, states.shape[0], batch_size):
         h = np.asarray(states[start:start + batch_size][:, sel], dtype=np.float32)
         last, context = (h[:, :, -1], h[:, :, 0]) if h.ndim == 4 else (h, None)
-        parts.append(ReadingArrays.from_readings(read(bank, last, context)))
-    return ReadingArrays.concat(parts)
+        parts.append(as_arrays(read(bank, last, context)))
+    return Readings.concat(parts)
 
 
 def readings_for_texts(
@@ -134,7 +135,7 @@ def readings_for_texts(
     max_tokens: int = 128,
     positions: str = "last+mean",
     progress: Callable[[int, int], None] | None = None,
-) -> ReadingArrays:
+) -> Readings:
     """Readings of ``texts`` as the sidecar would compute them (tap -> wire -> lens bank)."""
     states, layers, _ = capture_states(model, tokenizer, texts, batch_size=batch_size,
                                        max_tokens=max_tokens, positions=positions, progress=progress)

@@ -19,7 +19,7 @@ import numpy as np
 from monitor.drift.baseline import Baseline, BaselineLearner, fit_calibration_split
 from monitor.drift.concepts import concept_name, min_calibration, parse_concept
 from monitor.drift.detector import DetectorUpdate, DriftDetector
-from monitor.drift.features import ReadingArrays
+from monitor.drift.features import as_arrays
 from monitor.errors import BaselineError, ConfigError
 from monitor.lenses.readings import Readings
 
@@ -77,7 +77,7 @@ class ScoringStage:
 
     def score(self, readings: Readings) -> Scored:
         """Score (or learn from) one batch."""
-        arrays = ReadingArrays.from_readings(readings)
+        arrays = as_arrays(readings)
         out = Scored()
         if self.learner is not None:
             taken = self.learner.add(arrays)
