@@ -73,7 +73,7 @@ class SidecarSettings(BaseSettings, StreamSettings):
     consumer: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="This replica's consumer name (default: hostname-pid).")
     model_name: str | None = Field(None, description="Model label in metrics (default: the label in each sample).")
     bundle: Path | None = Field(None, description="Lens bundle directory (manifest.json + ONNX files).")
-    tokenizer: Path | None = Field(None, description="Hugging Face tokenizer directory used to print tokens in narratives (default: token ids as <id>).")
+    tokenizer: Path | None = Field(None, description="Hugging Face tokenizer directory used to print tokens in narratives when narratives.include_tokens is on (default: token ids as <id>).")
     http_host: str = Field("127.0.0.1", min_length=1, description="Bind address of /metrics, /healthz, /readyz (and /narratives when served): loopback by default; 0.0.0.0 for a Prometheus or kubelet probes from outside the pod (these endpoints hold no prompt-derived data).")
     http_port: int = Field(9400, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
     http_threads: int = Field(4, ge=1, le=64, description="HTTP handler threads; complete requests beyond them queue (2 per thread), then get 503.")
