@@ -81,11 +81,11 @@ def window_sentence(test: str, layers: Sequence[int], facts: Mapping[str, Any]) 
 def layer_sentence(layer: int, token: str | None, p: float, probes: Mapping[str, Mapping[str, Any]],
                    rank: int | None = None) -> str:
     """One layer of a narrative: 'L14: leaning ' Paris' (0.41), topic=geography 0.88'; without a
-    token (narratives that name none): 'L14: top-1 at 0.41, the output's top-1 at rank 3, ...'."""
+    token (narratives that name none): 'L14: top-1 at 0.41, the output's token at rank 3, ...'."""
     if token is not None:
         parts = [f"L{layer}: leaning {token!r} ({p:.2f})"]
     else:
-        agree = "" if rank is None else (", the output's top-1" if rank == 0 else f", the output's top-1 at rank {rank}")
+        agree = "" if rank is None else (" is the output's token" if rank == 0 else f", the output's token at rank {rank}")
         parts = [f"L{layer}: top-1 at {p:.2f}{agree}"]
     parts += [f"{name}={r['label']} {r['p']:.2f}" for name, r in probes.items()]
     return ", ".join(parts)

@@ -120,12 +120,24 @@ def test_a_bad_include_tokens_value_fails_at_start_up_naming_the_field(monkeypat
         load_settings()
 
 
-def _show(root: Path, request_id: str, capsys: pytest.CaptureFixture[str]) -> str:
+def _audit(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     parser = argparse.ArgumentParser(prog="layerwatch")
     audit_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["audit", "show", str(root), "--request-id", request_id, "--top-k", "3"])
+    args = parser.parse_args(["audit", *argv])
     assert args.handler(args) == 0
     return capsys.readouterr().out
+
+
+def _show(root: Path, request_id: str, capsys: pytest.CaptureFixture[str]) -> str:
+    return _audit(["show", str(root), "--request-id", request_id, "--top-k", "3"], capsys)
+
+
+def test_audit_search_lists_records_of_both_kinds(trails: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """`audit search` over trails written with and without tokens lists every sample of both."""
+    out = _audit(["search", str(trails["root"]), "--kind", "sample"], capsys)
+    for name in ("off", "on"):
+        assert all(f"req-{name}-{i}" in out for i in range(len(PROMPTS)))
+    assert f"{2 * len(PROMPTS)} record(s) from 2 trail(s)" in out
 
 
 def test_audit_show_renders_records_with_and_without_tokens(trails: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:

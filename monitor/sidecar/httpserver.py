@@ -142,12 +142,15 @@ class BoundedHTTPServer:
                 wait = max(0.0, min(wait, next(iter(self._waiting.values()))[0] - time.monotonic()))
             for key, _ in self._selector.select(wait):
                 sock = key.fileobj
-                if sock is self.socket:
-                    self._accept()
-                elif sock is self._wake_r:
-                    self._wake_r.recv(64)
-                else:
-                    self._read(sock)  # type: ignore[arg-type]
+                try:
+                    if sock is self.socket:
+                        self._accept()
+                    elif sock is self._wake_r:
+                        self._wake_r.recv(64)
+                    else:
+                        self._read(sock)  # type: ignore[arg-type]
+                except Exception:  # noqa: BLE001 - the acceptor must outlive any one connection
+                    log.exception("http acceptor: unexpected error")
             self._expire()
 
     def _accept(self) -> None:
@@ -168,7 +171,10 @@ class BoundedHTTPServer:
             self._selector.register(conn, selectors.EVENT_READ)
 
     def _read(self, conn: socket.socket) -> None:
-        _, buf, addr = self._waiting[conn]
+        waiting = self._waiting.get(conn)
+        if waiting is None:  # evicted by an accept earlier in this round
+            return
+        _, buf, addr = waiting
         try:
             chunk = conn.recv(4096)
         except (BlockingIOError, InterruptedError):
