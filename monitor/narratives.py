@@ -155,6 +155,7 @@ def build_narrative(
             "probes": {k: _round4([r.probes[k] for r in rs]) for k in (rs[0].probes if rs else {})},
             "final_top": _round4(readings.final_topk_probs[:top_n]), "final_entropy": _round4(readings.final_entropy),
         }
+
     def top(ids: Any, probs: list[float]) -> dict[str, Any]:
         if include_tokens:
             return {"top": [[decode(t), p] for t, p in zip(ids[:top_n], probs, strict=False)]}
