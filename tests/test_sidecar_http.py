@@ -18,10 +18,10 @@ import torch
 
 import monitor
 from monitor.errors import ConfigError
+from monitor.httpserver import BoundedHTTPServer, BoundedRequestHandler
 from monitor.lenses.torch_lens import TorchLogitLens
 from monitor.sidecar.config import load_settings
 from monitor.sidecar.http import SidecarHTTPServer
-from monitor.sidecar.httpserver import BoundedHTTPServer, BoundedRequestHandler
 from monitor.sidecar.service import Sidecar
 from monitor.transport import MemoryTransport
 from tests.conftest import make_tiny
@@ -297,3 +297,32 @@ def test_the_demo_serves_narratives_with_tokens_behind_a_generated_token(tmp_pat
         assert item["narrative"]["tokens"] is True and item["narrative"]["layers"][0]["top"][0][0].startswith("<")
     finally:
         sc.stop(5)
+
+
+def test_the_taps_metrics_port_gives_idle_connections_no_thread(tiny: torch.nn.Module) -> None:
+    """Inside the inference server, the tap's /metrics (metrics_port) is the same bounded server:
+    100 idle half-requests start no thread in the serving process, a scrape still answers, and
+    close() stops it."""
+    tap = monitor.attach(tiny, sample_rate=0.0, transport="memory://tap-metrics")
+    for _ in range(20):  # a free port can be taken by another process between probe and bind
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        try:
+            tap.serve_metrics(port, addr="127.0.0.1")
+            break
+        except OSError:
+            continue
+    threads_before = threading.active_count()
+    idle = _half_requests(port, 100)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "layerwatch_tap_" in text
+        assert threading.active_count() == threads_before
+    finally:
+        for s in idle:
+            s.close()
+        tap.close()
+        tap.detach()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

@@ -1,4 +1,4 @@
-"""The sidecar's HTTP endpoints (a bounded server, :mod:`monitor.sidecar.httpserver`).
+"""The sidecar's HTTP endpoints (a bounded server, :mod:`monitor.httpserver`).
 
 * ``/metrics``: Prometheus exposition of the sidecar's registry;
 * ``/healthz``: 200 while the process is alive;
@@ -21,8 +21,8 @@ from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from monitor.httpserver import BoundedHTTPServer, BoundedRequestHandler
 from monitor.sidecar.access import BearerToken, check_exposure
-from monitor.sidecar.httpserver import BoundedHTTPServer, BoundedRequestHandler
 
 if TYPE_CHECKING:  # pragma: no cover
     from monitor.sidecar.service import Sidecar

@@ -425,9 +425,9 @@ def attach_worker(worker: Any) -> VllmTap | None:
             metrics = TapMetrics()
             metrics.attached.labels(settings.model_name or "" if settings else "", reason).set(0)
             if settings is not None and settings.metrics_port:
-                from prometheus_client import start_http_server
+                from monitor.httpserver import serve_registry
 
-                start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry)
+                serve_registry(metrics.registry, settings.metrics_host, settings.metrics_port)
         except Exception:
             pass
         return None

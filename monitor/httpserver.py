@@ -245,3 +245,26 @@ class BoundedHTTPServer:
                 except OSError:
                     pass
                 conn.close()
+
+
+def serve_registry(registry: Any, host: str, port: int, *, threads: int = 2, timeout_s: float = 5.0,
+                   max_connections: int = 32) -> BoundedHTTPServer:
+    """A started bounded server answering every GET with ``registry``'s Prometheus exposition (the
+    tap's metrics port, in place of ``prometheus_client.start_http_server``, which gives every
+    connection a thread and no timeout)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Metrics(BoundedRequestHandler):
+        server_version = "layerwatch"
+        sys_version = ""
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return BoundedHTTPServer(host, port, Metrics, threads=threads, timeout_s=timeout_s,
+                             max_connections=max_connections).start()
