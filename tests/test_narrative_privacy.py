@@ -134,7 +134,7 @@ def _show(root: Path, request_id: str, capsys: pytest.CaptureFixture[str]) -> st
 
 def test_audit_search_lists_records_of_both_kinds(trails: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     """`audit search` over trails written with and without tokens lists every sample of both."""
-    out = _audit(["search", str(trails["root"]), "--kind", "sample"], capsys)
+    out = _audit(["search", str(trails["root"] / "off"), str(trails["root"] / "on"), "--kind", "sample"], capsys)
     for name in ("off", "on"):
         assert all(f"req-{name}-{i}" in out for i in range(len(PROMPTS)))
     assert f"{2 * len(PROMPTS)} record(s) from 2 trail(s)" in out
