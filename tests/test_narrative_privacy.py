@@ -36,7 +36,7 @@ def run_sidecar(tmp: Path, name: str, **narratives: Any) -> tuple[list[dict[str,
     MemoryTransport.reset_all()
     settings = load_settings(transport=url, group="g", http_port=0, batch_wait_ms=10, warm_up=False,
                              consumer=name, audit={"directory": tmp / name}, baseline={"learn_samples": 400},
-                             narratives=narratives)
+                             **({"narratives": narratives} if narratives else {}))  # default: as shipped
     sc = Sidecar(settings, bank=TorchLogitLens(model))
     tap = monitor.attach(model, sample_rate=1.0, transport=url)
     ids = []
@@ -57,9 +57,20 @@ def run_sidecar(tmp: Path, name: str, **narratives: Any) -> tuple[list[dict[str,
 
 
 @pytest.fixture(scope="module")
-def trails(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("privacy")
-    yield {"root": tmp, "off": run_sidecar(tmp, "off"), "on": run_sidecar(tmp, "on", include_tokens=True)}
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("privacy")
+
+
+@pytest.fixture(scope="module")
+def off(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A sidecar with default settings."""
+    return run_sidecar(root, "off")
+
+
+@pytest.fixture(scope="module")
+def trails(root: Path, off: Any) -> Iterator[dict[str, Any]]:
+    """Trails of both kinds: default settings, and narratives.include_tokens on."""
+    yield {"root": root, "off": off, "on": run_sidecar(root, "on", include_tokens=True)}
 
 
 def _token_texts(obj: Any) -> list[str]:
@@ -67,11 +78,11 @@ def _token_texts(obj: Any) -> list[str]:
     return re.findall(r"<\d+>", json.dumps(obj))
 
 
-def test_audit_records_carry_no_token_strings_or_ids_by_default(trails: dict[str, Any]) -> None:
+def test_audit_records_carry_no_token_strings_or_ids_by_default(off: Any) -> None:
     """With default settings no sample record holds a token: no 'top' pairs, no '<id>' strings, no
     token in the sentences; the numeric readings stay (top-k probabilities, entropy, KL, rank,
     depth, changes of mind)."""
-    records, _ = trails["off"]
+    records, _ = off
     for rec in records:
         nar = rec["narrative"]
         assert _token_texts(rec) == [] and nar["tokens"] is False
@@ -83,9 +94,9 @@ def test_audit_records_carry_no_token_strings_or_ids_by_default(trails: dict[str
         assert isinstance(nar["prediction_depth"], int) and isinstance(nar["changes_of_mind"], list)
 
 
-def test_served_narratives_carry_no_tokens_by_default(trails: dict[str, Any]) -> None:
+def test_served_narratives_carry_no_tokens_by_default(off: Any) -> None:
     """What /narratives/{id} would serve (the recent cache) holds no token either, its text included."""
-    _, served = trails["off"]
+    _, served = off
     for item in served:
         assert _token_texts(item) == [] and "leaning" not in item["text"]
         assert "output: top-1 at" in item["text"]
