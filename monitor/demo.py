@@ -112,9 +112,21 @@ def _post(url: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as resp:
+def _get(url: str, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:
         return json.loads(resp.read())
+
+
+def _narratives_token(out: Path) -> Path:
+    """A fresh bearer token for the demo sidecar's /narratives endpoints, in a file only the user
+    can read (the sidecar reads it as it would a mounted secret)."""
+    import secrets
+
+    path = out / "narratives.token"
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_urlsafe(32) + "\n")
+    return path
 
 
 def _wait_http(url: str, timeout: float = 120.0) -> None:
@@ -231,9 +243,13 @@ def demo_watch(baseline: Any) -> list[str]:
 def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None, baseline: Any, out: Path,
                    model_name: str, tokenizer: Any) -> tuple[Any, Any, int]:
     metrics_port = args.metrics_port or _free_port()
+    # The demo shows narratives with their tokens and serves them: both are off by default (a
+    # layer's top tokens can spell the prompt out), so it turns them on explicitly, behind a token.
+    args.token_file = _narratives_token(out)
+    narratives = {"serve": True, "bearer_token_file": str(args.token_file), "include_tokens": True}
     common: dict[str, Any] = {"group": "demo", "model_name": model_name, "batch_max": 16, "batch_wait_ms": 20,
               "baseline": {"window": 80, "alpha": 0.01, "watch": demo_watch(baseline)},
-              "audit": {"directory": str(out / "audit")}}
+              "audit": {"directory": str(out / "audit")}, "narratives": narratives}
     if args.redis is None:
         from monitor.sidecar.bootstrap import build_parts
         from monitor.sidecar.config import load_settings
@@ -258,6 +274,8 @@ def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None
            "LAYERWATCH_BATCH_MAX": "16", "LAYERWATCH_BASELINE__WINDOW": "80",
            "LAYERWATCH_BASELINE__WATCH": json.dumps(demo_watch(baseline)),
            "LAYERWATCH_AUDIT__DIRECTORY": str(out / "audit"),
+           "LAYERWATCH_NARRATIVES__SERVE": "true", "LAYERWATCH_NARRATIVES__INCLUDE_TOKENS": "true",
+           "LAYERWATCH_NARRATIVES__BEARER_TOKEN_FILE": str(args.token_file),
            # heads per run: each run starts a fresh trail in --out, and a head left in Redis by an
            # earlier run would (rightly) read as records lost
            "LAYERWATCH_AUDIT__HEAD_KEY_PREFIX": f"{stream}:audit:head:"}
@@ -326,8 +344,10 @@ def _report(args: argparse.Namespace, sent: dict[str, Any], out: Path, metrics_p
 
     _say("[6/7]", f"layer narrative of {CAPITAL_PROMPT!r} (answer: {sent['capital'].get('answer', '?')!r})")
     sid = sent["capital"]["sample_ids"][0]
-    item = _get(f"http://127.0.0.1:{metrics_port}/narratives/{sid}")
+    url = f"http://127.0.0.1:{metrics_port}/narratives/{sid}"
+    item = _get(url, args.token_file.read_text().strip())
     print("   " + item["text"].replace("\n", "\n   "))
+    print(f"   (served at {url}, behind a bearer token: curl -H \"Authorization: Bearer $(cat {args.token_file})\" {url})")
 
     _say("[7/7]", "what layerwatch found")
     audit_root = out / "audit"

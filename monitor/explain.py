@@ -43,9 +43,9 @@ def flag_sentence(kind: str, layers: Sequence[int], reading: str, facts: Mapping
         return (f"watched concept {f['concept']}: the {f['probe']} probe reads {f['label']!r} at "
                 f"{f['mean']:.2f} on average over the layers (normal median {f['normal']:.2f}; "
                 f"p={f['p']:.3g}, most at layers {', '.join(map(str, layers))})")
-    if kind == "top1_surprisal_high":
+    if kind == "top1_surprisal_high":  # names no token: flags are audited whatever include_tokens says
         return (f"the lens top-1 at {layer_span(layers)} is a token normal traffic rarely has there "
-                f"(token ids {', '.join(str(t) for t in f['tokens'])}; surprisal {f['value']:.2f} nats)")
+                f"(surprisal {f['value']:.2f} nats)")
     if kind.startswith("probe_"):
         return (f"{f['probe']} probe reads {f['label']!r} ({f['value']:.2f}) at {layer_span(layers)}, beyond the "
                 f"baseline's 99th percentile there (normal traffic reads it in {100 * f['share']:.1f}% of samples)")
@@ -78,14 +78,22 @@ def window_sentence(test: str, layers: Sequence[int], facts: Mapping[str, Any]) 
 
 
 # --- narratives (monitor.narratives) -------------------------------------------------------------
-def layer_sentence(layer: int, token: str, p: float, probes: Mapping[str, Mapping[str, Any]]) -> str:
-    """One layer of a narrative: 'L14: leaning ' Paris' (0.41), topic=geography 0.88'."""
-    parts = [f"L{layer}: leaning {token!r} ({p:.2f})"]
+def layer_sentence(layer: int, token: str | None, p: float, probes: Mapping[str, Mapping[str, Any]],
+                   rank: int | None = None) -> str:
+    """One layer of a narrative: 'L14: leaning ' Paris' (0.41), topic=geography 0.88'; without a
+    token (narratives that name none): 'L14: top-1 at 0.41, the output's token at rank 3, ...'."""
+    if token is not None:
+        parts = [f"L{layer}: leaning {token!r} ({p:.2f})"]
+    else:
+        agree = "" if rank is None else (" is the output's token" if rank == 0 else f", the output's token at rank {rank}")
+        parts = [f"L{layer}: top-1 at {p:.2f}{agree}"]
     parts += [f"{name}={r['label']} {r['p']:.2f}" for name, r in probes.items()]
     return ", ".join(parts)
 
 
 def narrative_summary(top: Sequence[Any], depth: int, changes: Sequence[int]) -> str:
-    """The last line of a rendered narrative: the output, its prediction depth, changes of mind."""
-    return (f"output: {top[0]!r} ({top[1]:.2f}); prediction depth {depth}; "
+    """The last line of a rendered narrative: the output (its token when ``top[0]`` is not None),
+    its prediction depth, changes of mind."""
+    output = f"{top[0]!r} ({top[1]:.2f})" if top[0] is not None else f"top-1 at {top[1]:.2f}"
+    return (f"output: {output}; prediction depth {depth}; "
             f"changes of mind at {list(changes) or 'none'}")

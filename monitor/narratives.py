@@ -8,7 +8,12 @@ A narrative holds the structured readings, one sentence per layer ("L14: leaning
 * **changes of mind**: layers whose top-1 differs from the previous watched layer's top-1.
 
 ``Narrative.to_dict()`` is the JSON shape stored in audit records and served by the sidecar's
-``/narratives/{sample_id}`` endpoint.
+``/narratives/{sample_id}`` endpoint. Token strings and ids are in it only when asked for
+(``include_tokens``; the sidecar's ``narratives.include_tokens``, off by default), because the top
+tokens of a layer can spell the prompt out. Without them each layer keeps its numeric readings:
+``top_p`` (the top-k probabilities, highest first), entropy, KL to final, the rank of the final
+top-1, probe readings and a sentence that names no token; ``"tokens": false`` says so. With them,
+``top`` holds ``[token, p]`` pairs instead of ``top_p``.
 """
 
 from __future__ import annotations
@@ -73,9 +78,11 @@ def _probe_summary(probes: dict[str, list[float]], labels: dict[str, tuple[str, 
     return out
 
 
-def sentence(reading: LayerReading, decode: TokenDecoder, probes: dict[str, Any]) -> str:
-    """One human sentence for one layer (:func:`monitor.explain.layer_sentence`)."""
-    return layer_sentence(reading.layer, decode(reading.topk_ids[0]), reading.topk_probs[0], probes)
+def sentence(reading: LayerReading, decode: TokenDecoder | None, probes: dict[str, Any]) -> str:
+    """One human sentence for one layer (:func:`monitor.explain.layer_sentence`); ``decode`` None:
+    a sentence that names no token."""
+    token = decode(reading.topk_ids[0]) if decode is not None else None
+    return layer_sentence(reading.layer, token, reading.topk_probs[0], probes, rank=reading.final_top1_rank)
 
 
 @dataclass
@@ -91,6 +98,7 @@ class Narrative:
     prediction_depth: int
     changes_of_mind: list[int]
     metadata: dict[str, Any] = field(default_factory=dict)
+    include_tokens: bool = False
 
     @property
     def sentences(self) -> list[str]:
@@ -102,12 +110,16 @@ class Narrative:
             "final": self.final,
             "prediction_depth": self.prediction_depth,
             "changes_of_mind": self.changes_of_mind,
+            "tokens": self.include_tokens,
         }
 
     def render(self) -> str:
         """The narrative as plain text, one line per layer (CLI and demo)."""
         lines = list(self.sentences)
-        top = self.final["top"][0] if self.final.get("top") else ["?", 0.0]
+        if self.final.get("top"):
+            top = self.final["top"][0]
+        else:
+            top = [None, self.final["top_p"][0] if self.final.get("top_p") else 0.0]
         lines.append(narrative_summary(top, self.prediction_depth, self.changes_of_mind))
         return "\n".join(lines)
 
@@ -128,8 +140,10 @@ def build_narrative(
     top_n: int = 5,
     metadata: dict[str, Any] | None = None,
     rounded: dict[str, Any] | None = None,
+    include_tokens: bool = False,
 ) -> Narrative:
-    """Build the narrative of one sample from its lens readings.
+    """Build the narrative of one sample from its lens readings; token strings (``decode``) only
+    with ``include_tokens``.
 
     ``rounded``: this sample's values already rounded (see :func:`narratives_for_batch`, which
     rounds a whole batch in a few numpy calls); computed here when not given."""
@@ -141,26 +155,29 @@ def build_narrative(
             "probes": {k: _round4([r.probes[k] for r in rs]) for k in (rs[0].probes if rs else {})},
             "final_top": _round4(readings.final_topk_probs[:top_n]), "final_entropy": _round4(readings.final_entropy),
         }
+
+    def top(ids: Any, probs: list[float]) -> dict[str, Any]:
+        if include_tokens:
+            return {"top": [[decode(t), p] for t, p in zip(ids[:top_n], probs, strict=False)]}
+        return {"top_p": list(probs)}
+
     layers = []
     for i, r in enumerate(rs):
         probes = _probe_summary({k: v[i] for k, v in rounded["probes"].items()}, readings.probe_labels)
         layers.append({
             "layer": r.layer,
-            "top": [[decode(t), p] for t, p in zip(r.topk_ids[:top_n], rounded["top"][i], strict=False)],
+            **top(r.topk_ids, rounded["top"][i]),
             "entropy": rounded["entropy"][i],
             "kl_to_final": rounded["kl"][i],
             "final_top1_rank": r.final_top1_rank,
             "probes": probes,
-            "sentence": sentence(r, decode, probes),
+            "sentence": sentence(r, decode if include_tokens else None, probes),
         })
-    final = {
-        "top": [[decode(t), p] for t, p in zip(readings.final_topk_ids[:top_n], rounded["final_top"], strict=False)],
-        "entropy": rounded["final_entropy"],
-    }
+    final = {**top(readings.final_topk_ids, rounded["final_top"]), "entropy": rounded["final_entropy"]}
     return Narrative(
         sample_id=sample_id, request_id=request_id, model=model, readings=readings, layers=layers,
         final=final, prediction_depth=prediction_depth(readings), changes_of_mind=changes_of_mind(readings),
-        metadata=dict(metadata or {}),
+        metadata=dict(metadata or {}), include_tokens=include_tokens,
     )
 
 
@@ -172,17 +189,18 @@ def narratives_for_batch(
     decode: TokenDecoder = default_decoder,
     top_n: int = 5,
     metadata: Sequence[dict[str, Any] | None] | None = None,
+    include_tokens: bool = False,
 ) -> list[Narrative]:
     """Narratives of a whole lens-bank batch (the sidecar's path): the rounding of every value is
     done once for the batch with numpy. ``readings`` is ``split_batch(out, ...)``; ``ids`` holds
-    (sample_id, request_id, model) per sample."""
+    (sample_id, request_id, model) per sample; token strings only with ``include_tokens``."""
     top, ent, kl = _round4(out.topk_probs[:, :, :top_n]), _round4(out.entropy), _round4(out.kl_to_final)
     probes = {k: _round4(v) for k, v in out.probes.items()}
     f_top, f_ent = _round4(out.final_topk_probs[:, :top_n]), _round4(out.final_entropy)
     meta = list(metadata) if metadata is not None else [None] * len(ids)
     return [
         build_narrative(r, sample_id=s, request_id=q, model=m, decode=decode, top_n=top_n, metadata=md,
-                        rounded={"top": top[b], "entropy": ent[b], "kl": kl[b],
+                        include_tokens=include_tokens, rounded={"top": top[b], "entropy": ent[b], "kl": kl[b],
                                  "probes": {k: v[b] for k, v in probes.items()},
                                  "final_top": f_top[b], "final_entropy": f_ent[b]})
         for b, (r, (s, q, m), md) in enumerate(zip(readings, ids, meta, strict=True))
@@ -190,8 +208,9 @@ def narratives_for_batch(
 
 
 def build_narratives(
-    batch: Sequence[SampleReadings], ids: Sequence[tuple[str, str, str]], decode: TokenDecoder = default_decoder
+    batch: Sequence[SampleReadings], ids: Sequence[tuple[str, str, str]], decode: TokenDecoder = default_decoder,
+    *, include_tokens: bool = False,
 ) -> list[Narrative]:
     """Narratives for a batch; ``ids`` holds (sample_id, request_id, model) per sample."""
-    return [build_narrative(r, sample_id=s, request_id=q, model=m, decode=decode)
+    return [build_narrative(r, sample_id=s, request_id=q, model=m, decode=decode, include_tokens=include_tokens)
             for r, (s, q, m) in zip(batch, ids, strict=True)]

@@ -266,9 +266,10 @@ def test_fleet_tap_totals_come_from_the_sample_headers(sidecar_factory: Any, tin
 
 
 def test_http_endpoints_serve_metrics_health_readiness_and_narratives(sidecar_factory: Any, tiny: torch.nn.Module) -> None:
-    """/metrics, /healthz, /readyz (learning baseline) and /narratives/{id} answer with the right content."""
+    """/metrics, /healthz, /readyz (learning baseline) and /narratives/{id} (served on loopback)
+    answer with the right content."""
     MemoryTransport.reset_all()
-    sc = sidecar_factory("memory://http")
+    sc = sidecar_factory("memory://http", narratives={"serve": True})
     http = SidecarHTTPServer(sc, "127.0.0.1", 0).start()
     try:
         tap = monitor.attach(tiny, sample_rate=1.0, transport="memory://http")
@@ -364,12 +365,13 @@ def test_readiness_reflects_a_redis_outage_and_recovers(tmp_path: Path, tiny: to
 
 
 def test_narratives_print_tokens_with_the_configured_tokenizer(tmp_path: Path, reference_model: Any) -> None:
-    """With ``tokenizer`` set, narrative sentences show decoded tokens (' Paris'), not ids."""
+    """With ``tokenizer`` set and tokens included, narrative sentences show decoded tokens
+    (' Paris'), not ids."""
     model, tok = reference_model
     MemoryTransport.reset_all()
     settings = load_settings(transport="memory://tok", group="g", http_port=0, batch_wait_ms=10,
                              tokenizer=tok.name_or_path, audit={"directory": tmp_path / "a"},
-                             baseline={"learn_samples": 400})
+                             baseline={"learn_samples": 400}, narratives={"include_tokens": True})
     sc = Sidecar(settings, bank=TorchLogitLens(model))
     tap = monitor.attach(model, sample_rate=1.0, transport="memory://tok")
     with tap.request("capital") as h, torch.no_grad():

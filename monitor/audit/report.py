@@ -110,15 +110,23 @@ def _meter(width: str) -> str:
     return f"background:linear-gradient(90deg,#e4e7ec {width}%,transparent {width}%)"
 
 
-def _top(item: Any) -> list[tuple[str, float | None]]:
-    out: list[tuple[str, float | None]] = []
-    if isinstance(item, list):
-        for x in item:
+def _top(entry: Any) -> list[tuple[str | None, float | None]]:
+    """A layer's (or the output's) top-k as (token, p); the token is None in a narrative recorded
+    without tokens (``top_p``: probabilities only)."""
+    out: list[tuple[str | None, float | None]] = []
+    entry = _dict(entry)
+
+    def prob(p: Any) -> float | None:
+        return float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else None
+
+    if isinstance(entry.get("top"), list):
+        for x in entry["top"]:
             if isinstance(x, (list, tuple)) and x:
-                p = x[1] if len(x) > 1 and isinstance(x[1], (int, float)) and not isinstance(x[1], bool) else None
-                out.append((str(x[0]), float(p) if p is not None else None))
+                out.append((str(x[0]), prob(x[1]) if len(x) > 1 else None))
             elif isinstance(x, str):
                 out.append((x, None))
+    elif isinstance(entry.get("top_p"), list):
+        out = [(None, prob(p)) for p in entry["top_p"]]
     return out
 
 
@@ -132,10 +140,10 @@ def _list(value: Any) -> list[Any]:
 
 def _trajectory(nar: dict[str, Any], flagged_layers: set[int]) -> str:
     layers = [x for x in _list(nar.get("layers")) if isinstance(x, dict)]
-    final_top = _top(_dict(nar.get("final")).get("top"))
+    final_top = _top(nar.get("final"))
     if not layers and not final_top:
         return '<p class="muted">No per-layer narrative in this record.</p>'
-    k = max([len(_top(x.get("top"))) for x in layers] + [len(final_top), 1])
+    k = max([len(_top(x)) for x in layers] + [len(final_top), 1])
     k = min(k, 10)
     final_tok = final_top[0][0] if final_top else None
     depth = nar.get("prediction_depth")
@@ -143,7 +151,7 @@ def _trajectory(nar: dict[str, Any], flagged_layers: set[int]) -> str:
     max_entropy = max([x["entropy"] for x in layers if isinstance(x.get("entropy"), (int, float))] + [1e-9])
     max_kl = max([x["kl_to_final"] for x in layers if isinstance(x.get("kl_to_final"), (int, float))] + [1e-9])
 
-    def cells(tops: list[tuple[str, float | None]], where: str) -> str:
+    def cells(tops: list[tuple[str | None, float | None]], where: str, final_rank: Any = None) -> str:
         out = []
         for i in range(k):
             if i >= len(tops):
@@ -151,6 +159,12 @@ def _trajectory(nar: dict[str, Any], flagged_layers: set[int]) -> str:
                 continue
             tok, p = tops[i]
             rgb, fg = _scale(p if p is not None else 0.0)
+            if tok is None:  # recorded without tokens: the rank of the final top-1 places the outline
+                hit = " hit" if final_rank == i else ""
+                title = f"{where}: rank {i + 1} (token not recorded)" + (f" p={p:.4f}" if p is not None else "")
+                text = f"{p:.2f}" if p is not None else ""
+                out.append(f'<td class="tok{hit}" style="background:rgb{rgb};color:{fg}" title="{_e(title)}">{text}</td>')
+                continue
             hit = " hit" if final_tok is not None and tok == final_tok else ""
             title = f"{where}: rank {i + 1} {tok!r}" + (f" p={p:.4f}" if p is not None else "")
             prob = f"<small>{p:.2f}</small>" if p is not None else ""
@@ -165,7 +179,7 @@ def _trajectory(nar: dict[str, Any], flagged_layers: set[int]) -> str:
     rows = [f'<tr><th>layer</th>{head}<th>entropy</th><th>KL to final</th><th title="rank of the final top-1 token '
             f'under this layer\'s lens (0 = it is the top-1)">rank</th>{probe_head}</tr>']
     if final_top:
-        rows.append(f'<tr class="final"><td class="lay">output</td>{cells(final_top, "model output")}'
+        rows.append(f'<tr class="final"><td class="lay">output</td>{cells(final_top, "model output", 0)}'
                     '<td class="num"></td><td class="num"></td><td class="num"></td>'
                     + '<td class="probe"></td>' * len(probes) + "</tr>")
     for layer in sorted(layers, key=lambda x: x.get("layer", 0) if isinstance(x.get("layer"), int) else 0, reverse=True):
@@ -183,7 +197,7 @@ def _trajectory(nar: dict[str, Any], flagged_layers: set[int]) -> str:
         lay_title = f' title="{_e(sentence)}"' if sentence else ""
         rows.append(
             f'<tr{cls}><td class="lay"{lay_title}>{" ".join(marks)} L{_e(num)}</td>'
-            f'{cells(_top(layer.get("top")), f"layer {num}")}'
+            f'{cells(_top(layer), f"layer {num}", layer.get("final_top1_rank"))}'
             f'<td class="num" style="{_meter(ent_w)}" title="entropy (nats)">{_num(ent)}</td>'
             f'<td class="num" style="{_meter(kl_w)}" title="KL(final || lens) (nats)">{_num(kl)}</td>'
             f'<td class="num">{_num(layer.get("final_top1_rank"), "d")}</td>'
@@ -192,6 +206,10 @@ def _trajectory(nar: dict[str, Any], flagged_layers: set[int]) -> str:
               + ",".join(f"rgb{c}" for c in _SCALE) + ')"></span><span>1</span>'
               '<span>&nbsp; red outline: the model\'s final top-1 &nbsp; &#9670; prediction depth &nbsp; &#8635; change of '
               'mind &nbsp; red layer: flagged</span></div>')
+    if final_tok is None and (nar.get("tokens") is False or any("top_p" in x for x in layers)):
+        legend += ('<p class="muted notokens">Recorded without tokens (narratives.include_tokens was off): '
+                   "each layer's top-k probabilities, highest first; the outline marks the rank of the "
+                   "model's final top-1.</p>")
     return f'<table class="traj">{"".join(rows)}</table>{legend}'
 
 

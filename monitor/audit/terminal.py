@@ -100,17 +100,32 @@ def search_table(entries: Iterable[Entry]) -> str:
                  rows, right=(6, 7))
 
 
-def _top(entry: Any) -> list[tuple[str, float | None]]:
-    out: list[tuple[str, float | None]] = []
-    if not isinstance(entry, list):
+def _top(entry: Any) -> list[tuple[str | None, float | None]]:
+    """A layer's (or the output's) top-k as (token, p); the token is None in a narrative recorded
+    without tokens (``top_p``: probabilities only)."""
+    out: list[tuple[str | None, float | None]] = []
+    if not isinstance(entry, dict):
         return out
-    for item in entry:
-        if isinstance(item, (list, tuple)) and item:
-            p = item[1] if len(item) > 1 and isinstance(item[1], (int, float)) else None
-            out.append((str(item[0]), p))
-        elif isinstance(item, str):
-            out.append((item, None))
+    if isinstance(entry.get("top"), list):
+        for item in entry["top"]:
+            if isinstance(item, (list, tuple)) and item:
+                p = item[1] if len(item) > 1 and isinstance(item[1], (int, float)) else None
+                out.append((str(item[0]), p))
+            elif isinstance(item, str):
+                out.append((item, None))
+    elif isinstance(entry.get("top_p"), list):
+        out = [(None, p if isinstance(p, (int, float)) and not isinstance(p, bool) else None) for p in entry["top_p"]]
     return out
+
+
+def _top_cell(token: str | None, p: float | None) -> str:
+    return fmt_num(p) if token is None else f"{show_token(token)} {fmt_num(p)}".strip()
+
+
+def without_tokens(nar: dict[str, Any]) -> bool:
+    """Whether a narrative was recorded without token strings (``narratives.include_tokens`` off)."""
+    layers: list[Any] = nar["layers"] if isinstance(nar.get("layers"), list) else []
+    return nar.get("tokens") is False or any(isinstance(x, dict) and "top_p" in x and "top" not in x for x in layers)
 
 
 def _probe_cell(reading: Any) -> str:
@@ -163,28 +178,23 @@ def narrative_text(entry: Entry, top_k: int = 3) -> str:
             continue
         num = layer.get("layer", "?")
         mark = ("*" if num == depth else "") + ("~" if num in changes else "")
-        tops = _top(layer.get("top"))
-        cells = [f"{num}{mark}"]
-        for i in range(top_k):
-            if i < len(tops):
-                tok, p = tops[i]
-                cells.append(f"{show_token(tok)} {fmt_num(p)}".strip())
-            else:
-                cells.append("")
+        tops = _top(layer)
+        cells = [f"{num}{mark}"] + [_top_cell(*tops[i]) if i < len(tops) else "" for i in range(top_k)]
         cells += [fmt_num(layer.get("entropy")), fmt_num(layer.get("kl_to_final")), fmt_num(layer.get("final_top1_rank"), "d")]
         layer_probes: dict[str, Any] = layer["probes"] if isinstance(layer.get("probes"), dict) else {}
         cells += [_probe_cell(layer_probes.get(name)) for name in probes]
         rows.append(cells)
     final: dict[str, Any] = nar["final"] if isinstance(nar.get("final"), dict) else {}
-    ftops = _top(final.get("top"))
+    ftops = _top(final)
     if ftops:
-        rows.append(["final"] + [f"{show_token(t)} {fmt_num(p)}".strip() if i < len(ftops) else ""
-                                 for i, (t, p) in enumerate(ftops[:top_k])]
+        rows.append(["final"] + [_top_cell(t, p) for t, p in ftops[:top_k]]
                     + [""] * (top_k - min(top_k, len(ftops))) + ["", "", ""] + [""] * len(probes))
     if rows:
         out.append("")
         out.append(table(headers, rows, right=range(1 + top_k, 4 + top_k)))
         out.append("(* prediction depth, ~ change of mind; rank = rank of the final top-1 under the layer's lens)")
+        if without_tokens(nar):
+            out.append("(recorded without tokens: top-k probabilities only; narratives.include_tokens was off)")
     else:
         out.append("(no per-layer narrative in this record)")
     return "\n".join(out)

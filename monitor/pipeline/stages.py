@@ -76,10 +76,12 @@ def read_samples(bank: LensReader, samples: Sequence[Sample], index: LayerIndex)
     return read(bank, hidden, context)
 
 
-def explain(readings: Readings, samples: Sequence[Sample], decode: TokenDecoder = default_decoder) -> list[Narrative]:
-    """The narrative of each sample of a batch."""
+def explain(readings: Readings, samples: Sequence[Sample], decode: TokenDecoder = default_decoder, *,
+            include_tokens: bool = False) -> list[Narrative]:
+    """The narrative of each sample of a batch; token strings only with ``include_tokens`` (the
+    top tokens of a layer can spell the prompt out: see :mod:`monitor.narratives`)."""
     return narratives_for_batch(readings, readings.views(), [(s.sample_id, s.request_id, s.model) for s in samples],
-                                decode=decode, metadata=[s.metadata for s in samples])
+                                decode=decode, metadata=[s.metadata for s in samples], include_tokens=include_tokens)
 
 
 def concat(parts: Sequence[Readings]) -> Readings:

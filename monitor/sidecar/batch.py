@@ -64,7 +64,7 @@ class BatchProcessor:
         p = self.parts
         samples = [smp for _, smp in good]
         readings = read_samples(p.bank, samples, self.layer_index)
-        narratives = explain(readings, samples, p.decode_token)
+        narratives = explain(readings, samples, p.decode_token, include_tokens=p.settings.narratives.include_tokens)
         scored = p.scoring.score(readings)
         if scored.promoted is not None:  # its records precede the samples that built it
             self._promoted(scored.promoted, scored.refused_watch)

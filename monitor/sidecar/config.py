@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettin
 from monitor.audit.config import AuditConfig, TrailSettings
 from monitor.config import StreamSettings, build_settings
 from monitor.errors import ConfigError
+from monitor.sidecar.access import NarrativeSettings, check_exposure
 from monitor.urls import USAGE, is_backend_url, strip_credentials
 
 
@@ -72,9 +73,13 @@ class SidecarSettings(BaseSettings, StreamSettings):
     consumer: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="This replica's consumer name (default: hostname-pid).")
     model_name: str | None = Field(None, description="Model label in metrics (default: the label in each sample).")
     bundle: Path | None = Field(None, description="Lens bundle directory (manifest.json + ONNX files).")
-    tokenizer: Path | None = Field(None, description="Hugging Face tokenizer directory used to print tokens in narratives (default: token ids as <id>).")
-    http_host: str = Field("0.0.0.0", description="Bind address of /metrics, /healthz, /readyz, /narratives.")
+    tokenizer: Path | None = Field(None, description="Hugging Face tokenizer directory used to print tokens in narratives when narratives.include_tokens is on (default: token ids as <id>).")
+    http_host: str = Field("127.0.0.1", min_length=1, description="Bind address of /metrics, /healthz, /readyz (and /narratives when served): loopback by default; 0.0.0.0 for a Prometheus or kubelet probes from outside the pod (these endpoints hold no prompt-derived data).")
     http_port: int = Field(9400, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
+    http_threads: int = Field(4, ge=1, le=64, description="HTTP handler threads; complete requests beyond them queue (2 per thread), then get 503.")
+    http_timeout_s: float = Field(5.0, gt=0, le=300, description="A request's head must arrive within this after the connection (else 408); also the socket timeout for writing the response.")
+    http_max_connections: int = Field(64, ge=1, le=10_000, description="Connections waiting for their request head; a new one beyond this closes the oldest waiting one (idle clients cannot lock scrapes out).")
+    narratives: NarrativeSettings = Field(default_factory=lambda: NarrativeSettings())
     batch_max: int = Field(16, ge=1, le=1024, description="Largest micro-batch.")
     batch_wait_ms: int = Field(50, ge=0, description="Longest wait to fill a micro-batch.")
     claim_idle_ms: int = Field(30_000, ge=100, description="Reclaim entries pending longer than this (their replica died).")
@@ -94,6 +99,10 @@ class SidecarSettings(BaseSettings, StreamSettings):
     def _check(self) -> SidecarSettings:
         if not is_backend_url(self.transport):
             raise ValueError(f"transport: unsupported URL {self.transport!r}; {USAGE}")
+        try:
+            check_exposure(self.narratives, self.http_host)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def redacted(self) -> dict[str, Any]:

@@ -176,11 +176,11 @@ class TapCore:
         }
 
     def serve_metrics(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Serve this tap's registry on ``http://addr:port/metrics``."""
-        from prometheus_client import start_http_server
+        """Serve this tap's registry on ``http://addr:port/metrics`` (a bounded server: two handler
+        threads, a 5 s deadline per request, idle connections cost no thread in the serving process)."""
+        from monitor.httpserver import serve_registry
 
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        self._metrics_server = server
+        self._metrics_server = serve_registry(self.registry, addr, port)
 
     def on_fork(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` in a forked child after the core has reset itself."""
@@ -193,7 +193,7 @@ class TapCore:
         self.closed = True
         ok = self.exporter.close(timeout)
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.close()
             self._metrics_server = None
         return ok
 

@@ -114,7 +114,9 @@ class Sidecar:
                    LAYERWATCH_TOKENIZER=str(tokenizer), LAYERWATCH_HTTP_PORT=str(self.port),
                    LAYERWATCH_HTTP_HOST="127.0.0.1", LAYERWATCH_AUDIT__DIRECTORY=str(self.audit),
                    LAYERWATCH_AUDIT__HEAD_KEY_PREFIX=f"{stream}:head:", LAYERWATCH_BASELINE__LEARN_SAMPLES="400",
-                   LAYERWATCH_WARM_UP="false", HF_HUB_OFFLINE="1")
+                   LAYERWATCH_WARM_UP="false", HF_HUB_OFFLINE="1",
+                   # the narratives are compared token by token (tokens are off by default)
+                   LAYERWATCH_NARRATIVES__INCLUDE_TOKENS="true")
         self.proc = subprocess.Popen([str(MAIN_PY), "-m", "monitor.cli", "sidecar"], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -426,9 +426,9 @@ def attach_worker(worker: Any) -> VllmTap | None:
             metrics = TapMetrics()
             record_attached(metrics, settings.model_name or "" if settings else "", reason)
             if settings is not None and settings.metrics_port:
-                from prometheus_client import start_http_server
+                from monitor.httpserver import serve_registry
 
-                start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry)
+                serve_registry(metrics.registry, settings.metrics_host, settings.metrics_port)
         except Exception:
             pass
         return None
