@@ -491,7 +491,7 @@ def test_prometheus_scrapes_the_vllm_tap_port() -> None:
     ports = {int(str(p).split(":")[-1]) for p in doc["services"]["vllm-server"]["ports"]}
     assert int(tap["LAYERWATCH_TAP_METRICS_PORT"]) in ports and int(tap["LAYERWATCH_TAP_METRICS_PORT"]) != 8000
     # The host ports do not collide with the base stack's.
-    host_ports = [str(p).split(":")[0] for s in doc["services"].values() for p in s.get("ports", [])]
+    host_ports = [str(p).split(":")[-2] for s in doc["services"].values() for p in s.get("ports", [])]
     assert len(host_ports) == len(set(host_ports))
 
 

@@ -1,0 +1,251 @@
+"""The chart's locks (issue 17, items 5 and 6, chart side): the bundled Redis needs a password from
+a Secret that the sidecars and the taps read as files, bounds its memory without evicting, speaks
+TLS when asked; NetworkPolicies admit only the sidecars, the taps and Prometheus; the narratives
+endpoints are off, or behind a bearer token Secret; the ServiceMonitor can scrape over https; the
+README's security section states the chart's defaults."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+from test_helm import (
+    CHART,
+    ROOT,
+    by_kind,
+    effective_tap_env,
+    env_of,
+    helm_env,
+    manifests,
+    needs_helm,
+    render,
+    sidecar_statefulset,
+    vllm_container,
+    vllm_deployment,
+)
+
+__all__ = ["helm_env"]  # the fixture, shared with test_helm
+
+HARDENED = CHART / "ci" / "hardened-values.yaml"
+DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def redis_statefulset(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (sts,) = [d for d in by_kind(docs, "StatefulSet") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"]
+    return sts
+
+
+def pod_of(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def mounted_file(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret name, key) that ``path`` is inside ``container``; fails when no Secret volume holds it."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            assert m.get("readOnly") is True, m
+            secret = volumes[m["name"]]["secret"]
+            key = path[len(m["mountPath"].rstrip("/")) + 1:]
+            items = secret.get("items")
+            assert items is None or {"key": key, "path": key} in items, (items, key)
+            return secret["secretName"], key
+    raise AssertionError(f"{path} is not on a mounted Secret of {container['name']}")
+
+
+def memory_bytes(quantity: str) -> int:
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|kb|mb|gb)?", quantity)
+    assert m, quantity
+    unit = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "kb": 1024, "mb": 1024**2, "gb": 1024**3, None: 1}[m.group(2)]
+    return int(m.group(1)) * unit
+
+
+@needs_helm
+def test_bundled_redis_requires_the_password_the_sidecars_and_taps_read_from_files(helm_env: dict[str, str]) -> None:
+    """By default the chart generates a password Secret; Redis runs with --requirepass from it, and
+    the sidecar and the vLLM tap get LAYERWATCH(_TAP)_REDIS__PASSWORD_FILE pointing at the same key
+    mounted read-only; no URL carries a password."""
+    docs = manifests(render(helm_env, None, "vllm.enabled=true").stdout)
+    secrets = {s["metadata"]["name"]: s for s in by_kind(docs, "Secret")}
+    generated = secrets["lw-layerwatch-redis-auth"]
+    password = generated["stringData"]["password"]
+    assert len(password) == 32 and generated["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    redis = pod_of(redis_statefulset(docs))["containers"][0]
+    args = redis["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert env_of(redis)["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "lw-layerwatch-redis-auth", "key": "password"}}
+    assert env_of(redis)["REDISCLI_AUTH"] == "$(REDIS_PASSWORD)"  # the probes authenticate
+
+    sidecar = pod_of(sidecar_statefulset(docs))["containers"][0]
+    sidecar_file = env_of(sidecar)["LAYERWATCH_REDIS__PASSWORD_FILE"]
+    assert mounted_file(pod_of(sidecar_statefulset(docs)), sidecar, sidecar_file) == ("lw-layerwatch-redis-auth", "password")
+    vllm = vllm_container(docs)
+    tap_file = effective_tap_env(docs, vllm)["LAYERWATCH_TAP_REDIS__PASSWORD_FILE"]
+    assert tap_file == sidecar_file
+    assert mounted_file(pod_of(vllm_deployment(docs)), vllm, tap_file) == ("lw-layerwatch-redis-auth", "password")
+    urls = [v for s in secrets.values() for v in s.get("stringData", {}).values() if "redis://" in v]
+    assert urls and all("@" not in u for u in urls)
+
+
+@needs_helm
+def test_an_existing_password_secret_replaces_the_generated_one(helm_env: dict[str, str]) -> None:
+    """redis.auth.existingSecret: no Secret is generated; Redis, sidecars and taps use the user's keys
+    (password and user name)."""
+    docs = manifests(render(helm_env, HARDENED).stdout)
+    assert "lw-layerwatch-redis-auth" not in {s["metadata"]["name"] for s in by_kind(docs, "Secret")}
+    redis = pod_of(redis_statefulset(docs))["containers"][0]
+    assert env_of(redis)["REDIS_PASSWORD"]["secretKeyRef"]["name"] == "layerwatch-redis-auth"
+    pod = pod_of(sidecar_statefulset(docs))
+    env = env_of(pod["containers"][0])
+    assert mounted_file(pod, pod["containers"][0], env["LAYERWATCH_REDIS__PASSWORD_FILE"]) == ("layerwatch-redis-auth", "password")
+    assert mounted_file(pod, pod["containers"][0], env["LAYERWATCH_REDIS__USERNAME_FILE"]) == ("layerwatch-redis-auth", "username")
+    tap = {s["metadata"]["name"]: s["stringData"] for s in by_kind(docs, "Secret")}["lw-layerwatch-tap-env"]
+    assert tap["LAYERWATCH_TAP_REDIS__USERNAME_FILE"] == env["LAYERWATCH_REDIS__USERNAME_FILE"]
+
+
+@needs_helm
+def test_bundled_redis_bounds_its_memory_and_never_evicts(helm_env: dict[str, str]) -> None:
+    """The bundled Redis runs with maxmemory below its container's memory limit and the noeviction
+    policy (a full Redis refuses writes; it never drops stream entries or ledger keys silently)."""
+    redis = pod_of(redis_statefulset(manifests(render(helm_env).stdout)))["containers"][0]
+    args = redis["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = memory_bytes(args[args.index("--maxmemory") + 1])
+    assert 0 < maxmemory < memory_bytes(redis["resources"]["limits"]["memory"])
+    assert redis["resources"]["requests"]["memory"] == redis["resources"]["limits"]["memory"]  # never overcommitted
+
+
+@needs_helm
+def test_tls_makes_every_redis_client_use_rediss_with_the_mounted_ca_and_client_certificate(helm_env: dict[str, str]) -> None:
+    """redis.tls: Redis listens with TLS only and requires client certificates; the URL is rediss://;
+    sidecars and taps get the CA, certificate and key files from the mounted TLS Secret; the probes
+    speak TLS."""
+    docs = manifests(render(helm_env, HARDENED, "vllm.enabled=true").stdout)
+    redis_pod = pod_of(redis_statefulset(docs))
+    redis = redis_pod["containers"][0]
+    args = redis["args"]
+    assert args[args.index("--port") + 1] == "0" and args[args.index("--tls-port") + 1] == "6379"
+    assert args[args.index("--tls-auth-clients") + 1] == "yes"
+    for flag in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
+        assert mounted_file(redis_pod, redis, args[args.index(flag) + 1])[0] == "layerwatch-redis-tls"
+    assert "--tls" in redis["readinessProbe"]["exec"]["command"]
+    secrets = {s["metadata"]["name"]: s.get("stringData", {}) for s in by_kind(docs, "Secret")}
+    assert secrets["lw-layerwatch-redis-url"]["url"].startswith("rediss://")
+    for workload, container, prefix in ((sidecar_statefulset(docs), pod_of(sidecar_statefulset(docs))["containers"][0],
+                                         "LAYERWATCH_REDIS__"),
+                                        (vllm_deployment(docs), vllm_container(docs), "LAYERWATCH_TAP_REDIS__")):
+        env = {**env_of(container), **effective_tap_env(docs, container)}
+        for key, name in (("TLS_CA_FILE", "ca.crt"), ("TLS_CERT_FILE", "tls.crt"), ("TLS_KEY_FILE", "tls.key")):
+            assert mounted_file(pod_of(workload), container, env[prefix + key]) == ("layerwatch-redis-tls", name)
+
+
+@needs_helm
+def test_network_policies_admit_only_the_sidecars_taps_and_prometheus(helm_env: dict[str, str]) -> None:
+    """On by default: the bundled Redis takes connections on its port only from the sidecar pods, the
+    chart's vLLM pods and pods with redisClientLabels; the sidecars' HTTP port only from Prometheus
+    pods. Off: no NetworkPolicy; an empty metricsFrom admits nobody (not everybody)."""
+    docs = manifests(render(helm_env, None, "vllm.enabled=true").stdout)
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "NetworkPolicy")}
+    redis = policies["lw-layerwatch-redis"]
+    assert redis["podSelector"]["matchLabels"] == redis_statefulset(docs)["spec"]["selector"]["matchLabels"]
+    assert redis["policyTypes"] == ["Ingress"]
+    (rule,) = redis["ingress"]
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    selectors = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert selectors == [sidecar_statefulset(docs)["spec"]["selector"]["matchLabels"],
+                         vllm_deployment(docs)["spec"]["selector"]["matchLabels"],
+                         {"layerwatch.io/redis-client": "true"}]
+    sidecar = policies["lw-layerwatch-sidecar"]
+    assert sidecar["podSelector"]["matchLabels"] == sidecar_statefulset(docs)["spec"]["selector"]["matchLabels"]
+    (rule,) = sidecar["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert rule["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+
+    assert not by_kind(manifests(render(helm_env, None, "networkPolicy.enabled=false").stdout), "NetworkPolicy")
+    closed = manifests(render(helm_env, None, "networkPolicy.metricsFrom=null").stdout)
+    assert {p["metadata"]["name"]: p["spec"] for p in by_kind(closed, "NetworkPolicy")}["lw-layerwatch-sidecar"]["ingress"] == []
+    hardened = manifests(render(helm_env, HARDENED).stdout)
+    (rule,) = {p["metadata"]["name"]: p["spec"] for p in by_kind(hardened, "NetworkPolicy")}["lw-layerwatch-redis"]["ingress"]
+    assert {"podSelector": {"matchLabels": {"app": "inference-server"}}} in rule["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "batch-jobs"}}} in rule["from"]
+    external = manifests(render(helm_env, CHART / "ci" / "external-redis-values.yaml").stdout)
+    assert [p["metadata"]["name"] for p in by_kind(external, "NetworkPolicy")] == ["lw-layerwatch-sidecar"]
+
+
+@needs_helm
+def test_narratives_are_off_by_default_and_served_only_behind_a_token_secret(helm_env: dict[str, str]) -> None:
+    """By default the sidecars get no narratives settings (the sidecar's default: not served, no
+    tokens) and listen on all interfaces for probes and Prometheus; enabled, the bearer token file
+    is a mounted Secret key; enabled without a Secret, the chart refuses to render."""
+    env = env_of(pod_of(sidecar_statefulset(manifests(render(helm_env).stdout)))["containers"][0])
+    assert not [n for n in env if n.startswith("LAYERWATCH_NARRATIVES__")]
+    assert env["LAYERWATCH_HTTP_HOST"] == "0.0.0.0"
+    docs = manifests(render(helm_env, HARDENED).stdout)
+    pod = pod_of(sidecar_statefulset(docs))
+    env = env_of(pod["containers"][0])
+    assert env["LAYERWATCH_NARRATIVES__SERVE"] == "true" and "LAYERWATCH_NARRATIVES__INCLUDE_TOKENS" not in env
+    assert mounted_file(pod, pod["containers"][0], env["LAYERWATCH_NARRATIVES__BEARER_TOKEN_FILE"]) == \
+        ("layerwatch-narratives-token", "token")
+    refused = render(helm_env, None, "sidecar.narratives.enabled=true", ok=False)
+    assert refused.returncode != 0 and "sidecar.narratives.bearerToken.existingSecret is required" in refused.stderr
+
+
+@needs_helm
+def test_servicemonitor_scrapes_over_https_with_the_given_tls_config(helm_env: dict[str, str]) -> None:
+    """serviceMonitor.scheme/tlsConfig reach the endpoint; the default scrapes plain http."""
+    (default,) = by_kind(manifests(render(helm_env).stdout), "ServiceMonitor")
+    assert default["spec"]["endpoints"][0]["scheme"] == "http" and "tlsConfig" not in default["spec"]["endpoints"][0]
+    (sm,) = by_kind(manifests(render(helm_env, HARDENED).stdout), "ServiceMonitor")
+    endpoint = sm["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {"ca": {"secret": {"name": "layerwatch-metrics-ca", "key": "ca.crt"}},
+                                     "serverName": "lw-layerwatch.models.svc"}
+
+
+@needs_helm
+@pytest.mark.parametrize(("sets", "message"), [
+    (("redis.bundled.enabled=false", "redis.url=rediss://:s3cret@r.example:6380/0", "redis.auth.existingSecret=pw"),
+     "carries a password and redis.auth.existingSecret is set"),
+    (("redis.bundled.enabled=false", "redis.url=redis://r.example:6379/0", "redis.tls.enabled=true",
+      "redis.tls.existingSecret=tls"), "redis.tls.enabled needs a rediss:// redis.url"),
+    (("redis.tls.enabled=true",), "redis.tls.existingSecret is required"),
+    (("redis.bundled.maxmemoryPolicy=allkeys-lru",), "/redis/bundled/maxmemoryPolicy"),
+    (("redis.bundled.enabled=false", "redis.url=http://:s3cret@x"), "must start with redis://"),
+])
+def test_unsafe_redis_values_fail_naming_the_setting_and_never_echo_a_password(helm_env: dict[str, str],
+                                                                              sets: tuple[str, ...], message: str) -> None:
+    """A password both in the URL and a Secret, TLS without rediss:// or a Secret, an evicting policy
+    fail at render time with the setting named; the error never repeats the URL's password."""
+    result = render(helm_env, None, *sets, ok=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert "s3cret" not in result.stderr
+
+
+def readme_security_defaults() -> dict[str, str]:
+    """The 'chart value | default' rows of the README's security section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Security", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-zA-Z.]+)` \| `([^`]*)` \|", section, flags=re.MULTILINE)
+    assert rows, "the README's security section has no table of chart defaults"
+    return dict(rows)
+
+
+def value_at(path: str) -> Any:
+    node: Any = DEFAULTS
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def test_readme_security_section_states_the_chart_defaults() -> None:
+    """Every chart value the README's security section lists has the default the README gives."""
+    rows = readme_security_defaults()
+    assert {"networkPolicy.enabled", "sidecar.narratives.enabled", "redis.bundled.maxmemoryPolicy",
+            "redis.tls.enabled", "serviceMonitor.scheme"} <= rows.keys()
+    for path, stated in rows.items():
+        actual = value_at(path)
+        shown = yaml.safe_dump(actual, default_flow_style=True).strip().removesuffix("...").strip()
+        assert stated == shown, f"README says {path} defaults to {stated!r}; values.yaml has {shown!r}"
+
