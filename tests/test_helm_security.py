@@ -182,7 +182,8 @@ def test_narratives_are_off_by_default_and_served_only_behind_a_token_secret(hel
     env = env_of(pod_of(sidecar_statefulset(manifests(render(helm_env).stdout)))["containers"][0])
     assert not [n for n in env if n.startswith("LAYERWATCH_NARRATIVES__")]
     assert env["LAYERWATCH_HTTP_HOST"] == "0.0.0.0"
-    docs = manifests(render(helm_env, HARDENED).stdout)
+    docs = manifests(render(helm_env, None, "sidecar.narratives.enabled=true",
+                            "sidecar.narratives.bearerToken.existingSecret=layerwatch-narratives-token").stdout)
     pod = pod_of(sidecar_statefulset(docs))
     env = env_of(pod["containers"][0])
     assert env["LAYERWATCH_NARRATIVES__SERVE"] == "true" and "LAYERWATCH_NARRATIVES__INCLUDE_TOKENS" not in env
