@@ -115,6 +115,21 @@ class RedisSettings(BaseModel):
         return user, password
 
 
+class RedisEnvironment(BaseSettings):
+    """The sidecar's ``redis`` section as the command-line tools read it from the environment
+    (``LAYERWATCH_REDIS__<FIELD>``): ``layerwatch baseline ... --redis URL`` run in a sidecar's
+    pod authenticates like the sidecar does."""
+
+    model_config = SettingsConfigDict(env_prefix="LAYERWATCH_", env_nested_delimiter="__", extra="ignore")
+
+    redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
+
+
+def redis_settings_from_environment() -> RedisSettings:
+    """:class:`RedisEnvironment`'s section (ConfigError naming the variable on a bad file)."""
+    return build_settings(RedisEnvironment, "LAYERWATCH_").redis
+
+
 class TapSettings(BaseSettings, StreamSettings):
     """How the tap samples and ships hidden states. Env: ``LAYERWATCH_TAP_<FIELD>`` (the ``redis``
     section: ``LAYERWATCH_TAP_REDIS__<FIELD>``)."""

@@ -141,15 +141,12 @@ def test_tap_and_sidecar_authenticate_with_a_password_file(tmp_path: Path, tiny:
         settings = load_settings(transport=srv.url, stream=stream, group="g", http_port=0, batch_wait_ms=10,
                                  audit={"directory": tmp_path / "audit"}, baseline={"learn_samples": 400},
                                  redis={"password_file": pw})
-        sc = Sidecar(settings, bank=TorchLogitLens(tiny)).start()
-        try:
-            deadline_steps = 50
-            while sc.processed_total < 1 and deadline_steps:
-                sc.step()
-                deadline_steps -= 1
-            assert sc.processed_total == 1
-        finally:
-            sc.stop(10)
+        sc = Sidecar(settings, bank=TorchLogitLens(tiny))
+        sc.transport.ensure_group("g")  # from the stream's start: the sample is already there
+        for _ in range(50):
+            if sc.step().processed:
+                break
+        assert sc.processed_total == 1
 
         close_all()
         anonymous = open_backend(srv.url)
@@ -238,3 +235,18 @@ def test_tls_with_a_client_certificate_carries_samples_and_refuses_strangers(tmp
             close_all()
             with pytest.raises(TransportError):
                 open_backend(srv.url, redis=bad).ledger(key_prefix="lw:trust:l", ttl_s=60).mark(["x"])
+
+
+@needs_redis_server
+def test_baseline_cli_authenticates_with_the_sidecars_password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`layerwatch baseline list --redis URL` run where LAYERWATCH_REDIS__PASSWORD_FILE is set (a
+    sidecar's pod) authenticates with that file; without it the error says Redis wants auth."""
+    pw = _secret_file(tmp_path, PASSWORD)
+    with PrivateRedis(tmp_path, password=PASSWORD) as srv:
+        monkeypatch.setenv("LAYERWATCH_REDIS__PASSWORD_FILE", str(pw))
+        assert cli_main(["baseline", "list", "--redis", srv.url, "--model-name", "m"]) == 0
+        close_all()
+        monkeypatch.delenv("LAYERWATCH_REDIS__PASSWORD_FILE")
+        assert cli_main(["baseline", "list", "--redis", srv.url, "--model-name", "m"]) != 0
+        assert "auth" in capsys.readouterr().err.lower()
