@@ -6,6 +6,7 @@ the tap's exporter asks for its own, shorter ones) instead of one per component,
 redis-py error is translated by :func:`mapped_errors` into the project's exception tree::
 
     redis.ResponseError  -> <error class>("<what>: <server message>")
+    redis.AuthenticationError -> <error class>("<what>: Redis at <url> refused the credentials (...)")
     redis.RedisError     -> <error class>("<what>: Redis at <url> is unavailable (...); check the URL")
 
 Timeouts (:data:`TIMEOUTS`): connecting waits at most 1 s, a command at most 2 s; no retry on a
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.credentials import CredentialProvider
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from monitor.config import RedisSettings
 from monitor.errors import LayerwatchError, TransportError
@@ -109,6 +110,10 @@ def mapped_errors(error: type[LayerwatchError], what: str, url: str = "") -> Ite
         yield
     except ResponseError as exc:
         raise error(f"{what}: {exc}") from exc
+    except AuthenticationError as exc:  # NOAUTH, WRONGPASS: no or wrong credentials
+        where = f" at {redact_url(url)}" if url else ""
+        raise error(f"{what}: Redis{where} refused the credentials ({exc}); check redis.password_file "
+                    "(and redis.username_file)") from exc
     except RedisError as exc:
         where = f" at {redact_url(url)}" if url else ""
         raise error(f"{what}: Redis{where} is unavailable ({exc}); check the Redis URL") from exc
