@@ -6,7 +6,13 @@ README's security section states the chart's defaults."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,9 +32,14 @@ from test_helm import (
     vllm_deployment,
 )
 
+from tests.redis_server import free_port
+
 __all__ = ["helm_env"]  # the fixture, shared with test_helm
 
 HARDENED = CHART / "ci" / "hardened-values.yaml"
+needs_redis_binaries = pytest.mark.skipif(
+    not (shutil.which("redis-server") and shutil.which("redis-cli") and shutil.which("openssl")),
+    reason="redis-server, redis-cli and openssl are needed")
 DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 
 
@@ -255,3 +266,89 @@ def shown(value: Any) -> str:
         return value or '""'
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
+
+
+def _run_rendered_redis(args: list[str], env: dict[str, str], tmp_path: Path, mounts: dict[str, Path]) -> tuple[int, int]:
+    """Start redis-server with the chart's container args as the kubelet would pass them ($(VAR)
+    expanded from ``env``, Secret mount paths mapped to local files), on a free local port; returns
+    (port, pid)."""
+    expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+    for mount, local in mounts.items():
+        expanded = [a.replace(mount, str(local)) for a in expanded]
+    expanded = [str(tmp_path) if a == "/data" else a for a in expanded]  # the data volume
+    assert expanded[0] == "redis-server"
+    port = free_port()
+    listen = ["--tls-port" if "--tls-port" in expanded else "--port", str(port)]
+    cmd = [*expanded, *listen, "--bind", "127.0.0.1", "--dir", str(tmp_path), "--appendonly", "no",
+           "--daemonize", "yes", "--pidfile", str(tmp_path / "redis.pid")]
+    subprocess.run(cmd, check=True, timeout=10)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "redis.pid").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return port, int((tmp_path / "redis.pid").read_text())
+
+
+def _probe(command: list[str], port: int, env: dict[str, str], mounts: dict[str, Path]) -> subprocess.CompletedProcess[str]:
+    """The chart's redis-cli probe against the local server (its TLS flags kept, paths mapped)."""
+    cmd = list(command)
+    for mount, local in mounts.items():
+        cmd = [a.replace(mount, str(local)) for a in cmd]
+    cmd = [cmd[0], "-h", "127.0.0.1", "-p", str(port), *cmd[1:]]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=10, env={**os.environ, **env})
+
+
+@needs_helm
+@needs_redis_binaries
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("tls", [False, True], ids=["password", "tls"])
+def test_the_rendered_redis_and_client_settings_work_against_a_real_redis_server(helm_env: dict[str, str],
+                                                                                tmp_path: Path, tls: bool) -> None:
+    """redis-server run with the chart's own args (password from the generated Secret, maxmemory,
+    noeviction; with redis.tls its TLS files and client certificates) answers the chart's probe,
+    refuses a client without the password, and accepts one built from the sidecar's rendered
+    LAYERWATCH_REDIS__* settings, with the Secrets' files where the chart mounts them."""
+    from monitor.backends.redis import close_all, connect
+    from monitor.config import RedisSettings
+    from tests.redis_server import make_tls_files
+
+    sets = ("redis.tls.enabled=true", "redis.tls.existingSecret=layerwatch-redis-tls") if tls else ()
+    docs = manifests(render(helm_env, None, *sets).stdout)
+    secrets = {s["metadata"]["name"]: s.get("stringData", {}) for s in by_kind(docs, "Secret")}
+    password = secrets["lw-layerwatch-redis-auth"]["password"]
+    auth_dir = tmp_path / "auth"
+    auth_dir.mkdir()
+    (auth_dir / "password").write_text(password)
+    mounts = {"/run/layerwatch/redis-tls": tmp_path / "tls", "/run/layerwatch/redis": auth_dir}
+    if tls:  # the Secret's keys, cert-manager style: ca.crt, tls.crt, tls.key
+        files = make_tls_files(tmp_path / "made")
+        (tmp_path / "tls").mkdir()
+        for src, key in ((files.ca, "ca.crt"), (files.server_cert, "tls.crt"), (files.server_key, "tls.key")):
+            shutil.copy(src, tmp_path / "tls" / key)
+    redis = pod_of(redis_statefulset(docs))["containers"][0]
+    env = {"REDIS_PASSWORD": password, "REDISCLI_AUTH": password}  # as the container's env expands them
+    assert env_of(redis)["REDISCLI_AUTH"] == "$(REDIS_PASSWORD)"
+    port, pid = _run_rendered_redis(redis["args"], env, tmp_path, mounts)
+    try:
+        deadline = time.monotonic() + 10
+        while (probe := _probe(redis["readinessProbe"]["exec"]["command"], port, env, mounts)).stdout.strip() != "PONG":
+            assert time.monotonic() < deadline, probe.stderr
+            time.sleep(0.05)
+        assert "NOAUTH" in _probe(redis["readinessProbe"]["exec"]["command"], port, {"REDISCLI_AUTH": ""}, mounts).stdout
+        sidecar_env = env_of(pod_of(sidecar_statefulset(docs))["containers"][0])
+        fields = {k.removeprefix("LAYERWATCH_REDIS__").lower(): v for k, v in sidecar_env.items()
+                  if k.startswith("LAYERWATCH_REDIS__")}
+        for k, v in fields.items():
+            for mount, local in mounts.items():
+                v = v.replace(mount, str(local))
+            fields[k] = v
+        url = secrets["lw-layerwatch-redis-url"]["url"]
+        assert url.startswith("rediss://" if tls else "redis://")
+        local_url = re.sub(r"//[^/]+/", f"//127.0.0.1:{port}/", url)
+        close_all()
+        client = connect(local_url, settings=RedisSettings(**fields))
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert int(client.config_get("maxmemory")["maxmemory"]) == memory_bytes(DEFAULTS["redis"]["bundled"]["maxmemory"])
+    finally:
+        close_all()
+        os.kill(pid, signal.SIGTERM)
