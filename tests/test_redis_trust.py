@@ -256,3 +256,22 @@ def test_baseline_cli_authenticates_with_the_sidecars_password_file(tmp_path: Pa
         monkeypatch.delenv("LAYERWATCH_REDIS__PASSWORD_FILE")
         assert cli_main(["baseline", "list", "--redis", srv.url, "--model-name", "m"]) != 0
         assert "auth" in capsys.readouterr().err.lower()
+
+
+@needs_redis_server
+@pytest.mark.timeout(60)
+def test_an_audit_head_store_of_its_own_authenticates_with_the_redis_section(tmp_path: Path,
+                                                                              tiny: torch.nn.Module) -> None:
+    """audit.head_store naming a password-protected Redis (the samples come from elsewhere) gets
+    the redis section's password file: the writer's head lands there."""
+    pw = _secret_file(tmp_path, PASSWORD)
+    with PrivateRedis(tmp_path, password=PASSWORD) as srv:
+        settings = load_settings(transport="memory://trust-heads", group="g", http_port=0,
+                                 audit={"directory": tmp_path / "audit", "head_store": srv.url},
+                                 baseline={"learn_samples": 400}, redis={"password_file": pw}, consumer="replica-a")
+        sc = Sidecar(settings, bank=TorchLogitLens(tiny))
+        sc.parts.audit.sync()
+        sc.parts.audit.close()
+        admin = connect(srv.url, settings=RedisSettings(password_file=pw))
+        head = admin.get("layerwatch:audit:head:replica-a")
+        assert head is not None and json.loads(head)["writer"] == "replica-a"
