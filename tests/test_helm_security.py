@@ -155,8 +155,9 @@ def test_tls_makes_every_redis_client_use_rediss_with_the_mounted_ca_and_client_
 @needs_helm
 def test_network_policies_admit_only_the_sidecars_taps_and_prometheus(helm_env: dict[str, str]) -> None:
     """On by default: the bundled Redis takes connections on its port only from the sidecar pods, the
-    chart's vLLM pods and pods with redisClientLabels; the sidecars' HTTP port only from Prometheus
-    pods. Off: no NetworkPolicy; an empty metricsFrom admits nobody (not everybody)."""
+    chart's vLLM pods and pods with redisClientLabels; the sidecars' HTTP port and the vLLM pods'
+    tap metrics port only from Prometheus pods (vLLM's API stays open). Off: no NetworkPolicy; an
+    empty metricsFrom admits nobody (not everybody)."""
     docs = manifests(render(helm_env, None, "vllm.enabled=true").stdout)
     policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "NetworkPolicy")}
     redis = policies["lw-layerwatch-redis"]
@@ -173,6 +174,12 @@ def test_network_policies_admit_only_the_sidecars_taps_and_prometheus(helm_env: 
     (rule,) = sidecar["ingress"]
     assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     assert rule["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+
+    vllm = policies["lw-layerwatch-vllm"]
+    assert vllm["podSelector"]["matchLabels"] == vllm_deployment(docs)["spec"]["selector"]["matchLabels"]
+    api, tap_metrics = vllm["ingress"]
+    assert api == {"ports": [{"port": "api", "protocol": "TCP"}]}  # the API stays open to every client
+    assert tap_metrics["ports"] == [{"port": "tap-metrics", "protocol": "TCP"}] and tap_metrics["from"] == rule["from"]
 
     assert not by_kind(manifests(render(helm_env, None, "networkPolicy.enabled=false").stdout), "NetworkPolicy")
     closed = manifests(render(helm_env, None, "networkPolicy.metricsFrom=null").stdout)
