@@ -133,6 +133,7 @@ _ENDPOINT = {"type": "object", "required": ["port", "path", "interval", "relabel
                             "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+[smh]$"},
                             "relabelings": {"type": "array", "items": _RELABEL},
                             "scheme": {"enum": ["http", "https"]},
+                            "bearerTokenFile": {"type": "string", "pattern": "^/"},
                             "tlsConfig": {"type": "object", "additionalProperties": False,  # TLSConfig's fields
                                           "properties": {k: {"type": ["object", "string", "boolean"]} for k in (
                                               "ca", "cert", "keySecret", "serverName", "insecureSkipVerify",

@@ -212,6 +212,51 @@ def test_narratives_are_off_by_default_and_served_only_behind_a_token_secret(hel
 
 
 @needs_helm
+def test_kube_rbac_proxy_fronts_a_loopback_sidecar_with_kubernetes_authorization(helm_env: dict[str, str]) -> None:
+    """sidecar.kubeRbacProxy: the sidecar binds loopback; the proxy serves the Service's "metrics"
+    port over TLS, forwards to the sidecar's port and lets only the probes' paths through without
+    a token; the kubelet probes it over HTTPS; only the proxy container gets a ServiceAccount token
+    (projected), whose ClusterRole may create Token- and SubjectAccessReviews; the ServiceMonitor
+    scrapes https with Prometheus' token; narratives need no bearer token Secret behind it."""
+    docs = manifests(render(helm_env, CHART / "ci" / "kube-rbac-proxy-values.yaml",
+                            "sidecar.narratives.enabled=true").stdout)
+    sts = sidecar_statefulset(docs)
+    pod = pod_of(sts)
+    sidecar, proxy = pod["containers"]
+    env = env_of(sidecar)
+    assert env["LAYERWATCH_HTTP_HOST"] == "127.0.0.1" and "LAYERWATCH_NARRATIVES__BEARER_TOKEN_FILE" not in env
+    assert "ports" not in sidecar and proxy["name"] == "kube-rbac-proxy"
+    args = dict(a.removeprefix("--").split("=", 1) for a in proxy["args"])
+    assert args["upstream"] == f"http://127.0.0.1:{env['LAYERWATCH_HTTP_PORT']}/"
+    (port,) = proxy["ports"]
+    assert port["name"] == "metrics" and args["secure-listen-address"] == f"0.0.0.0:{port['containerPort']}"
+    assert args["ignore-paths"].split(",") == ["/healthz", "/readyz"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = sidecar[probe]["httpGet"]
+        assert get["scheme"] == "HTTPS" and get["port"] == port["containerPort"] and get["path"] in args["ignore-paths"]
+    assert pod["automountServiceAccountToken"] is False
+    api = {m["name"]: m for m in proxy["volumeMounts"]}["kube-api-access"]
+    assert api["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount" and api["readOnly"]
+    assert "kube-api-access" not in {m["name"] for m in sidecar["volumeMounts"]}
+    assert mounted_file(pod, proxy, args["tls-cert-file"]) == ("layerwatch-metrics-tls", "tls.crt")
+    roles = {r["metadata"]["name"]: r for r in by_kind(docs, "ClusterRole")}
+    assert {(g, r) for rule in roles["lw-layerwatch-kube-rbac-proxy"]["rules"]
+            for g in rule["apiGroups"] for r in rule["resources"]} == {
+        ("authentication.k8s.io", "tokenreviews"), ("authorization.k8s.io", "subjectaccessreviews")}
+    assert roles["lw-layerwatch-metrics-reader"]["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "models"}]
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    endpoint = sm["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https" and endpoint["port"] == "metrics"
+    assert endpoint["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert endpoint["tlsConfig"]["serverName"] == "lw-layerwatch.models.svc"
+    plain = manifests(render(helm_env, None, "sidecar.kubeRbacProxy.enabled=true").stdout)
+    assert by_kind(plain, "ServiceMonitor")[0]["spec"]["endpoints"][0]["tlsConfig"] == {"insecureSkipVerify": True}
+    assert not by_kind(manifests(render(helm_env).stdout), "ClusterRole")
+
+
+@needs_helm
 def test_servicemonitor_scrapes_over_https_with_the_given_tls_config(helm_env: dict[str, str]) -> None:
     """serviceMonitor.scheme/tlsConfig reach the endpoint; the default scrapes plain http."""
     (default,) = by_kind(manifests(render(helm_env).stdout), "ServiceMonitor")
