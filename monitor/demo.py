@@ -28,6 +28,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from monitor.urls import redact_url
+
 CAPITAL_PROMPT = "The capital of France is"
 
 
@@ -205,7 +207,7 @@ def run_demo(args: argparse.Namespace) -> int:
     threading.Thread(target=server.run, daemon=True).start()
     base = f"http://127.0.0.1:{port}"
     _wait_http(base + "/healthz")
-    print(f"   inference server {base} (tap: sample_rate=1.0 -> {transport}); "
+    print(f"   inference server {base} (tap: sample_rate=1.0 -> {redact_url(transport)}); "
           f"sidecar /metrics on http://127.0.0.1:{metrics_port}/metrics")
 
     try:
@@ -285,7 +287,7 @@ def _start_sidecar(args: argparse.Namespace, bank: Any, bundle_path: Path | None
     os.environ["LAYERWATCH_TAP_STREAM"] = stream
     proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "sidecar"], env=env)
     _wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 180)
-    print(f"   separate sidecar process pid {proc.pid} reading {stream} on {args.redis}")
+    print(f"   separate sidecar process pid {proc.pid} reading {stream} on {redact_url(args.redis)}")
     return None, proc, metrics_port
 
 

@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -173,26 +174,49 @@ def assert_env_sets_settings(env_vars: dict[str, str], prefix: str, dumped: dict
             assert str(value).lower() == raw.lower(), f"{name}={raw!r} became {value!r}"
 
 
+def with_mounted_secrets(env_vars: dict[str, str], root: Path) -> dict[str, str]:
+    """``env_vars`` with every secret file a ``*_FILE`` variable names (a Secret or a compose
+    secret mounted in the container, e.g. ``/run/layerwatch/redis/password``) materialised under
+    ``root`` and the variable pointing there: the settings check at start-up that these files
+    are readable and not empty."""
+    out = dict(env_vars)
+    for name, value in env_vars.items():
+        if name.endswith("_FILE") and value.startswith("/") and not Path(value).exists():
+            local = root / value.lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text("a-secret-of-at-least-32-characters-for-tests\n")
+            out[name] = str(local)
+    return out
+
+
+def _unmounted(dumped: dict[str, Any], root: str) -> dict[str, Any]:
+    """The dumped settings with the paths :func:`with_mounted_secrets` moved under ``root`` back
+    where the container mounts them."""
+    return json.loads(json.dumps(dumped).replace(root, ""))  # type: ignore[no-any-return]
+
+
 def sidecar_settings_from(env_vars: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The sidecar's settings (as `layerwatch sidecar --check-config` prints them) under ``env_vars``."""
     import os
 
-    for name in [n for n in os.environ if n.startswith("LAYERWATCH_")]:
-        monkeypatch.delenv(name)
-    for name, value in env_vars.items():
-        monkeypatch.setenv(name, value)
-    return load_settings().model_dump(mode="json")
+    with tempfile.TemporaryDirectory() as root:
+        for name in [n for n in os.environ if n.startswith("LAYERWATCH_")]:
+            monkeypatch.delenv(name)
+        for name, value in with_mounted_secrets(env_vars, Path(root)).items():
+            monkeypatch.setenv(name, value)
+        return _unmounted(load_settings().model_dump(mode="json"), root)
 
 
 def tap_settings_from(env_vars: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The tap's settings (what monitor.attach reads) under ``env_vars``."""
     import os
 
-    for name in [n for n in os.environ if n.startswith("LAYERWATCH_")]:
-        monkeypatch.delenv(name)
-    for name, value in env_vars.items():
-        monkeypatch.setenv(name, value)
-    return build_settings(TapSettings, "LAYERWATCH_TAP_").model_dump(mode="json")
+    with tempfile.TemporaryDirectory() as root:
+        for name in [n for n in os.environ if n.startswith("LAYERWATCH_")]:
+            monkeypatch.delenv(name)
+        for name, value in with_mounted_secrets(env_vars, Path(root)).items():
+            monkeypatch.setenv(name, value)
+        return _unmounted(build_settings(TapSettings, "LAYERWATCH_TAP_").model_dump(mode="json"), root)
 
 
 def test_sidecar_environment_is_valid_sidecar_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -467,7 +491,7 @@ def test_prometheus_scrapes_the_vllm_tap_port() -> None:
     ports = {int(str(p).split(":")[-1]) for p in doc["services"]["vllm-server"]["ports"]}
     assert int(tap["LAYERWATCH_TAP_METRICS_PORT"]) in ports and int(tap["LAYERWATCH_TAP_METRICS_PORT"]) != 8000
     # The host ports do not collide with the base stack's.
-    host_ports = [str(p).split(":")[0] for s in doc["services"].values() for p in s.get("ports", [])]
+    host_ports = [str(p).split(":")[-2] for s in doc["services"].values() for p in s.get("ports", [])]
     assert len(host_ports) == len(set(host_ports))
 
 

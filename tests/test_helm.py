@@ -131,7 +131,13 @@ _ENDPOINT = {"type": "object", "required": ["port", "path", "interval", "relabel
              "properties": {"port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
                             "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
                             "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+[smh]$"},
-                            "relabelings": {"type": "array", "items": _RELABEL}},
+                            "relabelings": {"type": "array", "items": _RELABEL},
+                            "scheme": {"enum": ["http", "https"]},
+                            "bearerTokenFile": {"type": "string", "pattern": "^/"},
+                            "tlsConfig": {"type": "object", "additionalProperties": False,  # TLSConfig's fields
+                                          "properties": {k: {"type": ["object", "string", "boolean"]} for k in (
+                                              "ca", "cert", "keySecret", "serverName", "insecureSkipVerify",
+                                              "caFile", "certFile", "keyFile", "minVersion", "maxVersion")}}},
              "additionalProperties": False}
 CRD_SCHEMAS: dict[str, dict[str, Any]] = {
     "ServiceMonitor": {"type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,

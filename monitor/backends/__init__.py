@@ -21,6 +21,7 @@ from monitor.urls import BackendURL, parse_url
 
 if TYPE_CHECKING:  # pragma: no cover
     from monitor.backends.ledger import Ledger
+    from monitor.config import RedisSettings
     from monitor.transport.base import Transport
 
 __all__ = ["Backend", "open_backend"]
@@ -48,13 +49,14 @@ class Backend(Protocol):
         ...
 
 
-def open_backend(url: str, *, field: str = "transport") -> Backend:
-    """The backend ``url`` names (redis is imported only for a Redis URL)."""
+def open_backend(url: str, *, field: str = "transport", redis: RedisSettings | None = None) -> Backend:
+    """The backend ``url`` names (redis is imported only for a Redis URL); ``redis``: the
+    credentials and TLS files of a Redis backend."""
     parsed = parse_url(url, field=field)
     if parsed.kind == "memory":
         from monitor.backends.memory import MemoryBackend
 
         return MemoryBackend(parsed)
-    from monitor.backends.redis import RedisBackend
+    from monitor.backends.redis import NO_SETTINGS, RedisBackend
 
-    return RedisBackend(parsed)
+    return RedisBackend(parsed, settings=redis if redis is not None else NO_SETTINGS)

@@ -90,7 +90,15 @@ def _store(args: argparse.Namespace) -> Any:
 
     if not args.redis and not args.dir:
         raise BaselineError("say where baselines live: --redis URL and/or --dir DIR")
-    return BaselineStore(args.model_name, redis_url=args.redis, directory=args.dir)
+    client = None
+    if args.redis:  # with the sidecar's Redis credentials and TLS files (LAYERWATCH_REDIS__*)
+        from monitor.backends.redis import connect
+        from monitor.config import redis_settings_from_environment
+        from monitor.urls import parse_url
+
+        parse_url(args.redis, field="--redis")
+        client = connect(args.redis, settings=redis_settings_from_environment())
+    return BaselineStore(args.model_name, redis=client, directory=args.dir)
 
 
 def _load_ref(args: argparse.Namespace, ref: str) -> Any:

@@ -30,6 +30,7 @@ from monitor.sidecar.config import SidecarSettings
 from monitor.sidecar.recent import RecentNarratives
 from monitor.sidecar.recorder import SidecarRecorder
 from monitor.transport import Transport
+from monitor.urls import is_backend_url
 
 log = logging.getLogger("layerwatch.sidecar")
 
@@ -90,7 +91,7 @@ def build_parts(
     tok = tokenizer if tokenizer is not None else getattr(bank, "tokenizer", None)
     if tok is None and settings.tokenizer is not None:
         tok = load_tokenizer(settings.tokenizer)
-    backend = open_backend(settings.transport)
+    backend = open_backend(settings.transport, redis=settings.redis)
     client = backend.client()
     # The label is fixed at start-up (series never move): configured, else the bank's model name.
     model_label = settings.model_name or getattr(bank, "model_name", None) or "unknown"
@@ -137,8 +138,9 @@ def open_audit(settings: SidecarSettings, metrics: SidecarMetrics, client: Any) 
     if spec == "auto":
         head_store = (RedisHeadStore(settings.transport, key_prefix=config.head_key_prefix, client=client)
                       if client is not None else head_store_from_spec("file", config.trail_dir))
-    else:
-        head_store = head_store_from_spec(spec, config.trail_dir, key_prefix=config.head_key_prefix)
+    else:  # a Redis of its own authenticates with the same redis section (credentials, TLS)
+        own = open_backend(spec, field="audit.head_store", redis=settings.redis).client() if is_backend_url(spec) else None
+        head_store = head_store_from_spec(spec, config.trail_dir, key_prefix=config.head_key_prefix, client=own)
     return AuditWriter(config, head_store=head_store, metrics=metrics,  # type: ignore[return-value]
                        model=settings.model_name or "")
 

@@ -12,7 +12,8 @@ def register(sub: Any) -> None:
                        description="Run one sidecar replica. Configuration: LAYERWATCH_* environment "
                                    "variables and an optional YAML file (see README).")
     p.add_argument("--config", help="YAML configuration file (environment variables override it)")
-    p.add_argument("--check-config", action="store_true", help="validate the configuration, print it and exit")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration, print it (without secrets) and exit")
     p.set_defaults(handler=_run)
 
 
@@ -23,7 +24,7 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     if args.check_config:
-        print(json.dumps(settings.model_dump(mode="json"), indent=2))
+        print(json.dumps(settings.redacted(), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from monitor.sidecar.bootstrap import build_parts

@@ -16,10 +16,10 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from monitor.audit.config import AuditConfig, TrailSettings
-from monitor.config import StreamSettings, build_settings
+from monitor.config import RedisSettings, StreamSettings, build_settings
 from monitor.errors import ConfigError
 from monitor.sidecar.access import NarrativeSettings, check_exposure
-from monitor.urls import USAGE, is_backend_url, strip_credentials
+from monitor.urls import USAGE, is_backend_url, redact_config, redact_url
 
 
 class AuditSettings(TrailSettings):
@@ -94,11 +94,15 @@ class SidecarSettings(BaseSettings, StreamSettings):
     stats_interval_s: float = Field(2.0, gt=0, description="How often lag/pending are read and readiness is re-checked.")
     audit: AuditSettings = Field(default_factory=lambda: AuditSettings())
     baseline: BaselineSettings = Field(default_factory=lambda: BaselineSettings())
+    # Redis trust (issue 17): credentials and TLS from files, for every Redis connection this
+    # process opens (transport, ledger, baselines, audit heads).
+    redis: RedisSettings = Field(default_factory=lambda: RedisSettings(), description="Redis credentials and TLS files.")
 
     @model_validator(mode="after")
     def _check(self) -> SidecarSettings:
         if not is_backend_url(self.transport):
-            raise ValueError(f"transport: unsupported URL {self.transport!r}; {USAGE}")
+            raise ValueError(f"transport: unsupported URL {redact_url(self.transport)!r}; {USAGE}")
+        self.redis.check_url(self.transport, "transport")
         try:
             check_exposure(self.narratives, self.http_host)
         except ConfigError as exc:
@@ -106,10 +110,10 @@ class SidecarSettings(BaseSettings, StreamSettings):
         return self
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as JSON-able data without secrets (the audit trail's ``config`` record)."""
-        d = self.model_dump(mode="json")  # SecretBytes dump as "**********"
-        d["transport"] = strip_credentials(d["transport"])
-        return d
+        """The settings as JSON-able data without secrets: what ``--check-config`` prints and the
+        audit trail's ``config`` record holds (:func:`monitor.urls.redact_config`: every URL
+        without credentials; SecretBytes already dump as "**********")."""
+        return redact_config(self.model_dump(mode="json"))  # type: ignore[no-any-return]
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> SidecarSettings:

@@ -30,6 +30,7 @@ from monitor.tap.exporter import CapturedRequest, CapturedStep, Exporter
 from monitor.tap.recorder import SKIP_REASONS, TapRecorder
 from monitor.tap.sampler import Sampler, read_key
 from monitor.transport import Transport, open_transport
+from monitor.urls import parse_url
 from monitor.wire import SCHEMA_VERSION
 
 __all__ = ["SKIP_REASONS", "TapCore", "watched_layers"]
@@ -75,12 +76,8 @@ class TapCore:
             "layers": list(self.layers), "n_states": n_blocks + 1, "positions": settings.positions,
             **(header or {}),
         }
-        options: dict[str, Any] = {"stream": settings.stream, "maxlen": settings.stream_maxlen}
-        if settings.transport.split("://", 1)[0] in ("redis", "rediss", "unix"):
-            options.update(socket_timeout=settings.transport_timeout_s,
-                           connect_timeout=settings.transport_timeout_s)
         factory: Callable[[], Transport] = (
-            (lambda: transport) if transport is not None else (lambda: open_transport(settings.transport, **options)))
+            (lambda: transport) if transport is not None else (lambda: open_tap_transport(settings)))
         self.exporter = Exporter(
             factory, self.recorder,
             max_items=settings.queue_max_items, max_bytes=settings.queue_max_bytes,
@@ -210,3 +207,17 @@ class TapCore:
         self.sampler.after_fork()
         for fn in self._fork_hooks:
             fn()
+
+
+def open_tap_transport(settings: TapSettings) -> Transport:
+    """The exporter's transport (called on the exporter thread). A Redis URL gets the tap's own
+    short timeouts and the ``redis`` section's credentials and TLS files; redis is imported only
+    then."""
+    options: dict[str, Any] = {"stream": settings.stream, "maxlen": settings.stream_maxlen}
+    if parse_url(settings.transport).kind == "redis":
+        from monitor.backends.redis import Timeouts, connect
+
+        t = settings.transport_timeout_s
+        options.update(socket_timeout=t, connect_timeout=t,
+                       client=connect(settings.transport, Timeouts(connect_s=t, command_s=t), settings.redis))
+    return open_transport(settings.transport, **options)

@@ -21,6 +21,7 @@ gunicorn worker) a fresh queue, lock, worker thread and transport, so the child 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 import time
@@ -37,6 +38,9 @@ from monitor.transport import Transport
 from monitor.wire import encode
 
 __all__ = ["DROP_REASONS", "CapturedRequest", "CapturedStep", "Counts", "Exporter"]
+MAX_LOGGED_ERRORS = 16  # distinct publish errors logged per exporter; the rest are only counted
+
+log = logging.getLogger("layerwatch.tap")
 
 
 @dataclass
@@ -202,6 +206,7 @@ class Exporter:
         self._transport: Transport | None = None
         self._down_until = 0.0
         self._backoff = self.backoff_initial_s
+        self._logged_errors: set[str] = set()
         self._worker: threading.Thread | None = None
 
     def _after_fork_in_child(self) -> None:
@@ -312,14 +317,24 @@ class Exporter:
             if self._transport is None:
                 self._transport = self._factory()
             self._transport.publish(payloads)
-        except Exception:  # TransportError, a missing redis package, anything: count and back off
+        except Exception as exc:  # TransportError, a missing redis package, anything: count and back off
             self.recorder.transport_error()
+            self._log_once(exc)
             self.drop("transport_error", len(payloads))
             self._down_until = time.monotonic() + self._backoff
             self._backoff = min(self.backoff_max_s, self._backoff * 2)
             return
         self._backoff = self.backoff_initial_s
         self.recorder.exported(stamps)
+
+    def _log_once(self, exc: Exception) -> None:
+        """Log a publish error the first time its kind is seen (a wrong password, a full Redis, a
+        TLS failure each say so once); the messages carry redacted URLs only."""
+        kind = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if kind not in self._logged_errors and len(self._logged_errors) < MAX_LOGGED_ERRORS:
+            self._logged_errors.add(kind)
+            log.warning("layerwatch tap: cannot publish samples (%s); they are dropped as transport_error "
+                        "until it works; this error is logged once", kind)
 
     # --- control ----------------------------------------------------------------------------
     @property

@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 from monitor.backends.redis import Timeouts, connect, mapped_errors
 from monitor.errors import TransportClosed, TransportError
 from monitor.transport.base import DeadLetter, Entry, StreamStats, Transport
+from monitor.urls import redact_url
 
 _READ_SCRIPT = """
 local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
@@ -66,7 +67,7 @@ class RedisTransport(Transport):
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
-            raise TransportClosed(f"{self.url} is closed")
+            raise TransportClosed(f"{redact_url(self.url)} is closed")
         with mapped_errors(TransportError, f"redis {what} on {self.stream!r} failed", self.url):
             return fn(*args, **kwargs)
 

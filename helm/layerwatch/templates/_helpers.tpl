@@ -80,10 +80,16 @@ app.kubernetes.io/component: redis
 {{/* The Redis URL when the chart knows it (bundled or given); fails when there is none. */}}
 {{- define "layerwatch.redisUrl" -}}
 {{- if .Values.redis.bundled.enabled }}
-{{- printf "redis://%s-redis.%s.svc:6379/0" (include "layerwatch.fullname" .) .Release.Namespace }}
+{{- printf "%s://%s-redis.%s.svc:6379/0" (ternary "rediss" "redis" .Values.redis.tls.enabled) (include "layerwatch.fullname" .) .Release.Namespace }}
 {{- else if .Values.redis.url }}
 {{- if not (regexMatch "^rediss?://" .Values.redis.url) }}
-{{- fail (printf "redis.url must start with redis:// or rediss://, got %q" .Values.redis.url) }}
+{{- fail "redis.url must start with redis:// or rediss://" }}
+{{- end }}
+{{- if and .Values.redis.tls.enabled (not (hasPrefix "rediss://" .Values.redis.url)) }}
+{{- fail "redis.tls.enabled needs a rediss:// redis.url" }}
+{{- end }}
+{{- if and .Values.redis.auth.existingSecret (regexMatch "^rediss?://[^/]*@" .Values.redis.url) }}
+{{- fail "redis.url carries a password and redis.auth.existingSecret is set: keep the password only in the Secret" }}
 {{- end }}
 {{- .Values.redis.url }}
 {{- else if not .Values.redis.existingSecret }}
@@ -124,4 +130,87 @@ tap-metrics
 
 {{- define "layerwatch.samplingKeyFile" -}}
 {{- printf "%s/%s" (include "layerwatch.samplingKeyDir" .) .Values.tap.samplingKey.key }}
+{{- end }}
+
+{{/* Redis credentials: the Secret holding the password (user-provided or generated for the
+bundled Redis), or empty when Redis needs none (an external Redis without auth.existingSecret). */}}
+{{- define "layerwatch.redisAuthSecret" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecret }}
+{{- else if .Values.redis.bundled.enabled }}
+{{- printf "%s-redis-auth" (include "layerwatch.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Where the Redis credentials and TLS files are mounted (sidecars, vLLM server, your taps). */}}
+{{- define "layerwatch.redisAuthDir" -}}
+/run/layerwatch/redis
+{{- end }}
+
+{{- define "layerwatch.redisTlsDir" -}}
+/run/layerwatch/redis-tls
+{{- end }}
+
+{{- define "layerwatch.redisTlsSecret" -}}
+{{- if .Values.redis.tls.enabled }}
+{{- required "redis.tls.existingSecret is required with redis.tls.enabled: a Secret with the CA (and the certificate and key)" .Values.redis.tls.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/* The redis section of the settings as environment variables; $prefix is LAYERWATCH_ or
+LAYERWATCH_TAP_ (a "KEY: value" map, rendered by the caller as env or stringData). */}}
+{{- define "layerwatch.redisFileSettings" -}}
+{{- $ctx := index . 0 }}
+{{- $prefix := index . 1 }}
+{{- $v := $ctx.Values.redis }}
+{{- if include "layerwatch.redisAuthSecret" $ctx }}
+{{ $prefix }}REDIS__PASSWORD_FILE: {{ printf "%s/%s" (include "layerwatch.redisAuthDir" $ctx) $v.auth.passwordKey | quote }}
+{{- if $v.auth.usernameKey }}
+{{ $prefix }}REDIS__USERNAME_FILE: {{ printf "%s/%s" (include "layerwatch.redisAuthDir" $ctx) $v.auth.usernameKey | quote }}
+{{- end }}
+{{- end }}
+{{- if $v.tls.enabled }}
+{{ $prefix }}REDIS__TLS_CA_FILE: {{ printf "%s/%s" (include "layerwatch.redisTlsDir" $ctx) $v.tls.caKey | quote }}
+{{- if $v.tls.clientCertificates }}
+{{ $prefix }}REDIS__TLS_CERT_FILE: {{ printf "%s/%s" (include "layerwatch.redisTlsDir" $ctx) $v.tls.certKey | quote }}
+{{ $prefix }}REDIS__TLS_KEY_FILE: {{ printf "%s/%s" (include "layerwatch.redisTlsDir" $ctx) $v.tls.keyKey | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Volume mounts and volumes of the Redis credentials and TLS Secrets (read-only, 0400). */}}
+{{- define "layerwatch.redisVolumeMounts" -}}
+{{- if include "layerwatch.redisAuthSecret" . }}
+- name: redis-auth
+  mountPath: {{ include "layerwatch.redisAuthDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+- name: redis-tls
+  mountPath: {{ include "layerwatch.redisTlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "layerwatch.redisVolumes" -}}
+{{- $auth := include "layerwatch.redisAuthSecret" . }}
+{{- if $auth }}
+- name: redis-auth
+  secret:
+    secretName: {{ $auth }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.redis.auth.passwordKey }}
+        path: {{ .Values.redis.auth.passwordKey }}
+      {{- with .Values.redis.auth.usernameKey }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+- name: redis-tls
+  secret:
+    secretName: {{ include "layerwatch.redisTlsSecret" . }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
