@@ -1,0 +1,130 @@
+"""A full disk under the real sidecar process (issue 17, Why 4 and "Must show").
+
+The sidecar (``tests/sidecar_worker.py``, a separate process on the real Redis) writes its audit
+trail to a small tmpfs. The test fills that filesystem, sends samples, and checks: nothing is
+acknowledged while nothing can be made durable, ``/readyz`` is 503 at once and ``/healthz`` 503
+after ``audit.unhealthy_after_s``; once space returns the sidecar processes again on its own and
+every sample is in the trail exactly once, which still verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.audit import verify_trail
+from monitor.audit.segments import list_segments
+from monitor.transport import open_transport
+from tests.test_sidecar import publish_samples
+
+WORKER = Path(__file__).with_name("sidecar_worker.py")
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a real filesystem that runs full (needs root to mount; skipped otherwise)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> Path:
+    """Fill the filesystem holding ``path`` with one file; delete it to give the space back."""
+    filler = path / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\1" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def get(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def sample_records(trail_root: Path) -> list[dict[str, Any]]:
+    out = []
+    for trail in sorted(p for p in trail_root.iterdir() if p.is_dir()):
+        for seg in list_segments(trail):
+            out += [r for r in map(json.loads, seg.read_text().splitlines()) if r["kind"] == "sample"]
+    return out
+
+
+def test_a_full_disk_under_the_sidecar_process_loses_nothing_and_it_resumes_on_its_own(
+        redis_url: str, stream_name: str, small_disk: Path) -> None:
+    """Disk full: entries stay pending (none acked), /readyz 503 at once, /healthz 503 after the
+    bound; space back: the same process audits everything, each sample exactly once, /healthz 200."""
+    audit = small_disk / "audit"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LAYERWATCH_AUDIT__UNHEALTHY_AFTER_S": "3",
+           "LAYERWATCH_AUDIT__RECOVER_INTERVAL_S": "0.2"}
+    proc = subprocess.Popen([sys.executable, str(WORKER), "--transport", redis_url, "--stream", stream_name,
+                             "--consumer", "a", "--audit", str(audit)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    t = open_transport(redis_url, stream=stream_name)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("READY"), f"worker did not start: {line!r}"
+        port = int(line.split()[1])
+
+        before = publish_samples(redis_url, stream_name, 10, seed=1)
+        wait_for(lambda: len(sample_records(audit)) == 10 and t.stats("g").pending == 0, 60, "the first samples")
+
+        filler = fill(small_disk)
+        during = publish_samples(redis_url, stream_name, 12, seed=2)
+        wait_for(lambda: get(port, "/readyz")[0] == 503, 30, "/readyz 503 while the trail cannot be written")
+        status, health = get(port, "/healthz")
+        assert status == 200 and health["audit"]["writable"] is False  # within the bound: still live
+        wait_for(lambda: get(port, "/healthz")[0] == 503, 30, "/healthz 503 after audit.unhealthy_after_s")
+        stats = t.stats("g")
+        assert stats.pending + stats.lag == len(during)  # nothing acked that is not durable
+        assert proc.poll() is None
+
+        filler.unlink()  # space returns; no restart
+        wait_for(lambda: t.stats("g").pending == 0 and t.stats("g").lag == 0
+                 and len({r["sample_id"] for r in sample_records(audit)}) == 22, 90, "every sample audited")
+        assert get(port, "/healthz")[0] == 200
+        wait_for(lambda: get(port, "/readyz")[0] == 200, 30, "/readyz 200 again")
+        assert [(d.reason, d.detail) for d in t.dead_letters()] == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        t.close()
+    counts = Counter(r["sample_id"] for r in sample_records(audit))
+    assert set(counts) == set(before) | set(during)
+    assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
+    report = verify_trail(audit / "a", head_store=None)
+    assert report.status == "intact", report.first_break
+    assert any("recovered from a failed write" in n for n in report.notes)
