@@ -221,7 +221,8 @@ def test_promote_reaches_a_running_sidecar_within_10_s_without_a_restart(
             store.save(x)
         store.promote(a.id)
         settings = load_settings(transport=redis_url, stream=stream_name, group="g", consumer="c1", model_name=model,
-                                 batch_wait_ms=10, audit={"directory": tmp_path / "audit"},
+                                 batch_wait_ms=10,
+                                 audit={"directory": tmp_path / "audit", "head_key_prefix": f"{stream_name}:head:"},
                                  baseline={"window": 50, "poll_interval_s": 0.5})
         sc = Sidecar(settings, bank=tiny_bank).start()
         try:

@@ -23,13 +23,14 @@ from typing import Any
 
 import pytest
 
-from monitor.audit import verify_trail
+from monitor.audit import RedisHeadStore, verify_trail
 from monitor.audit.segments import list_segments
 from monitor.transport import open_transport
 from tests.test_sidecar import publish_samples
 
 WORKER = Path(__file__).with_name("sidecar_worker.py")
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
+BOUND_S = 5.0  # audit.unhealthy_after_s of the worker
 
 
 @pytest.fixture
@@ -82,13 +83,53 @@ def sample_records(trail_root: Path) -> list[dict[str, Any]]:
     return out
 
 
+class FullFilesystem:
+    """The trail's filesystem runs full (a real tmpfs filled by a file) until ``heal()``."""
+
+    def __init__(self, disk: Path) -> None:
+        self.disk = disk
+        self.filler: Path | None = None
+        self.env: dict[str, str] = {}
+
+    def break_(self) -> None:
+        self.filler = fill(self.disk)
+
+    def heal(self) -> None:
+        assert self.filler is not None
+        self.filler.unlink()
+
+
+class FailingFsync:
+    """Every fsync of the trail fails with EIO (injected in the worker) until ``heal()``."""
+
+    def __init__(self, disk: Path) -> None:
+        self.flag = disk.parent / "fsync-fails"
+        self.env = {"LW_TEST_FSYNC_FAILS_WHILE": str(self.flag)}
+
+    def break_(self) -> None:
+        self.flag.touch()
+
+    def heal(self) -> None:
+        self.flag.unlink()
+
+
+@pytest.fixture(params=["full_filesystem", "failing_fsync"])
+def fault(request: pytest.FixtureRequest, tmp_path: Path) -> FullFilesystem | FailingFsync:
+    if request.param == "full_filesystem":
+        return FullFilesystem(request.getfixturevalue("small_disk"))
+    (tmp_path / "disk").mkdir()
+    return FailingFsync(tmp_path / "disk")
+
+
 def test_a_full_disk_under_the_sidecar_process_loses_nothing_and_it_resumes_on_its_own(
-        redis_url: str, stream_name: str, small_disk: Path) -> None:
-    """Disk full: entries stay pending (none acked), /readyz 503 at once, /healthz 503 after the
-    bound; space back: the same process audits everything, each sample exactly once, /healthz 200."""
-    audit = small_disk / "audit"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LAYERWATCH_AUDIT__UNHEALTHY_AFTER_S": "3",
-           "LAYERWATCH_AUDIT__RECOVER_INTERVAL_S": "0.2"}
+        redis_url: str, stream_name: str, fault: FullFilesystem | FailingFsync) -> None:
+    """Disk full (or fsync failing): entries stay pending (none acked), /readyz 503 at once,
+    /healthz 503 after the bound; the disk back: the same process audits everything, each sample
+    exactly once, /healthz 200, and the trail (and its head) verifies."""
+    audit = fault.disk / "audit" if isinstance(fault, FullFilesystem) else fault.flag.parent / "audit"
+    head_prefix = f"{stream_name}:audit-head:"  # deleted with the stream; no head of an earlier run
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LAYERWATCH_AUDIT__UNHEALTHY_AFTER_S": str(BOUND_S),
+           "LAYERWATCH_AUDIT__RECOVER_INTERVAL_S": "0.2", "LAYERWATCH_AUDIT__HEAD_KEY_PREFIX": head_prefix, **fault.env}
     proc = subprocess.Popen([sys.executable, str(WORKER), "--transport", redis_url, "--stream", stream_name,
                              "--consumer", "a", "--audit", str(audit)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -102,17 +143,18 @@ def test_a_full_disk_under_the_sidecar_process_loses_nothing_and_it_resumes_on_i
         before = publish_samples(redis_url, stream_name, 10, seed=1)
         wait_for(lambda: len(sample_records(audit)) == 10 and t.stats("g").pending == 0, 60, "the first samples")
 
-        filler = fill(small_disk)
+        fault.break_()
         during = publish_samples(redis_url, stream_name, 12, seed=2)
         wait_for(lambda: get(port, "/readyz")[0] == 503, 30, "/readyz 503 while the trail cannot be written")
         status, health = get(port, "/healthz")
-        assert status == 200 and health["audit"]["writable"] is False  # within the bound: still live
+        assert health["audit"]["writable"] is False
+        assert (status == 200) == (health["audit"]["failing_for_s"] < BOUND_S)  # live until the bound
         wait_for(lambda: get(port, "/healthz")[0] == 503, 30, "/healthz 503 after audit.unhealthy_after_s")
         stats = t.stats("g")
         assert stats.pending + stats.lag == len(during)  # nothing acked that is not durable
         assert proc.poll() is None
 
-        filler.unlink()  # space returns; no restart
+        fault.heal()  # the disk works again; no restart
         wait_for(lambda: t.stats("g").pending == 0 and t.stats("g").lag == 0
                  and len({r["sample_id"] for r in sample_records(audit)}) == 22, 90, "every sample audited")
         assert get(port, "/healthz")[0] == 200
@@ -125,6 +167,7 @@ def test_a_full_disk_under_the_sidecar_process_loses_nothing_and_it_resumes_on_i
     counts = Counter(r["sample_id"] for r in sample_records(audit))
     assert set(counts) == set(before) | set(during)
     assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
-    report = verify_trail(audit / "a", head_store=None)
+    report = verify_trail(audit / "a", head_store=RedisHeadStore(redis_url, key_prefix=head_prefix))
     assert report.status == "intact", report.first_break
     assert any("recovered from a failed write" in n for n in report.notes)
+    assert report.head.endswith(")") and "matches" in report.head
