@@ -27,7 +27,7 @@ from typing import Any
 
 from monitor.audit.heads import Head, HeadStore
 from monitor.audit.records import KeyRing
-from monitor.audit.segments import list_segments, quarantine_tail, recover_tail, segment_first_seq
+from monitor.audit.segments import fsync_dir, list_segments, quarantine_tail, recover_tail, segment_first_seq
 from monitor.errors import AuditError, AuditIntegrityError
 
 log = logging.getLogger("monitor.audit.writer")
@@ -60,7 +60,12 @@ def cut_to_durable(trail_dir: Path, segment: str, size: int, *, now: float) -> l
     first = segment_first_seq(segment)
     for seg in reversed(list_segments(trail_dir)):
         if segment_first_seq(seg.name) > first:
-            moved.append(quarantine_tail(trail_dir, seg, seg.read_bytes(), 0, whole=True, now=now))
+            data = seg.read_bytes()
+            if data:
+                moved.append(quarantine_tail(trail_dir, seg, data, 0, whole=True, now=now))
+            else:  # created, nothing written: nothing to keep
+                seg.unlink()
+                fsync_dir(trail_dir)
     path = trail_dir / segment
     try:
         data = path.read_bytes()

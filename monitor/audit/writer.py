@@ -233,9 +233,8 @@ class AuditWriter:
     # --- checks and faults -----------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """``writable``, ``live`` (False once writes have failed for ``unhealthy_after_s``: restart
-        the process), ``error`` and ``failing_for_s`` (None while it writes), ``durable_seq``.
-        Takes no lock, so a health probe never waits behind a hung fsync."""
+        """``writable``, ``live`` (False once writes have failed for ``unhealthy_after_s``), ``error``,
+        ``failing_for_s``, ``durable_seq``. Lock-free: a probe never waits behind a hung fsync."""
         fault = self._fault
         failing = round(fault.failing_for(), 3) if fault is not None else None
         return {"writable": fault is None and not self._closed, "error": fault.error if fault else None, "failing_for_s":
@@ -352,6 +351,8 @@ class AuditWriter:
         cfg = self.config
         while not self._stop.wait(cfg.recover_interval_s if self._fault is not None or cfg.fsync != "interval"
                                   else cfg.fsync_interval_s):
+            if self._fault is None and cfg.fsync != "interval":
+                continue  # nothing to do; the lock is not taken
             with self._lock:
                 if self._closed:
                     return
