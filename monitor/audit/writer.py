@@ -237,8 +237,9 @@ class AuditWriter:
         ``failing_for_s``, ``durable_seq``. Lock-free: a probe never waits behind a hung fsync."""
         fault = self._fault
         failing = round(fault.failing_for(), 3) if fault is not None else None
-        return {"writable": fault is None and not self._closed, "error": fault.error if fault else None, "failing_for_s":
-                failing, "live": failing is None or failing < self.config.unhealthy_after_s, "durable_seq": self._durable_seq}
+        return {"writable": fault is None and not self._closed, "error": fault.error if fault else None,
+                "failing_for_s": failing, "durable_seq": self._durable_seq,
+                "live": failing is None or failing < self.config.unhealthy_after_s}
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -246,7 +247,6 @@ class AuditWriter:
         if self._fault is not None and not self._try_recover_locked():
             raise AuditWriteError(f"{self._fault.error}; the writer retries every {self.config.recover_interval_s:g} "
                                   "s and continues from the last durable record once the disk accepts writes")
-
 
     def _fail(self, reason: str) -> AuditWriteError:
         """Enter the failed state: records since the last good fsync are no longer trusted, and

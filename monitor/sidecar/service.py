@@ -236,6 +236,7 @@ class Sidecar:
         than ``audit.unhealthy_after_s`` (it recovers by itself when the disk does; if it has not by
         then, a restart is the orchestrator's remedy), or when the consumer loop has died."""
         health = getattr(self.audit, "health", None)
-        audit: dict[str, Any] = health() if health is not None else {"live": True}
+        full: dict[str, Any] = health() if health is not None else {"live": True}
+        audit = {k: full.get(k) for k in ("live", "writable", "failing_for_s")}  # no paths or errors: see the log
         loop_dead = self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
         return bool(audit["live"]) and not loop_dead, {"audit": audit, "loop": "dead" if loop_dead else "ok"}
