@@ -151,7 +151,12 @@ def test_a_full_disk_under_the_sidecar_process_loses_nothing_and_it_resumes_on_i
         assert (status == 200) == (health["audit"]["failing_for_s"] < BOUND_S)  # live until the bound
         wait_for(lambda: get(port, "/healthz")[0] == 503, 30, "/healthz 503 after audit.unhealthy_after_s")
         stats = t.stats("g")
-        assert stats.pending + stats.lag == len(during)  # nothing acked that is not durable
+        if isinstance(fault, FailingFsync):  # nothing can be made durable, so nothing is acked
+            assert stats.pending + stats.lag == len(during)
+        else:  # a record may still fit in the last page of the segment; the rest stays pending
+            assert stats.pending + stats.lag > 0
+        # (an entry acked for a record later discarded would never come back: the exactly-once
+        # check at the end would miss its sample)
         assert proc.poll() is None
 
         fault.heal()  # the disk works again; no restart
