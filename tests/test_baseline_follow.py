@@ -118,6 +118,25 @@ def test_promote_and_rollback_leave_a_note_of_who_and_why(tmp_path: Path,
     assert "@" in note["by"]  # user@host by default
 
 
+def test_the_cli_records_who_and_why_of_a_promote_and_a_rollback(
+        tmp_path: Path, two_synthetic: tuple[Baseline, Baseline], capsys: pytest.CaptureFixture[str]) -> None:
+    """`layerwatch baseline promote/rollback --by --reason` leave them in the store's change note."""
+    from monitor.cli import main
+
+    a, b = two_synthetic
+    store = BaselineStore("tiny", directory=tmp_path)
+    store.save(a)
+    store.save(b)
+    store.promote(a.id)
+    args = ["--dir", str(tmp_path), "--model-name", "tiny"]
+    assert main(["baseline", "promote", b.id, *args, "--by", "carol", "--reason", "quarterly rebuild"]) == 0
+    note = store.last_change()
+    assert note is not None and (note["id"], note["by"], note["reason"]) == (b.id, "carol", "quarterly rebuild")
+    assert main(["baseline", "rollback", *args, "--reason", "too many flags"]) == 0
+    note = store.last_change()
+    assert note is not None and (note["action"], note["id"], note["reason"]) == ("rollback", a.id, "too many flags")
+
+
 # --- the scoring stage follows the pointer -----------------------------------------------------
 
 def dict_model(bl: Baseline, model: str) -> Baseline:
