@@ -3,6 +3,7 @@ fsync (issue 17, Why 4), liveness after a bound, and heads that fail verificatio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -141,17 +142,23 @@ def test_the_writer_recovers_on_its_own_thread_once_the_disk_does(tmp_path: Path
     assert verify_trail(w.trail_dir).status == "intact"
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 512 KiB tmpfs: a real filesystem that runs full (needs root; skipped otherwise)."""
-    mnt = tmp_path / "tmpfs"
+@contextlib.contextmanager
+def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``mnt``: a real filesystem that runs full (mounting needs root; the
+    test is skipped otherwise)."""
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "tmpfs", "512k") as mnt:
+        yield mnt
 
 
 def fill(path: Path, leave: int = 0) -> Path:

@@ -26,6 +26,7 @@ import pytest
 from monitor.audit import RedisHeadStore, verify_trail
 from monitor.audit.segments import list_segments
 from monitor.transport import open_transport
+from tests.test_audit_faults import fill, tmpfs
 from tests.test_sidecar import publish_samples
 
 WORKER = Path(__file__).with_name("sidecar_worker.py")
@@ -35,27 +36,9 @@ BOUND_S = 5.0  # audit.unhealthy_after_s of the worker
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: a real filesystem that runs full (needs root to mount; skipped otherwise)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    """A 2 MiB tmpfs (needs root to mount; skipped otherwise)."""
+    with tmpfs(tmp_path / "disk", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(path: Path) -> Path:
-    """Fill the filesystem holding ``path`` with one file; delete it to give the space back."""
-    filler = path / "filler"
-    with filler.open("wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\1" * 4096)
-        except OSError:
-            pass
-    return filler
 
 
 def get(port: int, path: str) -> tuple[int, dict[str, Any]]:
