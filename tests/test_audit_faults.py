@@ -120,6 +120,35 @@ def test_health_turns_not_live_once_the_failure_outlasts_the_bound(tmp_path: Pat
     w.close()
 
 
+def test_an_fsync_that_hangs_past_the_bound_makes_the_writer_not_live(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that hangs never fails: health()['live'] is False while one fsync has run for longer
+    than unhealthy_after_s, and True again once it returns (health() does not wait for it)."""
+    import os
+    import threading
+
+    w = AuditWriter(cfg(tmp_path, unhealthy_after_s=0.2))
+    release, entered = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def hanging(fd: int) -> None:
+        entered.set()
+        release.wait(30)
+        real(fd)
+
+    monkeypatch.setattr("monitor.audit.pipeline.os.fdatasync", hanging)
+    appender = threading.Thread(target=w.append, args=("sample", example_sample(0)))
+    appender.start()
+    assert entered.wait(10)
+    assert wait_for(lambda: not w.health()["live"])
+    assert w.health()["fsync_running_s"] >= 0.2
+    release.set()
+    appender.join(10)
+    assert w.health()["live"] and w.health()["fsync_running_s"] is None
+    monkeypatch.undo()
+    w.close()
+
+
 def test_the_writer_recovers_on_its_own_thread_once_the_disk_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With no further call, the writer's own thread recovers it within recover_interval_s of the
     disk working again, and counts the recovery."""

@@ -53,8 +53,9 @@ class TrailSettings(BaseModel):
         default=1.0, gt=0, description="After a failed write or fsync (disk full, I/O error), how often the writer tries "
         "to recover: quarantine what was not durable, re-verify the tail, continue the chain.")
     unhealthy_after_s: float = Field(
-        default=120.0, gt=0, description="A writer still failing after this long reports the process not live "
-        "(/healthz 503), so the orchestrator restarts it; /readyz is 503 from the first failure.")
+        default=120.0, gt=0, description="A writer still failing after this long (or one fsync hung this long) "
+        "reports the process not live (/healthz 503), so the orchestrator restarts it; /readyz is 503 from the "
+        "first failure.")
 
     @model_validator(mode="after")
     def _check(self) -> TrailSettings:

@@ -52,6 +52,18 @@ class WriteFault:
                 "failed_for_s": round(self.failing_for(), 3), "quarantined": quarantined}
 
 
+def writer_health(fault: WriteFault | None, sync_since: float | None, *, closed: bool, durable_seq: int,
+                  bound_s: float) -> dict[str, Any]:
+    """What :meth:`~monitor.audit.writer.AuditWriter.health` reports: not live once writes have
+    failed for ``bound_s``, or one fsync has been running that long (a hung disk never fails)."""
+    now = time.monotonic()
+    failing = round(now - fault.since, 3) if fault is not None else None
+    running = round(now - sync_since, 3) if sync_since is not None else None
+    return {"writable": fault is None and not closed, "error": fault.error if fault else None,
+            "failing_for_s": failing, "fsync_running_s": running, "durable_seq": durable_seq,
+            "live": all(x is None or x < bound_s for x in (failing, running))}
+
+
 def cut_to_durable(trail_dir: Path, segment: str, size: int, *, now: float) -> list[dict[str, Any]]:
     """Quarantine what was written after the last good fsync: segments newer than ``segment``
     (whole) and the bytes of ``segment`` past ``size``. Returns what was moved, for the recovery

@@ -46,7 +46,7 @@ from monitor.audit.records import (
     check_kind,
     format_ts,
 )
-from monitor.audit.recovery import WriteFault, load_trusted_head, reverify_durable_tail
+from monitor.audit.recovery import WriteFault, load_trusted_head, reverify_durable_tail, writer_health
 from monitor.audit.retention import PruneResult, plan_prune
 from monitor.audit.segments import (
     TrailLock,
@@ -110,6 +110,7 @@ class AuditWriter:
             self._segment_started = clock()
             self._listeners: list[Callable[[int], None]] = []
             self._fault: WriteFault | None = None  # a failed write or fsync, until recovered
+            self._sync_since: float | None = None  # time.monotonic() when the running fsync started
             self._closed = False
             self.recoveries: list[dict[str, Any]] = []
             self._publisher = HeadPublisher(head_store, f"audit-head-{self.writer_id}") if head_store else None
@@ -233,13 +234,11 @@ class AuditWriter:
     # --- checks and faults -----------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """``writable``, ``live`` (False once writes have failed for ``unhealthy_after_s``), ``error``,
-        ``failing_for_s``, ``durable_seq``. Lock-free: a probe never waits behind a hung fsync."""
-        fault = self._fault
-        failing = round(fault.failing_for(), 3) if fault is not None else None
-        return {"writable": fault is None and not self._closed, "error": fault.error if fault else None,
-                "failing_for_s": failing, "durable_seq": self._durable_seq,
-                "live": failing is None or failing < self.config.unhealthy_after_s}
+        """``writable``, ``live`` (False once writes have failed, or an fsync has hung, for
+        ``unhealthy_after_s``), ``error``, ``failing_for_s``, ``fsync_running_s``, ``durable_seq``.
+        Lock-free: a probe never waits behind a hung fsync."""
+        return writer_health(self._fault, self._sync_since, closed=self._closed, durable_seq=self._durable_seq,
+                             bound_s=self.config.unhealthy_after_s)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -268,11 +267,9 @@ class AuditWriter:
         try:
             moved = reverify_durable_tail(self.trail_dir, self.writer_id, self._durable_segment, self._durable_size,
                                           (self._durable_seq, self._durable_hash), now=self._clock())
-        except AuditIntegrityError as exc:
-            log.error("audit trail %s cannot recover: %s", self.trail_dir, exc)
-            return False
-        except OSError as exc:
-            log.debug("audit trail %s not recovered yet: %s", self.trail_dir, exc)
+        except (AuditIntegrityError, OSError) as exc:  # OSError: the disk still fails, the next try may not
+            log.log(logging.DEBUG if isinstance(exc, OSError) else logging.ERROR, "audit trail %s not recovered: %s",
+                    self.trail_dir, exc)
             return False
         body = fault.recovery(self._durable_seq, moved)
         self._state.seq, self._state.hash = self._durable_seq, self._durable_hash
@@ -322,12 +319,15 @@ class AuditWriter:
     def _sync_locked(self) -> int:
         if self._state.seq == self._durable_seq:
             return self._durable_seq
+        self._sync_since = time.monotonic()
         try:
             self._sink.fsync()
         except OSError as exc:
             # After a failed fsync the kernel may have dropped the dirty pages: nothing written since
             # the last good fsync can be trusted. Refuse writes until recovered from the durable tail.
             raise self._fail(f"fsync of {self._sink.path} failed ({exc.strerror or exc})") from exc
+        finally:
+            self._sync_since = None
         assert self._sink.path is not None
         self._durable_seq, self._durable_hash = self._state.seq, self._state.hash
         self._durable_segment, self._durable_size = self._sink.path.name, self._sink.size
