@@ -237,6 +237,6 @@ class Sidecar:
         then, a restart is the orchestrator's remedy), or when the consumer loop has died."""
         health = getattr(self.audit, "health", None)
         full: dict[str, Any] = health() if health is not None else {"live": True}
-        audit = {k: full.get(k) for k in ("live", "writable", "failing_for_s")}  # no paths or errors: see the log
+        audit = {k: full.get(k) for k in ("live", "writable", "failing_for_s", "fsync_running_s")}  # no paths: see the log
         loop_dead = self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
         return bool(audit["live"]) and not loop_dead, {"audit": audit, "loop": "dead" if loop_dead else "ok"}
