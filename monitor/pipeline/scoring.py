@@ -61,7 +61,8 @@ class Scored:
 
 
 class ScoringStage:
-    """Learn-then-score state machine of one consumer loop (not thread-safe; one loop owns it)."""
+    """Learn-then-score state machine of one consumer loop (not thread-safe: one loop calls
+    :meth:`score`; the :meth:`follow` thread only hands it detectors, under a lock)."""
 
     def __init__(self, config: ScoringConfig, *, model: str, fingerprint: str, bundle_id: str,
                  probe_labels: dict[str, tuple[str, ...]], baseline: Baseline | None = None) -> None:
