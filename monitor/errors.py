@@ -106,8 +106,9 @@ class AuditLockedError(AuditError):
 
 class AuditWriteError(AuditError):
     """An append or fsync failed. ``written`` holds the records of the failing call that
-    were written before the failure (they are valid and stay in the trail, but are not durable
-    until a later sync succeeds)."""
+    were written before the failure. When a record was refused (not JSON) they stay in the trail,
+    durable after a later sync; when the disk failed, they are discarded with everything else
+    not yet durable when the writer recovers (see :mod:`monitor.audit.recovery`): retry them."""
 
     def __init__(self, message: str, written: Sequence[object] = ()) -> None:
         super().__init__(message)

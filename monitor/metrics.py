@@ -195,6 +195,15 @@ class SidecarMetrics:
         self.audit_write_errors = _counter(
             "layerwatch_audit_write_errors_total",
             "Failed audit writes or fsyncs.", ["model"], registry=r)
+        self.audit_writable = _gauge(
+            "layerwatch_audit_writable",
+            "1 while the audit trail accepts writes; 0 from a failed write or fsync until the writer has "
+            "recovered on its own.", ["model"], registry=r)
+        self.audit_recoveries = _counter(
+            "layerwatch_audit_recoveries_total",
+            "Recovery records the audit writer wrote, by reason: write_failed (recovered after a failed "
+            "write or fsync), head_untrusted (a stored head failed verification and was ignored), "
+            "tail_lost, head_mismatch.", ["model", "reason"], registry=r)
         self.fleet_tap_sampled = OwnedCounter(
             "layerwatch_fleet_tap_requests_sampled_total",
             "Fleet total of requests sampled by all taps (from sample headers).", ["model"], registry=r)

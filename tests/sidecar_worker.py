@@ -14,6 +14,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+def fail_fsync_while(flag: str) -> None:
+    """Fault injection for tests: ``fdatasync`` fails with EIO while the file ``flag`` exists (what
+    a disk that loses writes, or a thin volume that runs out of space, does to an fsync)."""
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if os.path.exists(flag):
+            raise OSError(5, "Input/output error (injected)")
+        real(fd)
+
+    os.fdatasync = fdatasync
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--transport", required=True)
@@ -26,6 +39,8 @@ def main() -> int:
     ap.add_argument("--http-port", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if os.environ.get("LW_TEST_FSYNC_FAILS_WHILE"):
+        fail_fsync_while(os.environ["LW_TEST_FSYNC_FAILS_WHILE"])
     from conftest import make_tiny
 
     from monitor.lenses.torch_lens import TorchLogitLens

@@ -26,7 +26,7 @@ _EXPORTS = {
     "RedisHeadStore": "heads", "Entry": "reader", "Query": "reader", "iter_entries": "reader", "search": "reader",
     "GENESIS_HASH": "records", "SCHEMA_VERSION": "records", "AuditRecord": "records", "KeyRing": "records",
     "RecordKind": "records", "sample_fields": "records", "render_report": "report", "Break": "verify",
-    "TrailReport": "verify", "verify_trail": "verify", "AuditWriter": "writer", "PruneResult": "writer",
+    "TrailReport": "verify", "verify_trail": "verify", "AuditWriter": "writer", "PruneResult": "retention",
 }
 __all__ = [
     "GENESIS_HASH", "SCHEMA_VERSION", "AuditConfig", "AuditRecord", "AuditWriter", "Break", "Entry",
@@ -47,8 +47,9 @@ if TYPE_CHECKING:
         sample_fields,
     )
     from monitor.audit.report import render_report
+    from monitor.audit.retention import PruneResult
     from monitor.audit.verify import Break, TrailReport, verify_trail
-    from monitor.audit.writer import AuditWriter, PruneResult
+    from monitor.audit.writer import AuditWriter
 
 
 def __getattr__(name: str) -> Any:

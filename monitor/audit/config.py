@@ -48,6 +48,14 @@ class TrailSettings(BaseModel):
         default=None, ge=2, description="Prune the oldest segments beyond this many (checked at each rotation).")
     retention_max_age_s: float | None = Field(
         default=None, gt=0, description="Prune segments whose records are all older than this (checked at each rotation).")
+    # --- disk faults (issue 17) ---
+    recover_interval_s: float = Field(
+        default=1.0, gt=0, description="After a failed write or fsync (disk full, I/O error), how often the writer tries "
+        "to recover: quarantine what was not durable, re-verify the tail, continue the chain.")
+    unhealthy_after_s: float = Field(
+        default=120.0, gt=0, description="A writer still failing after this long (or one fsync hung this long) "
+        "reports the process not live (/healthz 503), so the orchestrator restarts it; /readyz is 503 from the "
+        "first failure.")
 
     @model_validator(mode="after")
     def _check(self) -> TrailSettings:

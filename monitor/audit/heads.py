@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -30,6 +30,8 @@ from monitor.errors import AuditError, AuditIntegrityError
 from monitor.urls import is_backend_url, parse_url, strip_credentials
 
 HEAD_FILE = "HEAD.json"
+
+log = logging.getLogger("monitor.audit.writer")
 
 
 @dataclass(frozen=True)
@@ -211,9 +213,10 @@ class HeadPublisher:
     for Redis or the head file. Latest wins: a head superseded before it was sent is skipped.
     The head lags the file by at most one publish, which verification reads as healthy."""
 
-    def __init__(self, store: HeadStore, on_result: Callable[[Exception | None], None], name: str) -> None:
+    def __init__(self, store: HeadStore, name: str) -> None:
         self._store = store
-        self._on_result = on_result
+        self.errors = 0  # heads the store did not take
+        self._failing = False
         self._cv = threading.Condition()
         self._pending: Head | None = None
         self._busy = False
@@ -255,13 +258,18 @@ class HeadPublisher:
                 if self._stopped:
                     return
                 head, self._pending, self._busy = self._pending, None, True
-            error: Exception | None = None
             try:
                 assert head is not None
                 self._store.publish(head)
-            except Exception as exc:  # noqa: BLE001 - reported, never raised into the writer
-                error = exc
-            self._on_result(error)
+            except Exception as exc:  # noqa: BLE001 - counted and logged, never raised into the writer
+                self.errors += 1
+                if not self._failing:
+                    log.warning("audit head not published (%s); records stay durable, cut-tail detection lags", exc)
+                self._failing = True
+            else:
+                if self._failing:
+                    log.warning("audit head published again to %s", self._store.describe())
+                self._failing = False
             with self._cv:
                 self._busy = False
                 self._cv.notify_all()

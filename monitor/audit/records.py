@@ -50,6 +50,8 @@ class RecordKind(StrEnum):
     DRIFT_ALERT_CLEARED = "drift_alert_cleared"
     BASELINE_PROMOTED = "baseline_promoted"
     BASELINE_ROLLED_BACK = "baseline_rolled_back"
+    BASELINE_CHANGED = "baseline_changed"  # a running sidecar switched to the store's active baseline
+    BASELINE_REFUSED = "baseline_refused"  # ... or refused it (content id, compatibility)
     WATCH_REFUSED = "watch_refused"  # a learned baseline the watched concepts do not fit
     BUNDLE_LOADED = "bundle_loaded"
     BUNDLE_CHANGED = "bundle_changed"

@@ -17,7 +17,7 @@ from monitor.audit.records import (
 )
 from monitor.audit.segments import Line, segment_first_seq
 
-_START_REASONS = ("open", "rotate")
+_START_REASONS = ("open", "rotate", "reopen")  # reopen: after a failed write or fsync
 
 
 @dataclass(frozen=True)
@@ -262,6 +262,13 @@ class Scanner:
             self.fail("records_lost", f"at start-up the writer found durable records missing or changed: "
                       f"{body.get('detail', reason)} (records {body.get('from_seq')}..{body.get('to_seq')})",
                       seg, line, rec["seq"])
+        elif reason == "write_failed":
+            d = body.get("discarded")
+            what = (f"records {d.get('from_seq')}..{d.get('to_seq')}, never durable nor acknowledged, moved to "
+                    "quarantine" if isinstance(d, dict) else "no record written before it was lost")
+            self.notes.append(f"recovered from a failed write ({body.get('error')}) at seq {rec['seq']}: {what}")
+        elif reason == "head_untrusted":
+            self.notes.append(f"at start-up the stored head was not trusted ({body.get('detail')}) (seq {rec['seq']})")
         else:
             self.notes.append(f"recovery record ({reason}) at seq {rec['seq']}")
 

@@ -201,8 +201,13 @@ def quarantine_tail(trail_dir: Path, seg: Path, data: bytes, offset: int, *, who
         n += 1
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
-        os.write(fd, tail)
+        view = memoryview(tail)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
+    except OSError:  # disk still full: leave no partial copy behind; the caller retries later
+        target.unlink(missing_ok=True)
+        raise
     finally:
         os.close(fd)
     fsync_dir(qdir)

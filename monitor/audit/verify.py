@@ -23,7 +23,8 @@ reports with its kind and exact location (segment file, line, byte offset, seq).
 ``cut_tail``               the head says records were durable that are no longer there
 ``dropped_newest_segment`` the head is in a segment that no longer exists
 ``head_mismatch``          the head's hash differs from the record at its seq (records rewritten)
-``head_invalid``           the head is damaged, of another writer, or its signature is wrong
+``head_invalid``           the head is damaged, of another writer, its signature is wrong, or it is
+                           unsigned beside a signed trail: it is reported and never trusted
 ``head_missing``           the trail declares a head file that is missing (or --require-head)
 ``records_lost``           a recovery record: at start-up the writer found durable records missing
 ``torn_write``             (status ``torn``, not ``broken``) the newest segment ends in a partial
@@ -263,7 +264,10 @@ def _check_head(
     if keys:
         problem = head.check_signature(keys)
         if problem:
-            return Break("head_invalid", f"head signature: {problem}"), False
+            return Break("head_invalid", f"head signature: {problem}; the head is not used"), False
+    elif scanner.signed and head.hmac is None:
+        return Break("head_invalid", "the trail is signed but its head is not, so its writer did not publish it "
+                     "(planted?); the head is not used"), False
     last = scanner.last_seq or 0
     report.head = f"seq {head.seq} ({head.ts})"
     if head.seq > last:

@@ -4,11 +4,9 @@ Typical use by the sidecar::
 
     writer = AuditWriter(AuditConfig(directory=..., writer_id="replica-a", hmac_key_file=...),
                          metrics=sidecar_metrics, model="smollm2")
-    writer.append("config", {"config": effective_config})
     writer.append("sidecar_start", {"version": __version__})
     recs = writer.append_many([("sample", sample_fields(sample_id=..., ...)) for ...])
     durable = writer.sync()            # fsync now; then XACK the entries of ``recs``
-    ...
     writer.append("sidecar_stop", {"reason": "SIGTERM"})
     writer.close()
 
@@ -16,15 +14,22 @@ Threading: every public method takes one lock, so the writer may be shared betwe
 calls are short (a ``write`` per record, an ``fdatasync`` per sync) except where an fsync policy
 makes them sync. Durable listeners run on the thread that did the fsync, under the lock: keep
 them short (e.g. hand the seq to the thread that acks).
+
+Faults: a failed write or fsync (disk full, I/O error) makes every call raise AuditWriteError
+until the writer has recovered, which it tries at every call and every ``recover_interval_s`` on
+its own thread: everything past the last durable record is quarantined, the tail is re-verified
+and the chain continues in a new segment after a ``write_failed`` recovery record
+(:mod:`monitor.audit.recovery`). :meth:`health` says whether it writes, and whether it has been
+failing for longer than ``unhealthy_after_s`` (the process should then be restarted).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +38,7 @@ from monitor.audit.config import AuditConfig
 from monitor.audit.heads import Head, HeadPublisher, HeadStore, head_loss, head_store_from_spec
 from monitor.audit.pipeline import ChainState, SegmentSink, build_logger
 from monitor.audit.records import (
+    GENESIS_HASH,
     AuditRecord,
     KeyRing,
     RecordKind,
@@ -40,10 +46,11 @@ from monitor.audit.records import (
     check_kind,
     format_ts,
 )
+from monitor.audit.recovery import WriteFault, load_trusted_head, reverify_durable_tail, writer_health
+from monitor.audit.retention import PruneResult, plan_prune
 from monitor.audit.segments import (
     TrailLock,
     fsync_dir,
-    list_segments,
     recover_tail,
     segment_name,
 )
@@ -55,16 +62,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FROM_CONFIG: Any = object()
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    """What a prune removed: segment names, and the seq/hash the remaining chain continues from."""
-
-    removed: tuple[str, ...]
-    through_seq: int | None
-    through_hash: str | None
-    record: AuditRecord | None
 
 
 class AuditWriter:
@@ -97,6 +94,7 @@ class AuditWriter:
             raise AuditError(f"cannot create the audit trail folder {self.trail_dir}: {exc.strerror or exc}") from exc
         self._trail_lock = TrailLock(self.trail_dir, self.writer_id)
         self._head_store: HeadStore | None = None
+        self._stop = threading.Event()
         try:
             if head_store is _FROM_CONFIG:
                 head_store = head_store_from_spec(config.head_store, self.trail_dir, key_prefix=config.head_key_prefix)
@@ -105,34 +103,23 @@ class AuditWriter:
             self._sink = SegmentSink(self._state)
             self._log = build_logger(self._sink, self._state, writer_id=self.writer_id,
                                      store_text=config.store_text, keys=self._keys, clock=clock)
-            self._durable_seq = 0
+            self._durable_seq, self._durable_hash, self._durable_segment, self._durable_size = 0, GENESIS_HASH, "", 0
             self._durable_head: Head | None = None
             self._unsynced = 0
             self._last_sync = clock()
             self._segment_started = clock()
             self._listeners: list[Callable[[int], None]] = []
-            self._fatal: str | None = None
+            self._fault: WriteFault | None = None  # a failed write or fsync, until recovered
+            self._sync_since: float | None = None  # time.monotonic() when the running fsync started
             self._closed = False
-            self.head_publish_errors = 0
-            self._head_failing = False
             self.recoveries: list[dict[str, Any]] = []
-            self._publisher = (HeadPublisher(head_store, self._head_result, f"audit-head-{self.writer_id}")
-                               if head_store is not None else None)
+            self._publisher = HeadPublisher(head_store, f"audit-head-{self.writer_id}") if head_store else None
             self._open()
         except BaseException:
-            self._sink_close_quietly()
-            publisher: HeadPublisher | None = getattr(self, "_publisher", None)
-            if publisher is not None:
-                publisher.stop(flush=False)
-            if self._head_store is not None:
-                self._head_store.close()
-            self._trail_lock.release()
+            self._release(flush=False)
             raise
-        self._stop = threading.Event()
-        self._flusher: threading.Thread | None = None
-        if config.fsync == "interval":
-            self._flusher = threading.Thread(target=self._flush_loop, name=f"audit-flush-{self.writer_id}", daemon=True)
-            self._flusher.start()
+        self._background = threading.Thread(target=self._background_loop, name=f"audit-{self.writer_id}", daemon=True)
+        self._background.start()
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -184,26 +171,30 @@ class AuditWriter:
         return self._durable_head
 
     @property
+    def head_publish_errors(self) -> int:
+        """Heads the store did not take (each is logged when publishing starts and stops failing)."""
+        return self._publisher.errors if self._publisher is not None else 0
+
+    @property
     def segment(self) -> Path | None:
         """The segment being written."""
         return self._sink.path
 
     def flush_head(self, timeout: float = 5.0) -> bool:
-        """Wait until the head of the last sync is published (heads go out on their own thread);
-        False when the store did not take it within ``timeout``."""
+        """Wait until the last sync's head is published (on its own thread); False after ``timeout``."""
         return self._publisher.flush(timeout) if self._publisher is not None else True
 
     def add_durable_listener(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(durable_seq)`` after every fsync (under the writer's lock: be quick)."""
+        """Call ``callback(durable_seq)`` after every fsync (under the writer's lock: be quick). After
+        a failed write or fsync the records past the durable seq are discarded and their seqs reused:
+        drop work waiting on a seq above the last one received once :meth:`health` is not writable."""
         with self._lock:
             self._listeners.append(callback)
 
     def prune(self, *, before: datetime | float | None = None, keep_segments: int | None = None) -> PruneResult:
-        """Remove the oldest closed segments: those whose records are all older than ``before``
-        and/or beyond the newest ``keep_segments``. First verifies them, then appends and fsyncs
-        a checkpoint record naming the seq and hash the remaining chain continues from, then
-        deletes the files, so the pruned trail still verifies and a segment removed any other
-        way does not."""
+        """Remove the oldest closed segments (all records older than ``before``, and/or beyond the
+        newest ``keep_segments``), verified first and covered by a fsynced ``prune`` checkpoint
+        before the files go, so the pruned trail still verifies (:mod:`monitor.audit.retention`)."""
         with self._lock:
             self._check_usable()
             cutoff = before.timestamp() if isinstance(before, datetime) else before
@@ -215,20 +206,24 @@ class AuditWriter:
             if self._closed:
                 return
             try:
-                if self._fatal is None:
+                if self._fault is None or self._try_recover_locked():
                     self._emit(RecordKind.CHECKPOINT, {"checkpoint": self._checkpoint_body("close")})
                     self._sync_locked()
             finally:
                 self._closed = True
-                self._stop.set()
-                self._sink_close_quietly()
-                if self._publisher is not None:
-                    self._publisher.stop(flush=True)
-                if self._head_store is not None:
-                    self._head_store.close()
-                self._trail_lock.release()
-        if self._flusher is not None and self._flusher is not threading.current_thread():
-            self._flusher.join(timeout=5)
+                self._release(flush=True)
+        if self._background is not threading.current_thread():
+            self._background.join(timeout=5)
+
+    def _release(self, *, flush: bool) -> None:
+        self._stop.set()
+        self._sink_close_quietly()
+        publisher: HeadPublisher | None = getattr(self, "_publisher", None)
+        if publisher is not None:
+            publisher.stop(flush=flush)
+        if self._head_store is not None:
+            self._head_store.close()
+        self._trail_lock.release()
 
     def __enter__(self) -> AuditWriter:
         return self
@@ -236,13 +231,66 @@ class AuditWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- checks ----------------------------------------------------------------------------------
+    # --- checks and faults -----------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """``writable``, ``live`` (False once writes have failed, or an fsync has hung, for
+        ``unhealthy_after_s``), ``error``, ``failing_for_s``, ``fsync_running_s``, ``durable_seq``.
+        Lock-free: a probe never waits behind a hung fsync."""
+        return writer_health(self._fault, self._sync_since, closed=self._closed, durable_seq=self._durable_seq,
+                             bound_s=self.config.unhealthy_after_s)
 
     def _check_usable(self) -> None:
         if self._closed:
             raise AuditError(f"the audit writer of {self.trail_dir} is closed")
-        if self._fatal is not None:
-            raise AuditWriteError(f"{self._fatal}; restart the writer: it recovers from the last durable record")
+        if self._fault is not None and not self._try_recover_locked():
+            raise AuditWriteError(f"{self._fault.error}; the writer retries every {self.config.recover_interval_s:g} "
+                                  "s and continues from the last durable record once the disk accepts writes")
+
+    def _fail(self, reason: str) -> AuditWriteError:
+        """Enter the failed state: records since the last good fsync are no longer trusted, and
+        every call fails until :meth:`_try_recover_locked` succeeds. Returns the error to raise."""
+        if self._metrics is not None:
+            self._metrics.audit_write_errors.labels(model=self._model).inc()
+        if self._fault is None:
+            self._fault = WriteFault(reason, time.monotonic(), self._state.seq)
+            log.error("audit trail %s: %s; writes refused until it recovers", self.trail_dir, reason)
+            self._set_writable(False)
+        return AuditWriteError(reason)
+
+    def _try_recover_locked(self) -> bool:
+        """Quarantine what is past the last durable record, re-verify the tail, continue the
+        chain in a new segment. True when the writer writes again."""
+        fault = self._fault
+        assert fault is not None
+        self._sink_close_quietly()
+        try:
+            moved = reverify_durable_tail(self.trail_dir, self.writer_id, self._durable_segment, self._durable_size,
+                                          (self._durable_seq, self._durable_hash), now=self._clock())
+        except (AuditIntegrityError, OSError) as exc:  # OSError: the disk still fails, the next try may not
+            log.log(logging.DEBUG if isinstance(exc, OSError) else logging.ERROR, "audit trail %s not recovered: %s",
+                    self.trail_dir, exc)
+            return False
+        body = fault.recovery(self._durable_seq, moved)
+        self._state.seq, self._state.hash = self._durable_seq, self._durable_hash
+        try:
+            self._start_segment("reopen", self._durable_segment)
+            self._emit(RecordKind.RECOVERY, {"recovery": body})
+            self._sync_locked()
+        except AuditError:
+            return False  # _fail() counted it: still failing, the next try starts again from the durable record
+        log.warning("audit trail %s recovered after %s (%.1f s); continuing at seq %d", self.trail_dir, fault.error,
+                    body["failed_for_s"], self._state.seq)
+        self.recoveries.append(body)
+        self._fault = None
+        self._set_writable(True)
+        if self._metrics is not None:
+            self._metrics.audit_recoveries.labels(model=self._model, reason="write_failed").inc()
+        return True
+
+    def _set_writable(self, ok: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.audit_writable.labels(model=self._model).set(int(ok))
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -250,8 +298,7 @@ class AuditWriter:
         try:
             rec = self._log.audit(kind, **fields)
         except OSError as exc:
-            self._count_error()
-            raise AuditWriteError(f"cannot write to {self._sink.path}: {exc.strerror or exc}") from exc
+            raise self._fail(f"cannot write to {self._sink.path}: {exc.strerror or exc}") from exc
         except (ValueError, TypeError) as exc:
             raise AuditError(str(exc)) from exc
         if self._metrics is not None:
@@ -259,13 +306,9 @@ class AuditWriter:
             self._metrics.audit_records.labels(model=model or self._model, kind=kind).inc()
         return rec
 
-    def _count_error(self) -> None:
-        if self._metrics is not None:
-            self._metrics.audit_write_errors.labels(model=self._model).inc()
-
     def _apply_fsync_policy(self, n: int) -> None:
         self._unsynced += n
-        if not self._unsynced or self._fatal is not None:
+        if not self._unsynced or self._fault is not None:
             return
         policy = self.config.fsync
         if (policy == "every_record"
@@ -276,18 +319,20 @@ class AuditWriter:
     def _sync_locked(self) -> int:
         if self._state.seq == self._durable_seq:
             return self._durable_seq
+        self._sync_since = time.monotonic()
         try:
             self._sink.fsync()
         except OSError as exc:
             # After a failed fsync the kernel may have dropped the dirty pages: nothing written since
-            # the last good fsync can be trusted. Stop; a restart recovers from the durable tail.
-            self._fatal = f"fsync of {self._sink.path} failed ({exc.strerror or exc})"
-            self._count_error()
-            raise AuditWriteError(self._fatal) from exc
-        self._durable_seq = self._state.seq
+            # the last good fsync can be trusted. Refuse writes until recovered from the durable tail.
+            raise self._fail(f"fsync of {self._sink.path} failed ({exc.strerror or exc})") from exc
+        finally:
+            self._sync_since = None
+        assert self._sink.path is not None
+        self._durable_seq, self._durable_hash = self._state.seq, self._state.hash
+        self._durable_segment, self._durable_size = self._sink.path.name, self._sink.size
         self._unsynced = 0
         self._last_sync = self._clock()
-        assert self._sink.path is not None
         head = Head(writer=self.writer_id, seq=self._state.seq, hash=self._state.hash,
                     segment=self._sink.path.name, ts=format_ts(self._last_sync)).signed(self._keys)
         self._durable_head = head
@@ -300,48 +345,37 @@ class AuditWriter:
         if self._publisher is not None:
             self._publisher.submit(head)
 
-    def _head_result(self, error: Exception | None) -> None:
-        # Runs on the publisher thread. One log line when publishing starts and stops failing.
-        if error is not None:
-            self.head_publish_errors += 1
-            if not self._head_failing:
-                log.warning("audit head not published (%s); records stay durable, cut-tail detection lags", error)
-            self._head_failing = True
-        elif self._head_failing:
-            log.warning("audit head published again to %s", self._head_store.describe() if self._head_store else "?")
-            self._head_failing = False
-
-    def _flush_loop(self) -> None:
-        while not self._stop.wait(self.config.fsync_interval_s):
+    def _background_loop(self) -> None:
+        """Fsyncs every ``fsync_interval_s`` (policy ``interval``); retries a failed trail every
+        ``recover_interval_s``."""
+        cfg = self.config
+        while not self._stop.wait(cfg.recover_interval_s if self._fault is not None or cfg.fsync != "interval"
+                                  else cfg.fsync_interval_s):
+            if self._fault is None and cfg.fsync != "interval":
+                continue  # nothing to do; the lock is not taken
             with self._lock:
                 if self._closed:
                     return
-                if self._fatal is None and self._state.seq > self._durable_seq:
+                if self._fault is not None:
+                    self._try_recover_locked()
+                elif cfg.fsync == "interval" and self._state.seq > self._durable_seq:
                     try:
                         self._sync_locked()
                     except AuditError as exc:
                         log.error("audit trail flush failed: %s", exc)
 
     def _sink_close_quietly(self) -> None:
-        sink = getattr(self, "_sink", None)
-        if sink is not None:
-            try:
-                sink.close()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):
+            if getattr(self, "_sink", None) is not None:
+                self._sink.close()
 
     # --- segments ----------------------------------------------------------------------------------
 
     def _checkpoint_body(self, reason: str, **extra: Any) -> dict[str, Any]:
         assert self._sink.path is not None
-        body: dict[str, Any] = {
-            "reason": reason,
-            "segment": self._sink.path.name,
-            "head_store": self._head_store.describe() if self._head_store is not None else "none",
-            "key_id": self._keys.key_ids[0] if self._keys else None,
-        }
-        body.update(extra)
-        return body
+        return {"reason": reason, "segment": self._sink.path.name,
+                "head_store": self._head_store.describe() if self._head_store is not None else "none",
+                "key_id": self._keys.key_ids[0] if self._keys else None, **extra}
 
     def _start_segment(self, reason: str, previous: str | None) -> AuditRecord:
         continues_from = {"seq": self._state.seq, "hash": self._state.hash, "segment": previous}
@@ -352,16 +386,12 @@ class AuditWriter:
             self._sink.open(path)
             fsync_dir(self.trail_dir)
         except OSError as exc:
-            self._count_error()
-            raise AuditWriteError(f"cannot create segment {path}: {exc.strerror or exc}") from exc
+            raise self._fail(f"cannot create segment {path}: {exc.strerror or exc}") from exc
         self._segment_started = self._clock()
-        settings = {
-            "fsync": self.config.fsync, "store_text": self.config.store_text,
-            "max_segment_bytes": self.config.max_segment_bytes, "max_segment_age_s": self.config.max_segment_age_s,
-        }
         body = self._checkpoint_body(reason, continues_from=continues_from)
         if reason == "open":
-            body["settings"] = settings
+            body["settings"] = {"fsync": self.config.fsync, "store_text": self.config.store_text, "max_segment_bytes":
+                                self.config.max_segment_bytes, "max_segment_age_s": self.config.max_segment_age_s}
         return self._emit(RecordKind.CHECKPOINT, {"checkpoint": body})
 
     def _maybe_rotate(self) -> None:
@@ -383,61 +413,31 @@ class AuditWriter:
 
     # --- start-up recovery -------------------------------------------------------------------------
 
-    def _load_head(self) -> Head | None:
-        if self._head_store is None:
-            return None
-        try:
-            return self._head_store.load(self.writer_id)
-        except AuditError as exc:
-            log.warning("audit head unavailable at start-up (%s): a cut tail cannot be checked now", exc)
-            return None
-
     def _open(self) -> None:
-        head = self._load_head()
+        head, untrusted = load_trusted_head(self._head_store, self.writer_id, self._keys)
         last, last_segment, quarantined = recover_tail(self.trail_dir, self.writer_id, now=self._clock())
         if last is not None:
             self._state.seq, self._state.hash = last["seq"], last["hash"]
         lost = head_loss(head, self._state.seq, self._state.hash)
         last_good = {"seq": self._state.seq, "hash": self._state.hash}
         self._start_segment("open", last_segment)
-        for q in quarantined:
-            q = {"reason": "torn_write", "last_good": last_good, **q}
-            self.recoveries.append(q)
-            self._emit(RecordKind.RECOVERY, {"recovery": q})
-            log.warning("audit trail %s: torn write quarantined (%s bytes from %s offset %s)",
-                        self.trail_dir, q["bytes"], q["segment"], q["offset"])
-        if lost is not None:
-            self.recoveries.append(lost)
-            self._emit(RecordKind.RECOVERY, {"recovery": lost})
-            log.error("audit trail %s: %s; recorded as a recovery record", self.trail_dir, lost["detail"])
+        torn = [{"reason": "torn_write", "last_good": last_good, **q} for q in quarantined]
+        for problem in torn + [p for p in (untrusted, lost) if p is not None]:
+            self.recoveries.append(problem)
+            self._emit(RecordKind.RECOVERY, {"recovery": problem})
+            log.warning("audit trail %s: recovery record at start-up: %s", self.trail_dir, problem.get("detail") or
+                        f"torn write quarantined ({problem['bytes']} bytes from {problem['segment']} offset {problem['offset']})")
+            if self._metrics is not None:
+                self._metrics.audit_recoveries.labels(model=self._model, reason=problem["reason"]).inc()
         self._sync_locked()
+        self._set_writable(True)
 
     # --- retention ---------------------------------------------------------------------------------
 
     def _prune_locked(self, cutoff: float | None, keep_segments: int | None) -> PruneResult:
-        from monitor.audit.verify import first_record, verify_segments
-
-        if keep_segments is not None and keep_segments < 1:
-            raise AuditError("keep_segments must be at least 1")
-        segments = list_segments(self.trail_dir)
-        if not segments or segments[-1] != self._sink.path:
-            raise AuditIntegrityError(f"{self.trail_dir}: the segment being written is not the newest; run verify")
-        cutoff_ts = format_ts(cutoff) if cutoff is not None else None
-        plan: list[Path] = []
-        for i, seg in enumerate(segments[:-1]):
-            by_count = keep_segments is not None and len(segments) - i > keep_segments
-            by_age = cutoff_ts is not None and first_record(segments[i + 1])["ts"] < cutoff_ts
-            if not (by_count or by_age):
-                break
-            plan.append(seg)
+        plan, through = plan_prune(self.trail_dir, self._sink.path, cutoff, keep_segments, self._keys)
         if not plan:
             return PruneResult((), None, None, None)
-        nxt = segments[len(plan)]
-        broken = verify_segments(plan + [nxt], keys=self._keys, first_line_of_last=True)
-        if broken is not None:
-            raise AuditIntegrityError(f"refusing to prune {self.trail_dir}: {broken.describe()}")
-        following = first_record(nxt)
-        through = {"seq": following["seq"] - 1, "hash": following["prev_hash"], "segment": plan[-1].name}
         names = tuple(p.name for p in plan)
         rec = self._emit(RecordKind.CHECKPOINT, {"checkpoint": self._checkpoint_body(
             "prune", pruned_through=through, pruned_segments=list(names))})

@@ -5,17 +5,26 @@ Redis layout, per model name ``<model>``::
     layerwatch:baseline:<model>:<id>       the baseline JSON (content-addressed: id = hash)
     layerwatch:baseline:<model>:active     the id in use
     layerwatch:baseline:<model>:history    list of promoted ids, newest first (rollback pops it)
+    layerwatch:baseline:<model>:change     the last promote/rollback: action, id, previous, by, reason, at
 
 On disk, ``<directory>/<id>.json`` per baseline and ``<directory>/active.json`` with the same
 pointer and history (used when no Redis is configured, and as a readable mirror otherwise).
-Promote and rollback are atomic in Redis (MULTI/EXEC and a Lua script).
+Promote and rollback are atomic in Redis (MULTI/EXEC and a Lua script), and running sidecars
+follow the active pointer (:meth:`monitor.pipeline.scoring.ScoringStage.follow`).
+
+Trust: a baseline's id is the hash of its content, recomputed at every load
+(:meth:`Baseline.from_json`), and a baseline loaded by id must *be* that id: a document planted
+under a key (or an active pointer) that is not its own content's id is refused, never loaded.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +42,28 @@ local prev = redis.call('LINDEX', KEYS[2], 1)
 if not prev then return redis.error_reply('no earlier baseline') end
 redis.call('LPOP', KEYS[2])
 redis.call('SET', KEYS[1], prev)
+local note = cjson.decode(ARGV[1])
+note['id'] = prev
+note['previous'] = cur
+redis.call('SET', KEYS[3], cjson.encode(note))
 return prev
 """
+
+
+def default_actor() -> str:
+    """Who runs this process, as ``user@host`` (for the change note of a promote or rollback)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def change_note(action: str, baseline_id: str | None, previous: str | None, by: str | None,
+                reason: str | None) -> dict[str, Any]:
+    """What a promote or rollback records beside the pointer, for the sidecars' audit records."""
+    return {"action": action, "id": baseline_id, "previous": previous, "by": by or default_actor(),
+            "reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -84,6 +113,10 @@ class BaselineStore:
     def history_key(self) -> str:
         return f"{KEY_PREFIX}:{self.model}:history"
 
+    @property
+    def change_key(self) -> str:
+        return f"{KEY_PREFIX}:{self.model}:change"
+
     def _redis_call(self, fn: Any, *args: Any) -> Any:
         from monitor.backends.redis import mapped_errors
 
@@ -108,18 +141,28 @@ class BaselineStore:
         return baseline.id
 
     def load(self, ref: str | Path) -> Baseline:
-        """Load by id (Redis first, then the directory) or from a JSON file path."""
+        """Load by id (Redis first, then the directory) or from a JSON file path. The content id
+        is recomputed; loaded by id, it must be that id (BaselineError otherwise)."""
         ref_s = str(ref)
         path = Path(ref_s)
         if ref_s.endswith(".json") and path.exists():
             return Baseline.loads(path.read_text())
+        raw: str | bytes | None = None
+        where = ""
         if self.redis is not None:
-            raw = self._redis_call(self.redis.get, self.key(ref_s))
-            if raw is not None:
-                return Baseline.loads(raw)
-        if self.directory is not None and (self.directory / f"{ref_s}.json").exists():
-            return Baseline.loads((self.directory / f"{ref_s}.json").read_text())
-        raise BaselineError(f"baseline {ref_s!r} not found for model {self.model!r} (try `layerwatch baseline list`)")
+            raw, where = self._redis_call(self.redis.get, self.key(ref_s)), f"Redis key {self.key(ref_s)}"
+        if raw is None and self.directory is not None and (self.directory / f"{ref_s}.json").exists():
+            raw, where = (self.directory / f"{ref_s}.json").read_text(), str(self.directory / f"{ref_s}.json")
+        if raw is None:
+            raise BaselineError(f"baseline {ref_s!r} not found for model {self.model!r} (try `layerwatch baseline list`)")
+        try:
+            bl = Baseline.loads(raw)
+        except BaselineError as exc:
+            raise BaselineError(f"{where}: {exc}; not loaded") from exc
+        if bl.id != ref_s:
+            raise BaselineError(f"{where} should hold baseline {ref_s}, but holds a baseline whose content is {bl.id} "
+                                "(planted or overwritten); not loaded. Re-save the baseline, or promote its real id")
+        return bl
 
     def exists(self, baseline_id: str) -> bool:
         if self.redis is not None and self._redis_call(self.redis.exists, self.key(baseline_id)):
@@ -147,12 +190,12 @@ class BaselineStore:
             doc = json.loads(p.read_text())
         except json.JSONDecodeError as exc:
             raise BaselineError(f"{p} is not valid JSON: {exc}") from exc
-        return {"active": doc.get("active"), "history": list(doc.get("history", []))}
+        return {"active": doc.get("active"), "history": list(doc.get("history", [])), "change": doc.get("change")}
 
-    def _write_file_pointer(self, active: str | None, history: list[str]) -> None:
+    def _write_file_pointer(self, active: str | None, history: list[str], change: dict[str, Any] | None) -> None:
         if self.directory is not None:
-            _atomic_write(self.directory / "active.json",
-                          json.dumps({"model": self.model, "active": active, "history": history}, indent=2))
+            _atomic_write(self.directory / "active.json", json.dumps(
+                {"model": self.model, "active": active, "history": history, "change": change}, indent=2))
 
     def history(self) -> list[str]:
         """Promoted ids, newest (the active one) first."""
@@ -174,32 +217,52 @@ class BaselineStore:
         bid = self.active_id()
         return None if bid is None else self.load(bid)
 
-    def promote(self, baseline_id: str) -> None:
-        """Make ``baseline_id`` the active baseline (it must be stored); the old one stays in history."""
+    def last_change(self) -> dict[str, Any] | None:
+        """The note of the last promote or rollback (action, id, previous, by, reason, at), if any."""
+        if self.redis is not None:
+            raw = self._redis_call(self.redis.get, self.change_key)
+        else:
+            raw = self._file_pointer().get("change")
+        try:
+            note = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        except ValueError:
+            return None
+        return note if isinstance(note, dict) else None
+
+    def promote(self, baseline_id: str, *, by: str | None = None, reason: str | None = None) -> None:
+        """Make ``baseline_id`` the active baseline (it must be stored and load as itself); the old
+        one stays in history. ``by`` (default ``user@host``) and ``reason`` reach the audit trails
+        of the running sidecars, which switch within ``baseline.poll_interval_s``."""
         if not self.exists(baseline_id):
             raise BaselineError(f"cannot promote {baseline_id!r}: not stored for model {self.model!r}; save it first")
-        if self.active_id() == baseline_id:
+        self.load(baseline_id)  # never point the sidecars at a document that would be refused
+        previous = self.active_id()
+        if previous == baseline_id:
             return
+        note = change_note("promote", baseline_id, previous, by, reason)
         if self.redis is not None:
             pipe = self.redis.pipeline(transaction=True)
             pipe.set(self.active_key, baseline_id)
             pipe.lpush(self.history_key, baseline_id)
             pipe.ltrim(self.history_key, 0, HISTORY_LIMIT - 1)
+            pipe.set(self.change_key, json.dumps(note))
             self._redis_call(pipe.execute)
-            self._write_file_pointer(baseline_id, self.history())
+            self._write_file_pointer(baseline_id, self.history(), note)
         else:
             hist = [baseline_id] + self._file_pointer()["history"]
-            self._write_file_pointer(baseline_id, hist[:HISTORY_LIMIT])
+            self._write_file_pointer(baseline_id, hist[:HISTORY_LIMIT], note)
 
-    def rollback(self) -> str:
+    def rollback(self, *, by: str | None = None, reason: str | None = None) -> str:
         """Re-activate the previously promoted baseline; returns its id."""
         if self.redis is not None:
-            prev = self._redis_call(self.redis.eval, _ROLLBACK_LUA, 2, self.active_key, self.history_key)
+            note = json.dumps(change_note("rollback", None, None, by, reason))
+            prev = self._redis_call(self.redis.eval, _ROLLBACK_LUA, 3, self.active_key, self.history_key,
+                                    self.change_key, note)
             prev_s = prev.decode() if isinstance(prev, bytes) else str(prev)
-            self._write_file_pointer(prev_s, self.history())
+            self._write_file_pointer(prev_s, self.history(), self.last_change())
             return prev_s
         hist = self._file_pointer()["history"]
         if len(hist) < 2:
             raise BaselineError("baseline store: no earlier baseline to roll back to")
-        self._write_file_pointer(hist[1], hist[1:])
+        self._write_file_pointer(hist[1], hist[1:], change_note("rollback", hist[1], hist[0], by, reason))
         return str(hist[1])

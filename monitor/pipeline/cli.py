@@ -63,14 +63,17 @@ def register(subparsers: Any) -> None:
     _store_args(ls)
     ls.set_defaults(handler=_list)
 
-    pr = sub.add_parser("promote", help="make a stored baseline the active one")
+    pr = sub.add_parser("promote", help="make a stored baseline the active one (running sidecars follow)")
     pr.add_argument("id")
     _store_args(pr)
     pr.set_defaults(handler=_promote)
 
-    rb = sub.add_parser("rollback", help="re-activate the previously promoted baseline")
+    rb = sub.add_parser("rollback", help="re-activate the previously promoted baseline (running sidecars follow)")
     _store_args(rb)
     rb.set_defaults(handler=_rollback)
+    for p in (pr, rb):  # written into the sidecars' baseline_changed audit records
+        p.add_argument("--reason", default=None, help="why (recorded in the audit trails)")
+        p.add_argument("--by", default=None, help="who (default: user@host)")
     bl.set_defaults(handler=lambda _a: bl.print_help() or 2)
 
     sc = subparsers.add_parser("score", help="score a JSONL corpus against a baseline (backtest)")
@@ -178,13 +181,13 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    _store(args).promote(args.id)
+    _store(args).promote(args.id, by=args.by, reason=args.reason)
     print(f"active baseline for {args.model_name}: {args.id}")
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    bid = _store(args).rollback()
+    bid = _store(args).rollback(by=args.by, reason=args.reason)
     print(f"rolled back; active baseline for {args.model_name}: {bid}")
     return 0
 

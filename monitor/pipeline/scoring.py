@@ -5,14 +5,23 @@ are tested (:class:`monitor.drift.detector.DriftDetector`). Without one, the fir
 ``learn_samples`` samples are collected, a baseline is built from them and promoted, and the
 samples of that batch past the target are scored by it. Promotion is reported to the caller
 (``on_promoted``): storing it, auditing it and exporting it are not this stage's business.
+
+Following the shared store (:meth:`ScoringStage.follow`): a daemon thread polls the store's active
+pointer; a newly promoted (or rolled back to) baseline is loaded there, its content id recomputed
+and its compatibility checked, and it replaces the detector at the start of the next
+:meth:`~ScoringStage.score` call, i.e. between two batches, never inside one. The caller hears of
+each switch, and of each baseline refused, through ``on_event(kind, fields)`` on the scoring
+thread, before the batch is scored: ``baseline_changed`` (old and new id, who and why when the
+store's change note says) or ``baseline_refused`` (id and reason).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +32,11 @@ from monitor.drift.features import as_arrays
 from monitor.errors import BaselineError, ConfigError
 from monitor.lenses.readings import Readings
 
+if TYPE_CHECKING:  # pragma: no cover
+    from monitor.drift.store import BaselineStore
+
 log = logging.getLogger("layerwatch.pipeline")
+BaselineEvent = Callable[[str, dict[str, Any]], None]  # (record kind, fields)
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,8 @@ class Scored:
 
 
 class ScoringStage:
-    """Learn-then-score state machine of one consumer loop (not thread-safe; one loop owns it)."""
+    """Learn-then-score state machine of one consumer loop (not thread-safe: one loop calls
+    :meth:`score`; the :meth:`follow` thread only hands it detectors, under a lock)."""
 
     def __init__(self, config: ScoringConfig, *, model: str, fingerprint: str, bundle_id: str,
                  probe_labels: dict[str, tuple[str, ...]], baseline: Baseline | None = None) -> None:
@@ -57,6 +71,11 @@ class ScoringStage:
         self._check_watch(probe_labels, learning=baseline is None)
         self.detector: DriftDetector | None = None
         self.learner: BaselineLearner | None = None
+        self._pending: list[tuple[str, dict[str, Any], DriftDetector | None]] = []  # from the follower thread
+        self._pending_lock = threading.Lock()
+        self._on_event: BaselineEvent | None = None
+        self._follow_stop = threading.Event()
+        self._follower: threading.Thread | None = None
         if baseline is not None:
             self.detector = self._detector(baseline, config.watch)
         else:
@@ -76,7 +95,8 @@ class ScoringStage:
         return {"state": "learning", "collected": self.learner.collected, "target": self.learner.target}
 
     def score(self, readings: Readings) -> Scored:
-        """Score (or learn from) one batch."""
+        """Score (or learn from) one batch (after switching to a newly promoted baseline, if any)."""
+        self._apply_pending()
         arrays = as_arrays(readings)
         out = Scored()
         if self.learner is not None:
@@ -92,6 +112,67 @@ class ScoringStage:
         out.update = self.detector.process(arrays)
         out.results += [{"score": s.to_dict(), "flags": [f.to_dict() for f in s.flags]} for s in out.update.scores]
         return out
+
+    # --- following the store's active pointer ------------------------------------------------------
+    def follow(self, store: BaselineStore, interval_s: float, on_event: BaselineEvent | None = None) -> None:
+        """Poll ``store``'s active pointer every ``interval_s`` on a daemon thread and switch to
+        the baseline it names between batches (see the module doc)."""
+        if self._follower is not None:
+            raise RuntimeError("this scoring stage already follows a store")
+        self._on_event = on_event
+        self._follower = threading.Thread(target=self._follow, args=(store, interval_s), daemon=True,
+                                          name="layerwatch-baseline-follower")
+        self._follower.start()
+
+    def stop_following(self, timeout: float = 5.0) -> None:
+        """Stop the follower thread (idempotent)."""
+        self._follow_stop.set()
+        if self._follower is not None and self._follower is not threading.current_thread():
+            self._follower.join(timeout)
+
+    def _follow(self, store: BaselineStore, interval_s: float) -> None:
+        seen = self.baseline.id if self.baseline is not None else None
+        failing = False
+        while not self._follow_stop.wait(interval_s):
+            try:
+                active = store.active_id()
+                note = store.last_change() if active not in (None, seen) else None
+            except BaselineError as exc:
+                if not failing:
+                    log.warning("baseline store not readable, keeping the baseline in use: %s", exc)
+                failing = True
+                continue
+            failing = False
+            if active is None or active == seen:
+                continue
+            seen = active
+            who = {k: note.get(k) for k in ("action", "by", "reason", "at")} if note and note.get("id") == active else {}
+            try:
+                detector = self._detector(store.load(active), self.config.watch)
+            except BaselineError as exc:
+                log.error("the active baseline %s is refused, keeping the one in use: %s", active, exc)
+                self._post("baseline_refused", {"baseline_id": active, "reason": str(exc), **who}, None)
+                continue
+            self._post("baseline_changed", {"baseline_id": active, **who}, detector)
+
+    def _post(self, kind: str, fields: dict[str, Any], detector: DriftDetector | None) -> None:
+        with self._pending_lock:
+            self._pending.append((kind, fields, detector))
+
+    def _apply_pending(self) -> None:
+        """Between batches, on the scoring thread: switch detectors and tell the caller."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        for kind, fields, detector in pending:
+            if detector is not None:
+                old = self.baseline.id if self.baseline is not None else None
+                if old == detector.baseline.id:
+                    continue
+                self.detector, self.learner = detector, None
+                fields = {"old_baseline_id": old, **fields}
+                log.warning("switched to baseline %s (was %s)", detector.baseline.id, old or "learning")
+            if self._on_event is not None:
+                self._on_event(kind, fields)
 
     def _promote(self) -> tuple[Baseline, str | None]:
         assert self.learner is not None

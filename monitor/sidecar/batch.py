@@ -48,9 +48,12 @@ class BatchProcessor:
         self.event("config", {"settings": s.redacted()})
         self.event("bundle_loaded", {"bundle_id": p.bank.bundle_id, "provider": p.bank.provider,
                                      "model_fingerprint": p.bank.fingerprint})
+        if p.baselines is not None and s.baseline.follow_active and s.baseline.id is None and s.baseline.file is None:
+            p.scoring.follow(p.baselines, s.baseline.poll_interval_s, self._baseline_event)
 
     def shutdown(self) -> None:
         """The stop record, then flush and close the trail."""
+        self.parts.scoring.stop_following()
         self.event("sidecar_stop", {"consumer": self.parts.settings.consumer, "processed": self.processed_total})
         try:
             self.parts.audit.sync()
@@ -122,6 +125,12 @@ class BatchProcessor:
         p.recorder.promoted(baseline.id)
         p.audit.append("baseline_promoted", {"baseline_id": baseline.id, "source": "learned from live traffic",
                                              "samples": baseline.n_samples})
+
+    def _baseline_event(self, kind: str, fields: dict[str, Any]) -> None:
+        """A switch to (or refusal of) the store's active baseline, before the batch it scores."""
+        if kind == "baseline_changed":
+            self.parts.recorder.baseline_changed(fields.get("old_baseline_id"), fields["baseline_id"])
+        self.event(kind, {"model": self.parts.model_label, **fields})
 
     def audit_failed(self) -> None:
         """An audit or transport failure left a batch pending."""

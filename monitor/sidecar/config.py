@@ -50,6 +50,10 @@ class BaselineSettings(BaseModel):
     window: int = Field(200, ge=10, description="Samples per drift-test window.")
     watch: list[str] = Field([], description="Watched concepts, '<probe>=<label>' (e.g. 'topic@mean=legal'): each gets its own conformal p-value, combined with the anomaly score's (Bonferroni) so alpha stays the false-positive rate; needs (len(watch)+1)/alpha calibration samples in the baseline.")
 
+    # --- following promote/rollback while running (issue 17) ---
+    follow_active: bool = Field(True, description="Follow the shared store's active pointer while running: `layerwatch baseline promote` and `rollback` reach this replica within poll_interval_s, without a restart, with a baseline_changed audit record. Not when id or file pins a baseline.")
+    poll_interval_s: float = Field(2.0, gt=0, le=10, description="How often the active baseline pointer is read (follow_active).")
+
     @model_validator(mode="after")
     def _check_watch(self) -> BaselineSettings:
         from monitor.drift.concepts import parse_concept

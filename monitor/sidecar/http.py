@@ -1,7 +1,8 @@
 """The sidecar's HTTP endpoints (a bounded server, :mod:`monitor.httpserver`).
 
 * ``/metrics``: Prometheus exposition of the sidecar's registry;
-* ``/healthz``: 200 while the process is alive;
+* ``/healthz``: 200 while the process is alive, 503 once the audit trail has failed for longer than
+  ``audit.unhealthy_after_s`` (the orchestrator should restart it);
 * ``/readyz``: 200 when the bundle is loaded, the transport answers, the audit trail writes and a
   baseline is loaded or being learned (the JSON body says which), else 503;
 * ``/narratives``: ids of the recent narratives; ``/narratives/{sample_id}``: one narrative. Off
@@ -80,7 +81,8 @@ def _make_handler(sidecar: Sidecar, serve_narratives: bool, token: BearerToken |
             if path == "/metrics":
                 self._send(200, generate_latest(sidecar.registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                self._json(200, {"status": "alive"})
+                live, details = sidecar.liveness()
+                self._json(200 if live else 503, {"status": "alive" if live else "not live", **details})
             elif path == "/readyz":
                 ready, details = sidecar.readiness()
                 self._json(200 if ready else 503, {"ready": ready, **details})

@@ -10,6 +10,7 @@ totals (:class:`FleetTapTotals`, from sample headers).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -209,6 +210,13 @@ class SidecarRecorder:
         """A baseline is in use."""
         self.metrics.baseline_learning.labels(self.model).set(0)
         self.metrics.baseline_info.labels(self.model, baseline_id).set(1)
+
+    def baseline_changed(self, old: str | None, new: str) -> None:
+        """The replica switched baselines while running: the info series moves to the new id."""
+        if old is not None and old != new:
+            with contextlib.suppress(KeyError):
+                self.metrics.baseline_info.remove(self.model, old)
+        self.promoted(new)
 
     def _layer(self, layer: int) -> tuple[Any, Any, Any, Any]:
         s = self._layers.get(layer)

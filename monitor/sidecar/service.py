@@ -230,3 +230,13 @@ class Sidecar:
                    "transport": {"url": strip_credentials(self.settings.transport), "connected": connected},
                    "baseline": self.parts.scoring.state(), "audit": {"ok": self.processor.audit_ok}}
         return connected and self.processor.audit_ok, details
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """(live, details) for /healthz: False once the audit trail has refused writes for longer
+        than ``audit.unhealthy_after_s`` (it recovers by itself when the disk does; if it has not by
+        then, a restart is the orchestrator's remedy), or when the consumer loop has died."""
+        health = getattr(self.audit, "health", None)
+        full: dict[str, Any] = health() if health is not None else {"live": True}
+        audit = {k: full.get(k) for k in ("live", "writable", "failing_for_s", "fsync_running_s")}  # no paths: see the log
+        loop_dead = self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
+        return bool(audit["live"]) and not loop_dead, {"audit": audit, "loop": "dead" if loop_dead else "ok"}
