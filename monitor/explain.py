@@ -129,21 +129,17 @@ def summary_sentence(summary: Mapping[str, Any]) -> str:
         first = f"The final prediction ({pred['p']:.2f}) is the lens' top-1 from layer {pred['from_layer']} on"
     first += (f", after changes of mind at {'layer' if len(changes) == 1 else 'layers'} {_and([str(x) for x in changes])}."
               if changes else ", with no change of mind before it.")
-    second = []
+    rest = []
     stable = [f"{c['probe']}={c['label']} from layer {c['from_layer']}" for c in summary.get("concepts", [])]
     if stable:
-        second.append("Stable readings: " + _and(stable))
+        rest.append("Stable readings: " + _and(stable) + ".")
     if summary.get("abstained"):
-        second.append(f"{_and(list(summary['abstained']))} {'fits' if len(summary['abstained']) == 1 else 'fit'} "
-                      "none of the probe labels")
+        rest.append(f"No label fits for {_and(list(summary['abstained']))} (none of these).")
     if summary.get("unreliable"):
         drift = set(summary.get("drift_features", []))
         names = [f"{n} (a drift feature only)" if n in drift else n for n in summary["unreliable"]]
-        second.append(f"no reliable reading at any layer: {_and(names)}")
-    if not second:
-        return first
-    rest = "; ".join(second)
-    return f"{first} {rest[0].upper()}{rest[1:]}."
+        rest.append(f"No reliable reading at any layer: {_and(names)}.")
+    return " ".join([first, *rest])
 
 
 def narrative_summary(top: Sequence[Any], depth: int, changes: Sequence[int]) -> str:

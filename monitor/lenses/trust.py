@@ -113,19 +113,21 @@ def probe_bars(manifest: Mapping[str, Any]) -> dict[str, ProbeBar]:
             record = quality_bar(p, layers)
             source = ("computed at load from the recorded held-out numbers (the bundle predates the bar)"
                       if nums is not None else "no held-out numbers recorded: no reliable layer")
-        recorded = {
-            "accuracy": dict(zip(layers, nums[0], strict=True)) if nums else None,
-            "control": dict(zip(layers, nums[1], strict=True)) if nums else None,
-            "baseline": nums[2] if nums else None,
-        }
-        common = {"min_confidence": float(record.get("min_confidence", MIN_CONFIDENCE)),
-                  "margin": float(record.get("margin", CONTROL_MARGIN)),
-                  "role": str(record.get("role", EXPLANATION)), "source": source}
         positions = record.get("positions", {})
-        out[name] = ProbeBar(frozenset(int(x) for x in positions.get(LAST, {}).get("reliable_layers", [])),
-                             **common, **recorded)
-        out[name + CONTEXT_SUFFIX] = ProbeBar(
-            frozenset(int(x) for x in positions.get(MEAN, {}).get("reliable_layers", [])), **common)
+        last = ProbeBar(
+            frozenset(int(x) for x in positions.get(LAST, {}).get("reliable_layers", [])),
+            min_confidence=float(record.get("min_confidence", MIN_CONFIDENCE)),
+            margin=float(record.get("margin", CONTROL_MARGIN)), role=str(record.get("role", EXPLANATION)),
+            source=source,
+            accuracy=dict(zip(layers, nums[0], strict=True)) if nums else None,
+            control=dict(zip(layers, nums[1], strict=True)) if nums else None,
+            baseline=nums[2] if nums else None,
+        )
+        out[name] = last
+        # the prompt mean has no recorded numbers: a stricter margin leaves it as it is
+        out[name + CONTEXT_SUFFIX] = replace(
+            last, reliable_layers=frozenset(int(x) for x in positions.get(MEAN, {}).get("reliable_layers", [])),
+            accuracy=None, control=None, baseline=None)
     return out
 
 
@@ -144,7 +146,7 @@ def stricter(bars: Mapping[str, ProbeBar], *, min_margin: float | None = None,
                               f"for probe {name!r}; a setting can only make the bar stricter")
         new = replace(bar, min_confidence=max(bar.min_confidence, min_confidence or 0.0))
         if min_margin is not None and min_margin > bar.margin:
-            keep = frozenset()
+            keep: frozenset[int] = frozenset()
             if bar.accuracy is not None and bar.control is not None and bar.baseline is not None:
                 ls = sorted(bar.accuracy)
                 keep = frozenset(reliable_layers(ls, [bar.accuracy[x] for x in ls], [bar.control[x] for x in ls],

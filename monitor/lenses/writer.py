@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from monitor.adapters import ModelParts, find_parts, model_fingerprint
-from monitor.lenses.bundle import GRAPH_FILE, write_manifest
+from monitor.lenses.bundle import GRAPH_FILE, MANIFEST, write_manifest
 from monitor.lenses.export import OPSET, OUTPUTS, build_bank_graph, save_model
 from monitor.lenses.model import ProbeSet, Translators
 from monitor.lenses.readout import ReadoutSpec, readout_spec
@@ -164,8 +164,6 @@ def replace_dir(tmp: Path, out: Path, *, overwrite: bool = True) -> None:
     """Move the complete bundle ``tmp`` to ``out``. A previous bundle at ``out`` stays whole until
     the new one is in place (two renames; one interrupted between them is undone on the next
     build), and a directory that is not a lens bundle is never replaced."""
-    from monitor.lenses.bundle import MANIFEST
-
     _restore_previous(out)
     prev = out.with_name(out.name + ".previous")
     if out.exists():
@@ -179,7 +177,11 @@ def replace_dir(tmp: Path, out: Path, *, overwrite: bool = True) -> None:
         if prev.exists():
             shutil.rmtree(prev)
         out.rename(prev)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            prev.rename(out)  # the previous bundle goes back; a crash right here is undone next time
+            raise
         shutil.rmtree(prev)
     else:
         tmp.rename(out)
