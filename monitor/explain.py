@@ -135,10 +135,12 @@ def summary_sentence(summary: Mapping[str, Any]) -> str:
         rest.append("Stable readings: " + _and(stable) + ".")
     if summary.get("abstained"):
         rest.append(f"No label fits for {_and(list(summary['abstained']))} (none of these).")
-    if summary.get("unreliable"):
-        drift = set(summary.get("drift_features", []))
-        names = [f"{n} (a drift feature only)" if n in drift else n for n in summary["unreliable"]]
-        rest.append(f"No reliable reading at any layer: {_and(names)}.")
+    drift = [n for n in summary.get("unreliable", []) if n in set(summary.get("drift_features", []))]
+    other = [n for n in summary.get("unreliable", []) if n not in drift]
+    if other:
+        rest.append(f"No reliable reading at the watched layers: {_and(other)}.")
+    if drift:
+        rest.append(f"Drift features only (no layer passes the probe quality bar): {_and(drift)}.")
     return " ".join([first, *rest])
 
 

@@ -131,7 +131,9 @@ def test_a_probe_is_printed_only_at_layers_that_pass_the_bar(bundle: Path) -> No
     for x in nar["layers"]:
         for name in ("topic", "topic@mean", "lang@mean"):
             assert x["probes"][name] == {"reliable": False} and name not in x["sentence"]
-    assert "No reliable reading at any layer: topic (a drift feature only)" in nar["summary"]["sentence"]
+    assert nar["summary"]["unreliable"] == nar["summary"]["drift_features"] == ["topic", "lang@mean", "topic@mean"]
+    assert "Drift features only (no layer passes the probe quality bar): topic, lang@mean and topic@mean." in \
+        nar["summary"]["sentence"]
 
 
 def test_a_prompt_that_fits_no_label_abstains(bundle: Path) -> None:

@@ -125,9 +125,9 @@ def probe_bars(manifest: Mapping[str, Any]) -> dict[str, ProbeBar]:
         )
         out[name] = last
         # the prompt mean has no recorded numbers: a stricter margin leaves it as it is
-        out[name + CONTEXT_SUFFIX] = replace(
-            last, reliable_layers=frozenset(int(x) for x in positions.get(MEAN, {}).get("reliable_layers", [])),
-            accuracy=None, control=None, baseline=None)
+        mean = frozenset(int(x) for x in positions.get(MEAN, {}).get("reliable_layers", []))
+        out[name + CONTEXT_SUFFIX] = replace(last, reliable_layers=mean, role=EXPLANATION if mean else DRIFT_FEATURE,
+                                             accuracy=None, control=None, baseline=None)
     return out
 
 

@@ -107,12 +107,12 @@ def write_bundle(
     manifest. Returns the manifest.
     """
     out = Path(out)
+    _restore_previous(out)
     parts = parts or find_parts(model)
     readout = readout or readout_spec(parts)
     layers = tuple(translators.layers)
     if layers[-1] != parts.n_blocks:
         raise ValueError(f"the watched layers must end with the final state {parts.n_blocks}, got {layers}")
-    _restore_previous(out)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
