@@ -7,6 +7,17 @@ A narrative holds the structured readings, one sentence per layer ("L14: leaning
   final top-1 through the last watched layer (the last layer when only the output agrees);
 * **changes of mind**: layers whose top-1 differs from the previous watched layer's top-1.
 
+Concept probes are printed only where they can be trusted (:mod:`monitor.lenses.trust`): at a
+layer where the probe fails its bundle's quality bar the layer holds ``{"reliable": false}`` and
+the sentence says there is no reliable reading there; a probe with no reliable layer (a drift
+feature only) is named once, in the summary; at a reliable layer a top probability below the
+bar's threshold abstains (``"label": null, "abstain": true``: "none of these").
+
+The **summary** (``summary``: data and its sentence, :func:`monitor.explain.summary_sentence`) is
+read first: the layer the prediction converged from (its token only with ``include_tokens``), the
+changes of mind, each probe's stable reading and the layer it holds from, the probes that abstain
+and those with no reliable reading.
+
 ``Narrative.to_dict()`` is the JSON shape stored in audit records and served by the sidecar's
 ``/narratives/{sample_id}`` endpoint. Token strings and ids are in it only when asked for
 (``include_tokens``; the sidecar's ``narratives.include_tokens``, off by default), because the top

@@ -232,3 +232,14 @@ def test_a_stricter_setting_reaches_the_narratives(bundle: Path) -> None:
     apply_probe_bar(bank, load_settings(transport="memory://x"))  # back to the bundle's own bar
     assert narratives_of(bank, states(0))[0].layers[1]["probes"]["lang"]["label"] == "en"
 
+
+
+def test_lens_show_prints_where_each_probe_is_printed(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`layerwatch lens show` names each probe's role, its reliable layers per position and its
+    abstention threshold."""
+    from monitor.cli import main
+
+    assert main(["lens", "show", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "probe lang: " in out and "explanation, printed at layers [1] (last token; prompt mean: none)" in out
+    assert "drift feature, printed at layers none" in out and "abstains below 0.6" in out
