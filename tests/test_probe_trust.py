@@ -93,3 +93,16 @@ def test_lens_show_prints_where_each_probe_is_printed(bundle: Path, capsys: pyte
     out = capsys.readouterr().out
     assert "probe lang: " in out and "explanation, printed at layers [1] (last token; prompt mean: none)" in out
     assert "drift feature, printed at layers none" in out and "abstains below 0.6" in out
+
+
+def test_the_pytorch_reference_bank_applies_the_same_bar(bundle: Path) -> None:
+    """TorchLensBank over the same probes prints them where the ONNX bank of their bundle does."""
+    from monitor.adapters import find_parts
+    from monitor.lenses.model import TorchLensBank, Translators
+    from monitor.lenses.readout import readout_spec
+    from tests.test_honest_narratives import synthetic_probes
+
+    parts = find_parts(make_tiny("llama", seed=0))
+    ref = TorchLensBank(readout_spec(parts), Translators.identity(tuple(range(parts.n_states)), parts.hidden_size),
+                        synthetic_probes(parts.hidden_size, parts.n_states), k=4)
+    assert ref.probe_bars == LensBank.load(bundle).probe_bars

@@ -97,6 +97,12 @@ def quality_bar(metrics: Mapping[str, Any], layers: Sequence[int], *, margin: fl
     }
 
 
+def bar_of(metrics: Mapping[str, Any], layers: Sequence[int]) -> dict[str, Any]:
+    """A probe's recorded ``quality_bar``, else the one its ``metrics`` give now."""
+    recorded = metrics.get("quality_bar")
+    return dict(recorded) if isinstance(recorded, Mapping) else quality_bar(metrics, layers)
+
+
 def probe_bars(manifest: Mapping[str, Any]) -> dict[str, ProbeBar]:
     """Each probe reading's bar (``name`` and ``name@mean``) from a bundle manifest.
 

@@ -19,7 +19,7 @@ from monitor.lenses.bundle import GRAPH_FILE, MANIFEST, write_manifest
 from monitor.lenses.export import OPSET, OUTPUTS, build_bank_graph, save_model
 from monitor.lenses.model import ProbeSet, Translators
 from monitor.lenses.readout import ReadoutSpec, readout_spec
-from monitor.lenses.trust import quality_bar
+from monitor.lenses.trust import bar_of
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -141,7 +141,7 @@ def write_bundle(
         "probes": [
             {"name": p.name, "labels": list(p.labels), **{k_: v for k_, v in p.metrics.items() if k_ != "labels"},
              # fixed here, at build: where the probe may be printed (a bar recorded before is kept)
-             "quality_bar": p.metrics.get("quality_bar") or quality_bar(p.metrics, layers)}
+             "quality_bar": bar_of(p.metrics, layers)}
             for p in probes
         ],
         "quality": quality or {},
