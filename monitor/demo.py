@@ -8,7 +8,8 @@
    with ``--redis``) and a FastAPI inference server with the tap attached;
 5. replay normal traffic, then shifted traffic (other languages, code, prompt injections,
    garbled text, licence text) over HTTP;
-6. print the layer narrative of "The capital of France is", the flagged requests and why, the
+6. print the layer narrative of "The capital of France is" (its summary first; probes only at
+   layers where they pass the bundle's quality bar), the flagged requests and why, the
    drift alert, the verified audit trail, an HTML report of one flagged request, and /metrics.
 """
 

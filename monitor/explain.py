@@ -78,17 +78,70 @@ def window_sentence(test: str, layers: Sequence[int], facts: Mapping[str, Any]) 
 
 
 # --- narratives (monitor.narratives) -------------------------------------------------------------
+def probe_phrase(name: str, reading: Mapping[str, Any]) -> str | None:
+    """One probe at one layer: 'topic=code 0.91'; 'topic: none of these (0.41)' when it abstains;
+    None when it has no reliable reading there (the caller says so once for all such probes).
+    A reading without ``reliable`` (a record written before the quality bar) prints as it was."""
+    if reading.get("reliable") is False:
+        return None
+    if reading.get("abstain"):
+        return f"{name}: none of these ({reading['p']:.2f})"
+    return f"{name}={reading['label']} {reading['p']:.2f}"
+
+
 def layer_sentence(layer: int, token: str | None, p: float, probes: Mapping[str, Mapping[str, Any]],
-                   rank: int | None = None) -> str:
+                   rank: int | None = None, quiet: Sequence[str] = ()) -> str:
     """One layer of a narrative: 'L14: leaning ' Paris' (0.41), topic=geography 0.88'; without a
-    token (narratives that name none): 'L14: top-1 at 0.41, the output's token at rank 3, ...'."""
+    token (narratives that name none): 'L14: top-1 at 0.41, the output's token at rank 3, ...'.
+    A probe without a reliable reading at this layer is named as such, unless it is in ``quiet``
+    (probes with no reliable layer at all, which the summary names once)."""
     if token is not None:
         parts = [f"L{layer}: leaning {token!r} ({p:.2f})"]
     else:
         agree = "" if rank is None else (" is the output's token" if rank == 0 else f", the output's token at rank {rank}")
         parts = [f"L{layer}: top-1 at {p:.2f}{agree}"]
-    parts += [f"{name}={r['label']} {r['p']:.2f}" for name, r in probes.items()]
+    unreliable = []
+    for name, r in probes.items():
+        phrase = probe_phrase(name, r)
+        if phrase is not None:
+            parts.append(phrase)
+        elif name not in quiet:
+            unreliable.append(name)
+    if unreliable:
+        parts.append(f"no reliable reading of {', '.join(unreliable)} at this layer")
     return ", ".join(parts)
+
+
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def summary_sentence(summary: Mapping[str, Any]) -> str:
+    """The narrative's summary, read first: what the prediction converged to and from which layer
+    (its token only when the narrative names tokens), where the model changed its mind, which
+    concepts are stable from which layer (reliable layers only), which probes abstain, and which
+    have no reliable reading."""
+    pred = summary.get("prediction", {})
+    changes = list(summary.get("changes_of_mind", []))
+    if pred.get("token") is not None:
+        first = f"The prediction converges to {pred['token']!r} ({pred['p']:.2f}) from layer {pred['from_layer']} on"
+    else:
+        first = f"The final prediction ({pred['p']:.2f}) is the lens' top-1 from layer {pred['from_layer']} on"
+    first += (f", after changes of mind at {'layer' if len(changes) == 1 else 'layers'} {_and([str(x) for x in changes])}."
+              if changes else ", with no change of mind before it.")
+    rest = []
+    stable = [f"{c['probe']}={c['label']} from layer {c['from_layer']}" for c in summary.get("concepts", [])]
+    if stable:
+        rest.append("Stable readings: " + _and(stable) + ".")
+    if summary.get("abstained"):
+        rest.append(f"No label fits for {_and(list(summary['abstained']))} (none of these).")
+    drift = [n for n in summary.get("unreliable", []) if n in set(summary.get("drift_features", []))]
+    other = [n for n in summary.get("unreliable", []) if n not in drift]
+    if other:
+        rest.append(f"No reliable reading at the watched layers: {_and(other)}.")
+    if drift:
+        rest.append(f"Drift features only (no layer passes the probe quality bar): {_and(drift)}.")
+    return " ".join([first, *rest])
 
 
 def narrative_summary(top: Sequence[Any], depth: int, changes: Sequence[int]) -> str:

@@ -7,6 +7,17 @@ A narrative holds the structured readings, one sentence per layer ("L14: leaning
   final top-1 through the last watched layer (the last layer when only the output agrees);
 * **changes of mind**: layers whose top-1 differs from the previous watched layer's top-1.
 
+Concept probes are printed only where they can be trusted (:mod:`monitor.lenses.trust`): at a
+layer where the probe fails its bundle's quality bar the layer holds ``{"reliable": false}`` and
+the sentence says there is no reliable reading there; a probe with no reliable layer (a drift
+feature only) is named once, in the summary; at a reliable layer a top probability below the
+bar's threshold abstains (``"label": null, "abstain": true``: "none of these").
+
+The **summary** (``summary``: data and its sentence, :func:`monitor.explain.summary_sentence`) is
+read first: the layer the prediction converged from (its token only with ``include_tokens``), the
+changes of mind, each probe's stable reading and the layer it holds from, the probes that abstain
+and those with no reliable reading.
+
 ``Narrative.to_dict()`` is the JSON shape stored in audit records and served by the sidecar's
 ``/narratives/{sample_id}`` endpoint. Token strings and ids are in it only when asked for
 (``include_tokens``; the sidecar's ``narratives.include_tokens``, off by default), because the top
@@ -18,14 +29,15 @@ top-1, probe readings and a sentence that names no token; ``"tokens": false`` sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from monitor.explain import layer_sentence, narrative_summary
+from monitor.explain import layer_sentence, narrative_summary, summary_sentence
 from monitor.lenses.readings import BankOutput, LayerReading, SampleReadings
+from monitor.lenses.trust import DRIFT_FEATURE, ProbeBar
 
 TokenDecoder = Callable[[int], str]
 
@@ -68,21 +80,75 @@ def changes_of_mind(readings: SampleReadings) -> list[int]:
     return out
 
 
-def _probe_summary(probes: dict[str, list[float]], labels: dict[str, tuple[str, ...]]) -> dict[str, Any]:
-    """Per probe: the winning label, its probability and every label's probability (rounded)."""
-    out = {}
+def _probe_summary(probes: dict[str, list[float]], labels: dict[str, tuple[str, ...]],
+                   bars: Mapping[str, ProbeBar], layer: int) -> dict[str, Any]:
+    """Per probe at one layer: ``{"reliable": false}`` where its bundle's quality bar does not let
+    it be printed (:mod:`monitor.lenses.trust`; a probe without a bar never is); else the winning
+    label, its probability and every label's probability, or ``label: null, abstain: true`` when
+    the top probability is below the bar's ``min_confidence`` ("none of these")."""
+    out: dict[str, Any] = {}
     for name, probs in probes.items():
+        bar = bars.get(name)
+        if bar is None or not bar.reliable(layer):
+            out[name] = {"reliable": False}
+            continue
         names = labels.get(name) or tuple(str(i) for i in range(len(probs)))
         best = max(range(len(probs)), key=probs.__getitem__)
-        out[name] = {"label": names[best], "p": probs[best], "probs": dict(zip(names, probs, strict=False))}
+        abstain = probs[best] < bar.min_confidence
+        out[name] = {"reliable": True, "label": None if abstain else names[best], "p": probs[best],
+                     "probs": dict(zip(names, probs, strict=False))}
+        if abstain:
+            out[name]["abstain"] = True
     return out
 
 
-def sentence(reading: LayerReading, decode: TokenDecoder | None, probes: dict[str, Any]) -> str:
+def _quiet(readings: SampleReadings) -> list[str]:
+    """Probes with no reliable layer in this narrative (named once, in the summary)."""
+    bars = readings.probe_bars
+    watched = {r.layer for r in readings.layers}
+    names = list(readings.layers[0].probes) if readings.layers else []
+    return [n for n in names if n not in bars or not (bars[n].reliable_layers & watched)]
+
+
+def sentence(reading: LayerReading, decode: TokenDecoder | None, probes: dict[str, Any],
+             quiet: Sequence[str] = ()) -> str:
     """One human sentence for one layer (:func:`monitor.explain.layer_sentence`); ``decode`` None:
     a sentence that names no token."""
     token = decode(reading.topk_ids[0]) if decode is not None else None
-    return layer_sentence(reading.layer, token, reading.topk_probs[0], probes, rank=reading.final_top1_rank)
+    return layer_sentence(reading.layer, token, reading.topk_probs[0], probes, rank=reading.final_top1_rank,
+                          quiet=quiet)
+
+
+def summarise(layers: Sequence[dict[str, Any]], final_p: float, token: str | None, depth: int,
+              changes: Sequence[int], quiet: Sequence[str], drift_features: Sequence[str]) -> dict[str, Any]:
+    """The narrative's summary as data (and its sentence, :func:`monitor.explain.summary_sentence`):
+    the prediction's layer of convergence (its token only when given), the changes of mind, each
+    probe's stable reading (the label its reliable layers hold through the last of them, from the
+    first layer of that run), the probes whose last reliable layer abstains, and those with no
+    reliable layer."""
+    concepts, abstained = [], []
+    names = list(layers[0]["probes"]) if layers else []
+    for name in names:
+        if name in quiet:
+            continue
+        run = [(x["layer"], x["probes"][name]) for x in layers if x["probes"][name].get("reliable")]
+        last = run[-1][1]
+        if last.get("abstain"):
+            abstained.append(name)
+            continue
+        start = run[-1][0]
+        for layer, r in reversed(run):
+            if r.get("label") != last["label"]:
+                break
+            start = layer
+        concepts.append({"probe": name, "label": last["label"], "from_layer": start, "p": last["p"]})
+    summary: dict[str, Any] = {"prediction": {"from_layer": depth, "p": final_p}, "changes_of_mind": list(changes),
+                               "concepts": concepts, "abstained": abstained, "unreliable": list(quiet),
+                               "drift_features": [n for n in quiet if n in drift_features]}
+    if token is not None:
+        summary["prediction"]["token"] = token
+    summary["sentence"] = summary_sentence(summary)
+    return summary
 
 
 @dataclass
@@ -99,6 +165,7 @@ class Narrative:
     changes_of_mind: list[int]
     metadata: dict[str, Any] = field(default_factory=dict)
     include_tokens: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sentences(self) -> list[str]:
@@ -106,6 +173,7 @@ class Narrative:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "summary": self.summary,
             "layers": self.layers,
             "final": self.final,
             "prediction_depth": self.prediction_depth,
@@ -114,8 +182,10 @@ class Narrative:
         }
 
     def render(self) -> str:
-        """The narrative as plain text, one line per layer (CLI and demo)."""
-        lines = list(self.sentences)
+        """The narrative as plain text: the summary first, then one line per layer (CLI, demo,
+        ``/narratives``)."""
+        lines = [self.summary["sentence"]] if self.summary.get("sentence") else []
+        lines += self.sentences
         if self.final.get("top"):
             top = self.final["top"][0]
         else:
@@ -162,8 +232,10 @@ def build_narrative(
         return {"top_p": list(probs)}
 
     layers = []
+    quiet = _quiet(readings)
     for i, r in enumerate(rs):
-        probes = _probe_summary({k: v[i] for k, v in rounded["probes"].items()}, readings.probe_labels)
+        probes = _probe_summary({k: v[i] for k, v in rounded["probes"].items()}, readings.probe_labels,
+                                readings.probe_bars, r.layer)
         layers.append({
             "layer": r.layer,
             **top(r.topk_ids, rounded["top"][i]),
@@ -171,13 +243,18 @@ def build_narrative(
             "kl_to_final": rounded["kl"][i],
             "final_top1_rank": r.final_top1_rank,
             "probes": probes,
-            "sentence": sentence(r, decode if include_tokens else None, probes),
+            "sentence": sentence(r, decode if include_tokens else None, probes, quiet),
         })
     final = {**top(readings.final_topk_ids, rounded["final_top"]), "entropy": rounded["final_entropy"]}
+    depth, changes = prediction_depth(readings), changes_of_mind(readings)
+    drift = [n for n, b in readings.probe_bars.items() if b.role == DRIFT_FEATURE]
+    final_p = rounded["final_top"][0] if len(rounded["final_top"]) else 0.0
+    token = decode(readings.final_top1) if include_tokens and readings.final_topk_ids else None
     return Narrative(
         sample_id=sample_id, request_id=request_id, model=model, readings=readings, layers=layers,
-        final=final, prediction_depth=prediction_depth(readings), changes_of_mind=changes_of_mind(readings),
+        final=final, prediction_depth=depth, changes_of_mind=changes,
         metadata=dict(metadata or {}), include_tokens=include_tokens,
+        summary=summarise(layers, final_p, token, depth, changes, quiet, drift),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from monitor.lenses.readings import BankOutput, split_batch
+from monitor.lenses.trust import ProbeBar
 from monitor.narratives import build_narrative, narratives_for_batch
 
 
@@ -22,6 +23,9 @@ def random_output(b: int = 6, layers: tuple[int, ...] = (0, 3, 7, 9), k: int = 5
         final_topk_probs=np.ascontiguousarray(probs[:, -1]), final_entropy=rng.gamma(2.0, 1.0, b).astype(np.float32),
         probes={"topic": rng.dirichlet(np.ones(3), (b, n)).astype(np.float32),
                 "language": rng.dirichlet(np.ones(4), (b, n)).astype(np.float32)},
+        # both probes pass the quality bar at every layer and never abstain: their labels are printed
+        probe_bars={"topic": ProbeBar(frozenset(layers), min_confidence=0.0),
+                    "language": ProbeBar(frozenset(layers), min_confidence=0.0)},
     )
 
 

@@ -237,7 +237,15 @@ class _ProbeColors:
 
 
 def _probe_cell(reading: Any, name: str, colors: _ProbeColors) -> str:
+    """A probe at one layer: its label, coloured; 'no reliable reading' (greyed) where the bundle's
+    quality bar does not let it be printed; 'none of these' where it abstains."""
     reading = _dict(reading)
+    if reading.get("reliable") is False:
+        return (f'<td class="probe muted" title="{_e(name)}: no reliable reading at this layer '
+                '(the probe does not pass the bundle\'s quality bar here)">&ndash;</td>')
+    if reading.get("abstain"):
+        return (f'<td class="probe" title="{_e(name)}: no label fits (top probability below the abstention '
+                f'threshold)">none <small>{_num(reading.get("p"))}</small></td>')
     label, p = reading.get("label"), reading.get("p")
     probs = _dict(reading.get("probs"))
     if label is None and probs:
@@ -348,6 +356,12 @@ def _proof(entry: Entry, report: TrailReport | None, keys: KeyRing | None) -> st
             f"<pre>{_e(shown)}</pre></details>")
 
 
+def _summary(nar: dict[str, Any]) -> str:
+    """The narrative's summary, read first (absent in records written before it)."""
+    sentence = _dict(nar.get("summary")).get("sentence")
+    return f'<h3>Summary</h3><p class="summary">{_e(sentence)}</p>' if isinstance(sentence, str) and sentence else ""
+
+
 def _sentences(nar: dict[str, Any]) -> str:
     layers = sorted((x for x in _list(nar.get("layers")) if isinstance(x, dict) and x.get("sentence")),
                     key=lambda x: x.get("layer", 0) if isinstance(x.get("layer"), int) else 0)
@@ -373,6 +387,7 @@ def _sample(idx: int, entry: Entry, report: TrailReport | None, keys: KeyRing | 
     dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in meta if v not in (None, ""))
     return (f'<section class="card" id="sample-{idx}"><h2>Sample <code>{_e(rec.get("sample_id"))}</code> {badges}</h2>'
             f'<dl class="meta">{dl}</dl>{_score(rec)}'
+            f"{_summary(nar)}"
             f"<h3>Prediction trajectory: each layer's top tokens and probe readings</h3>{_trajectory(nar, flagged_layers)}"
             f"<h3>Layer by layer</h3>{_sentences(nar)}"
             f"<h3>Chain proof</h3>{_proof(entry, report, keys)}</section>")

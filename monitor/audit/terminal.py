@@ -129,8 +129,14 @@ def without_tokens(nar: dict[str, Any]) -> bool:
 
 
 def _probe_cell(reading: Any) -> str:
+    """A probe at one layer: 'label p'; '-' where it has no reliable reading (the bundle's quality
+    bar); 'none p' where it abstains (no label fits)."""
     if not isinstance(reading, dict):
         return ""
+    if reading.get("reliable") is False:
+        return "-"
+    if reading.get("abstain"):
+        return f"none {fmt_num(reading.get('p'))}".strip()
     label = reading.get("label")
     p = reading.get("p")
     probs = reading.get("probs")
@@ -189,10 +195,14 @@ def narrative_text(entry: Entry, top_k: int = 3) -> str:
     if ftops:
         rows.append(["final"] + [_top_cell(t, p) for t, p in ftops[:top_k]]
                     + [""] * (top_k - min(top_k, len(ftops))) + ["", "", ""] + [""] * len(probes))
+    summary = nar.get("summary")
+    if isinstance(summary, dict) and isinstance(summary.get("sentence"), str):
+        out += ["", f"summary: {summary['sentence']}"]
     if rows:
         out.append("")
         out.append(table(headers, rows, right=range(1 + top_k, 4 + top_k)))
-        out.append("(* prediction depth, ~ change of mind; rank = rank of the final top-1 under the layer's lens)")
+        out.append("(* prediction depth, ~ change of mind; rank = rank of the final top-1 under the layer's lens"
+                   + ("; probe '-': no reliable reading at that layer, 'none': no label fits)" if probes else ")"))
         if without_tokens(nar):
             out.append("(recorded without tokens: top-k probabilities only; narratives.include_tokens was off)")
     else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,11 @@ from monitor.adapters import find_parts, model_fingerprint
 from monitor.errors import BundleError
 from monitor.lenses.cache import StateCache, fill_cache
 from monitor.lenses.model import ProbeSet, Translators
-from monitor.lenses.probes import (
-    LabelledTexts,
-    builtin_probe_texts,
-    format_probe_table,
-    train_probe_set,
-    write_probe_jsonl,
-)
+from monitor.lenses.probe_data import LabelledTexts, check_probe_set, read_labelled_jsonl, write_probe_jsonl
+from monitor.lenses.probes import builtin_probe_texts, format_probe_table, train_probe_set
 from monitor.lenses.quality import evaluate_lenses, format_quality_table
 from monitor.lenses.readout import readout_spec
+from monitor.lenses.trust import DRIFT_FEATURE, quality_bar
 from monitor.lenses.tuned import PLANS, TunedPlan, fit_tuned_lens
 from monitor.lenses.writer import write_bundle
 
@@ -120,6 +116,8 @@ def fit_bundle(
     stamp.write_text(json.dumps({"fingerprint": fingerprint}))
     t_start = time.monotonic()
     timings: dict[str, float] = {}
+    # 0. every probe set read and checked before any training: a bad file fails in seconds
+    sets = _probe_sets(work / "probe-data", builtin_probes, probe_files or {}, probe_plan)
 
     # 1. states of all layers, cached once
     cache = StateCache.open(work / "train-states", plan.train_tokens, parts.n_states, parts.hidden_size,
@@ -148,23 +146,16 @@ def fit_bundle(
     # 3. concept probes
     probes: list[ProbeSet] = []
     t0 = time.monotonic()
-    sets: dict[str, tuple[LabelledTexts, LabelledTexts]] = {}
-    for name in builtin_probes:
-        tr_texts = builtin_probe_texts(name, "train", probe_plan.train_per_label)
-        he_texts = builtin_probe_texts(name, "heldout", probe_plan.heldout_per_label)
-        pdir = work / "probe-data"
-        pdir.mkdir(exist_ok=True)
-        write_probe_jsonl(tr_texts, pdir / f"{name}.train.jsonl")
-        write_probe_jsonl(he_texts, pdir / f"{name}.heldout.jsonl")
-        sets[name] = (tr_texts, he_texts)
-    for name, (tr_path, he_path) in (probe_files or {}).items():
-        from monitor.lenses.probes import read_labelled_jsonl
-
-        sets[name] = (read_labelled_jsonl(tr_path), read_labelled_jsonl(he_path))
     for name, (tr_texts, he_texts) in sets.items():
         probes.append(_cached_probe(work / "probes", name, tr_texts, he_texts, model, parts, tokenizer,
                                     probe_plan, bars))
         log(format_probe_table(probes[-1]))
+        qbar = quality_bar(probes[-1].metrics, probes[-1].layers)
+        if qbar["role"] == DRIFT_FEATURE:
+            log(f"probe {name}: no layer passes the quality bar ({qbar['rule']}, margin {qbar['margin']}); it is "
+                "shipped as a drift feature only and never printed in a narrative")
+        else:
+            log(f"probe {name}: reliable (printed) at layers {qbar['positions']['last']['reliable_layers']}")
     timings["probes_s"] = round(time.monotonic() - t0, 1)
 
     # 4. held-out quality of the logit and tuned lenses
@@ -201,6 +192,28 @@ def fit_bundle(
         f"(tuned lens {training['tuned_lens_seconds']:.0f}s, probes {timings['probes_s']:.0f}s, "
         f"quality {timings['quality_s']:.0f}s)")
     return manifest
+
+
+def _probe_sets(
+    pdir: Path, builtin: Sequence[str], files: dict[str, tuple[str, str]], plan: ProbePlan,
+) -> dict[str, tuple[LabelledTexts, LabelledTexts]]:
+    """Every probe set (shipped and from files), read and checked (:func:`check_probe_set`);
+    the shipped sets are also written to ``pdir`` as JSONL, which their errors name."""
+    sets: dict[str, tuple[LabelledTexts, LabelledTexts]] = {}
+    for name in builtin:
+        pair = []
+        for split, per_label in (("train", plan.train_per_label), ("heldout", plan.heldout_per_label)):
+            texts = builtin_probe_texts(name, split, per_label)
+            pdir.mkdir(parents=True, exist_ok=True)
+            write_probe_jsonl(texts, pdir / f"{name}.{split}.jsonl")
+            pair.append(texts)
+        check_probe_set(name, replace(pair[0], provenance=str(pdir / f"{name}.train.jsonl")),
+                        replace(pair[1], provenance=str(pdir / f"{name}.heldout.jsonl")))
+        sets[name] = (pair[0], pair[1])
+    for name, (tr_path, he_path) in files.items():
+        sets[name] = (read_labelled_jsonl(tr_path), read_labelled_jsonl(he_path))
+        check_probe_set(name, *sets[name])
+    return sets
 
 
 def _cached_probe(

@@ -188,12 +188,18 @@ def _verify(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from monitor.lenses.bundle import read_manifest
     from monitor.lenses.quality import format_quality_table
+    from monitor.lenses.trust import probe_bars
 
     m = read_manifest(args.bundle)
     print(json.dumps({k: m[k] for k in ("bundle_id", "created_at", "model", "tokenizer", "lens") if k in m}, indent=1))
+    bars = probe_bars(m)
     for p in m.get("probes", []):
+        bar = bars[p["name"]]
         print(f"probe {p['name']}: labels {p['labels']}; best held-out accuracy "
-              f"{max(p.get('heldout_accuracy', [0])):.3f}, bag-of-tokens {p.get('bag_of_tokens_accuracy')}")
+              f"{max(p.get('heldout_accuracy', [0])):.3f}, bag-of-tokens {p.get('bag_of_tokens_accuracy')}; "
+              f"{bar.role}, printed at layers {sorted(bar.reliable_layers) or 'none'} (last token; prompt mean: "
+              f"{sorted(bars[p['name'] + '@mean'].reliable_layers) or 'none'}), abstains below {bar.min_confidence}"
+              + ("" if bar.source == "bundle" else f" [bar {bar.source}]"))
     if m.get("quality", {}).get("layers"):
         print(format_quality_table(m["quality"]))
     return 0
@@ -212,11 +218,21 @@ def _read(args: argparse.Namespace) -> int:
     print(f"{args.text!r} -> model: {tok.decode([reading.final_top1])!r} ({reading.final_topk_probs[0]:.2f}); "
           f"lens bank {bank.bundle_id} on {bank.provider}")
     for layer in reading.layers:
-        probes = " ".join(f"{n}={bank.probe_labels[n][max(range(len(v)), key=v.__getitem__)]}"
-                          f"({max(v):.2f})" for n, v in layer.probes.items())
+        probes = " ".join(_probe_text(bank, n, layer.layer, v) for n, v in layer.probes.items())
         print(f"L{layer.layer:>2}: {tok.decode([layer.top1])!r:>14} {layer.confidence:.2f}  "
               f"KL {layer.kl_to_final:6.2f}  rank {layer.final_top1_rank:>5}  {probes}")
     return 0
+
+
+def _probe_text(bank: Any, name: str, layer: int, probs: tuple[float, ...]) -> str:
+    """'name=label(p)' where the probe passes the bundle's quality bar, 'name=none(p)' where it
+    abstains, 'name=-' where it has no reliable reading."""
+    bar = bank.probe_bars.get(name)
+    if bar is None or not bar.reliable(layer):
+        return f"{name}=-"
+    best = max(range(len(probs)), key=probs.__getitem__)
+    label = "none" if probs[best] < bar.min_confidence else bank.probe_labels[name][best]
+    return f"{name}={label}({probs[best]:.2f})"
 
 
 def _reference(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from monitor.lenses.readings import BankOutput, SampleReadings, split_batch
 from monitor.lenses.readout import ReadoutSpec
+from monitor.lenses.trust import bar_of, probe_bars
 
 
 @dataclass
@@ -88,6 +89,9 @@ class TorchLensBank:
         self.hidden_size = readout.hidden_size
         self.k = k
         self.probe_labels = {p.name: p.labels for p in probes}
+        # the same quality bar a bundle of these probes records (monitor.lenses.trust)
+        self.probe_bars = probe_bars({"lens": {"layers": list(self.layers)}, "probes": [
+            {"name": p.name, **p.metrics, "quality_bar": bar_of(p.metrics, p.layers)} for p in probes]})
 
     @torch.no_grad()
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:

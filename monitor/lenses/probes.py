@@ -20,12 +20,8 @@ Held-out accuracy per layer is reported beside:
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,38 +30,15 @@ from torch import nn
 
 from monitor.adapters import ModelParts, collect_states
 from monitor.lenses.model import ProbeSet
+from monitor.lenses.probe_data import (  # noqa: F401 - re-exported: the probe data API lived here
+    LabelledTexts,
+    ProbeDataError,
+    check_probe_set,
+    read_labelled_jsonl,
+    write_probe_jsonl,
+)
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
-
-
-@dataclass
-class LabelledTexts:
-    """Texts with string labels, and where they came from."""
-
-    texts: list[str]
-    labels: list[str]
-    provenance: str = ""
-
-
-def read_labelled_jsonl(path: str | os.PathLike[str]) -> LabelledTexts:
-    """Read ``{"text": ..., "label": ...}`` lines; a malformed line raises ValueError naming it."""
-    texts, labels = [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-                text, label = doc["text"], doc["label"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{n}: expected {{\"text\": ..., \"label\": ...}} ({exc})") from exc
-            if not isinstance(text, str) or not isinstance(label, str | int):
-                raise ValueError(f"{path}:{n}: 'text' must be a string and 'label' a string")
-            texts.append(text)
-            labels.append(str(label))
-    if not texts:
-        raise ValueError(f"{path}: no labelled texts")
-    return LabelledTexts(texts, labels, provenance=str(path))
 
 
 @torch.no_grad()
@@ -236,12 +209,8 @@ def train_probe_set(
     progress: Callable[[int], None] | None = None,
 ) -> ProbeSet:
     """Fit a probe per layer and measure it on held-out texts beside its baselines."""
+    check_probe_set(name, train, heldout)
     labels = tuple(sorted(set(train.labels)))
-    unknown = sorted(set(heldout.labels) - set(labels))
-    if unknown:
-        raise ValueError(f"probe {name!r}: held-out labels {unknown} do not occur in the training texts")
-    if len(labels) < 2:
-        raise ValueError(f"probe {name!r}: needs at least two labels, got {list(labels)}")
     index = {lab: i for i, lab in enumerate(labels)}
     ytr = np.array([index[x] for x in train.labels], np.int64)
     yte = np.array([index[x] for x in heldout.labels], np.int64)
@@ -307,10 +276,3 @@ def builtin_probe_texts(name: str, split: str, per_label: int) -> LabelledTexts:
     srcs = sorted({s.name for s in corpora.SOURCES.values() if name in s.used_for})
     prov = f"monitor.corpora.labelled({name!r}, {split!r}); sources: {', '.join(srcs)} (see docs/corpora.md)"
     return LabelledTexts([t for t, _ in pairs], [lab for _, lab in pairs], prov)
-
-
-def write_probe_jsonl(texts: LabelledTexts, path: Path) -> None:
-    """Write labelled texts as JSONL (the format :func:`read_labelled_jsonl` reads)."""
-    with path.open("w", encoding="utf-8") as fh:
-        for t, lab in zip(texts.texts, texts.labels, strict=True):
-            fh.write(json.dumps({"text": t, "label": lab}, ensure_ascii=False) + "\n")

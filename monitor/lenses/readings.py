@@ -17,11 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from monitor.errors import BaselineError
+
+if TYPE_CHECKING:
+    from monitor.lenses.trust import ProbeBar
 
 CONTEXT_SUFFIX = "@mean"  # probe readings on the prompt mean (tap positions "last+mean")
 
@@ -55,6 +58,8 @@ class Readings:
     final_entropy: np.ndarray  # float32 [B]
     probes: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [B, L, C]
     probe_labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> class names
+    # name -> when a reading may be printed (monitor.lenses.trust); a probe without one is never printed
+    probe_bars: dict[str, ProbeBar] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -99,9 +104,11 @@ class Readings:
                                np.asarray(self.final_top1, dtype=np.int64)[:, None]], axis=1)
 
     # --- new readings from these --------------------------------------------------------------
-    def with_probes(self, probes: dict[str, np.ndarray], labels: dict[str, tuple[str, ...]]) -> Readings:
-        """These readings plus more probe readings (e.g. the probes on the prompt mean)."""
-        return replace(self, probes={**self.probes, **probes}, probe_labels={**self.probe_labels, **labels})
+    def with_probes(self, probes: dict[str, np.ndarray], labels: dict[str, tuple[str, ...]],
+                    bars: dict[str, ProbeBar] | None = None) -> Readings:
+        """These readings plus more probe readings (e.g. the probes on the prompt mean) and their bars."""
+        return replace(self, probes={**self.probes, **probes}, probe_labels={**self.probe_labels, **labels},
+                       probe_bars={**self.probe_bars, **(bars or {})})
 
     def widened(self) -> Readings:
         """The same readings with float columns in float64 (what the drift statistics sum in);
@@ -199,7 +206,7 @@ class Readings:
             final_topk_ids=np.array([s.final_topk_ids[:fk] for s in samples], dtype=np.int64),
             final_topk_probs=np.array([s.final_topk_probs[:fk] for s in samples], dtype=np.float64),
             final_entropy=np.array([s.final_entropy for s in samples], dtype=np.float64),
-            probes=probes, probe_labels=labels,
+            probes=probes, probe_labels=labels, probe_bars=dict(samples[0].probe_bars),
         )
 
     def validate(self) -> None:
@@ -253,6 +260,7 @@ class SampleReadings:
     final_topk_probs: tuple[float, ...]
     final_entropy: float
     probe_labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    probe_bars: dict[str, ProbeBar] = field(default_factory=dict)
 
     @property
     def final_top1(self) -> int:
@@ -288,6 +296,7 @@ def split_batch(out: Readings, probe_labels: dict[str, tuple[str, ...]] | None =
                 final_topk_probs=tuple(f_probs[b]),
                 final_entropy=f_ent[b],
                 probe_labels=labels,
+                probe_bars=out.probe_bars,
             )
         )
     return result

@@ -25,6 +25,7 @@ import numpy as np
 from monitor.errors import BundleError, ConfigError
 from monitor.lenses.bundle import Bundle, verify_bundle
 from monitor.lenses.readings import CONTEXT_SUFFIX, BankOutput, SampleReadings, split_batch
+from monitor.lenses.trust import ProbeBar, probe_bars
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -150,6 +151,8 @@ class LensBank:
         self.probe_labels: dict[str, tuple[str, ...]] = {
             p["name"]: tuple(p["labels"]) for p in bundle.manifest.get("probes", [])
         }
+        # when each probe reading may be printed (the manifest's quality bar; monitor.lenses.trust)
+        self.probe_bars: dict[str, ProbeBar] = probe_bars(bundle.manifest)
         self.provider: str = session.get_providers()[0]
         self.max_batch = max_batch
         self.precision = "fp32"

@@ -15,10 +15,11 @@ from typing import Any
 from torch import nn
 
 from monitor.adapters import ModelParts, find_parts, model_fingerprint
-from monitor.lenses.bundle import GRAPH_FILE, write_manifest
+from monitor.lenses.bundle import GRAPH_FILE, MANIFEST, write_manifest
 from monitor.lenses.export import OPSET, OUTPUTS, build_bank_graph, save_model
 from monitor.lenses.model import ProbeSet, Translators
 from monitor.lenses.readout import ReadoutSpec, readout_spec
+from monitor.lenses.trust import bar_of
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -100,11 +101,13 @@ def write_bundle(
     readout: ReadoutSpec | None = None,
     overwrite: bool = True,
 ) -> dict[str, Any]:
-    """Export and write a complete bundle to ``out`` (built in a temporary sibling, then renamed).
-
-    Returns the manifest.
+    """Export and write a complete bundle to ``out``: built in ``<out>.partial`` beside it and
+    moved in only when complete (:func:`replace_dir`), so an interrupted build leaves the previous
+    bundle intact. Each probe's quality bar (:mod:`monitor.lenses.trust`) is recorded in the
+    manifest. Returns the manifest.
     """
     out = Path(out)
+    _restore_previous(out)
     parts = parts or find_parts(model)
     readout = readout or readout_spec(parts)
     layers = tuple(translators.layers)
@@ -136,20 +139,52 @@ def write_bundle(
             "outputs": list(OUTPUTS) + [f"probe_{p.name}" for p in probes],
         },
         "probes": [
-            {"name": p.name, "labels": list(p.labels), **{k_: v for k_, v in p.metrics.items() if k_ != "labels"}}
+            {"name": p.name, "labels": list(p.labels), **{k_: v for k_, v in p.metrics.items() if k_ != "labels"},
+             # fixed here, at build: where the probe may be printed (a bar recorded before is kept)
+             "quality_bar": bar_of(p.metrics, layers)}
             for p in probes
         ],
         "quality": quality or {},
         "training": training or {},
     }
     manifest = write_manifest(tmp, manifest)
+    replace_dir(tmp, out, overwrite=overwrite)
+    return manifest
+
+
+def _restore_previous(out: Path) -> None:
+    """An earlier replacement interrupted between its two renames left only ``<out>.previous``:
+    put it back."""
+    prev = out.with_name(out.name + ".previous")
+    if prev.exists() and not out.exists():
+        prev.rename(out)
+
+
+def replace_dir(tmp: Path, out: Path, *, overwrite: bool = True) -> None:
+    """Move the complete bundle ``tmp`` to ``out``. A previous bundle at ``out`` stays whole until
+    the new one is in place (two renames; one interrupted between them is undone on the next
+    build), and a directory that is not a lens bundle is never replaced."""
+    _restore_previous(out)
+    prev = out.with_name(out.name + ".previous")
     if out.exists():
         if not overwrite:
             shutil.rmtree(tmp)
             raise FileExistsError(f"{out} exists")
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return manifest
+        if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+            shutil.rmtree(tmp)
+            raise FileExistsError(f"{out} exists and is not a lens bundle (no {MANIFEST}); refusing to replace it: "
+                                  "choose another output directory")
+        if prev.exists():
+            shutil.rmtree(prev)
+        out.rename(prev)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            prev.rename(out)  # the previous bundle goes back; a crash right here is undone next time
+            raise
+        shutil.rmtree(prev)
+    else:
+        tmp.rename(out)
 
 
 def export_logit_lens(out: str | Path, model: nn.Module, tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:

@@ -37,13 +37,16 @@ class LensReader(Protocol):
 def read(bank: LensReader, hidden: np.ndarray, context: np.ndarray | None = None) -> Readings:
     """The bank's readings of last-token states ``hidden`` [B, L, d]; when prompt-mean states
     ``context`` [B, L, d] are given and the bank has probes, the probes read them too
-    (``<probe>@mean``). The readings carry the labels of every probe reading in them."""
+    (``<probe>@mean``). The readings carry the labels of every probe reading in them and, from the
+    bank's ``probe_bars``, the layers where each may be printed (:mod:`monitor.lenses.trust`)."""
+    bars = dict(getattr(bank, "probe_bars", None) or {})  # a bank without bars prints no probe reading
     out = bank.read_arrays(hidden)
-    out = out.with_probes({}, dict(bank.probe_labels))
+    out = out.with_probes({}, dict(bank.probe_labels), {k: bars[k] for k in bank.probe_labels if k in bars})
     read_context = getattr(bank, "read_context", None)
     context_labels = getattr(bank, "context_probe_labels", None)
     if context is not None and read_context is not None and context_labels:
-        out = out.with_probes(read_context(context), dict(context_labels))
+        out = out.with_probes(read_context(context), dict(context_labels),
+                              {k: bars[k] for k in context_labels if k in bars})
     return out
 
 
@@ -96,4 +99,4 @@ def concat(parts: Sequence[Readings]) -> Readings:
         kl_to_final=cat("kl_to_final"), final_top1_rank=cat("final_top1_rank"), final_topk_ids=cat("final_topk_ids"),
         final_topk_probs=cat("final_topk_probs"), final_entropy=cat("final_entropy"),
         probes={k: np.concatenate([p.probes[k] for p in parts], axis=0) for k in first.probes},
-        probe_labels=dict(first.probe_labels))
+        probe_labels=dict(first.probe_labels), probe_bars=dict(first.probe_bars))

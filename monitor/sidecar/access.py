@@ -15,6 +15,9 @@
   the served narratives carry token strings or token ids, since the top tokens of a layer can
   spell the prompt out ("My name is John Sm" reads 'ith'); they keep the numeric readings
   (top-k probabilities, entropy, KL, rank, prediction depth, probe labels, flags).
+* Which probe readings a narrative prints: only those at layers that pass the bundle's quality
+  bar (:mod:`monitor.lenses.trust`); ``narratives.min_probe_margin`` and
+  ``narratives.min_probe_confidence`` can only make that bar stricter.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class NarrativeSettings(BaseModel):
     serve: bool = Field(False, description="Serve /narratives and /narratives/{sample_id} (off by default). When on, they need a bearer token (bearer_token_file) or a loopback-only http_host.")
     bearer_token_file: Path | None = Field(None, description="File holding the bearer token of the narratives endpoints (a mounted secret, >= 16 characters; re-read when it changes). Requests carry 'Authorization: Bearer <token>'.")
     include_tokens: bool = Field(False, description="Narratives (audit records and /narratives) carry the lens' top token strings and ids. Off by default: a layer's top tokens can spell out the prompt; the numeric readings stay.")
+    min_probe_margin: float | None = Field(None, ge=0.0, le=1.0, description="A stricter quality bar for printing concept probes: the held-out accuracy a probe layer must have over its control task (the bundle's own margin, 0.10 when built by this version, applies when unset; a lower value is refused at start-up).")
+    min_probe_confidence: float | None = Field(None, ge=0.0, le=1.0, description="A stricter abstention threshold: a reliable probe reading whose top probability is below it reads 'none of these' (the bundle's own threshold, 0.60 when built by this version, applies when unset; a lower value is refused at start-up).")
 
     @model_validator(mode="after")
     def _check_token_file(self) -> NarrativeSettings:

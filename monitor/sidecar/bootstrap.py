@@ -88,6 +88,7 @@ def build_parts(
     """Build a replica's collaborators from ``settings``; the keywords replace single parts."""
     metrics = SidecarMetrics(registry)
     bank = bank if bank is not None else load_bank(settings)
+    apply_probe_bar(bank, settings)
     tok = tokenizer if tokenizer is not None else getattr(bank, "tokenizer", None)
     if tok is None and settings.tokenizer is not None:
         tok = load_tokenizer(settings.tokenizer)
@@ -115,6 +116,23 @@ def build_parts(
         baselines=baselines, scoring=scoring, metrics=metrics, recorder=recorder,
         recent=RecentNarratives(settings.recent_narratives),
     )
+
+
+def apply_probe_bar(bank: LensReader, settings: SidecarSettings) -> None:
+    """Tighten the bank's probe bars by ``narratives.min_probe_margin`` / ``min_probe_confidence``
+    (a value below the bundle's own fails start-up naming the setting; unset: the bundle's bar).
+    Always from the bundle's own bars, so a bank shared by several sidecars (tests, the demo)
+    carries only the last one's settings, never a mix."""
+    bars = getattr(bank, "probe_bars", None)
+    if not bars:
+        return
+    from monitor.lenses.trust import stricter
+
+    base = getattr(bank, "bundle_probe_bars", None) or bars
+    n = settings.narratives
+    tightened = stricter(base, min_margin=n.min_probe_margin, min_confidence=n.min_probe_confidence)
+    bank.bundle_probe_bars = base  # type: ignore[attr-defined]
+    bank.probe_bars = tightened  # type: ignore[attr-defined]
 
 
 def load_bank(settings: SidecarSettings) -> LensReader:
