@@ -26,7 +26,14 @@ from monitor.metrics import TAP_DROP_REASONS, SidecarMetrics
 from monitor.transport import StreamStats
 from monitor.wire import DECODE_REASONS
 
-DEAD_LETTER_REASONS = (*DECODE_REASONS, "processing_error")
+# Every dead-letter reason: the wire format's, then the consumer loop's own.
+DEAD_LETTER_REASONS = (
+    *DECODE_REASONS,
+    "duplicate_id",  # another entry with an audited sample_id and other bytes
+    "max_deliveries",  # delivered more than max_deliveries times (its replicas kept dying on it)
+    "processing_error",  # the lens bank, narratives or detector failed on this sample alone
+    "audit_rejected",  # the audit writer refused this sample's record (a value it cannot write)
+)
 
 
 @dataclass

@@ -5,8 +5,13 @@
   counter atomically, so ``stats().trimmed`` (= the group's logical read position minus what was
   really delivered) counts entries trimmed before any replica saw them; when nothing is new it
   waits with ``XREAD BLOCK`` from the newest id, so an idle consumer costs no polling;
-* at-least-once: ``XACK`` after processing, ``XAUTOCLAIM`` of entries idle past a timeout;
-* poison entries go to ``<stream>:dead`` with their reason.
+* reads are bounded in bytes on the server: the script sends an entry whose fields exceed
+  ``max_entry_bytes`` as its size and SHA-1 only (the payload never crosses the socket), and
+  fields other than the payload are never sent;
+* at-least-once: ``XACK`` after processing, ``XAUTOCLAIM`` of entries idle past a timeout, each
+  claimed entry with Redis's own delivery counter (``XPENDING``, read in the same script);
+* poison entries go to ``<stream>:dead`` with their reason, trimmed exactly at ``dead_maxlen``,
+  payloads above ``dead_payload_max_bytes`` kept as size and digest.
 
 Connections come from the process's shared pool (:func:`monitor.backends.redis.connect`, one
 set of timeouts); every redis-py error is mapped to :class:`~monitor.errors.TransportError` by
@@ -24,17 +29,60 @@ from redis.exceptions import ResponseError
 
 from monitor.backends.redis import Timeouts, connect, mapped_errors
 from monitor.errors import TransportClosed, TransportError
-from monitor.transport.base import DeadLetter, Entry, StreamStats, Transport
+from monitor.transport.base import (
+    DEAD_MAXLEN,
+    DEAD_PAYLOAD_MAX_BYTES,
+    DeadLetter,
+    Entry,
+    StreamStats,
+    Transport,
+    dead_letter_payload,
+)
 
-_READ_SCRIPT = """
+# An entry as {id, payload, withheld size or -1, digest}; payloads over the limit stay in Redis.
+_SHAPE = """
+local function shape(e, limit)
+  local fields = e[2]
+  if not fields then return false end
+  local size, data = 0, ''
+  for i = 1, #fields, 2 do
+    size = size + #fields[i] + #fields[i + 1]
+    if fields[i] == 'd' then data = fields[i + 1] end
+  end
+  if limit > 0 and size > limit then return {e[1], '', size, 'sha1:' .. redis.sha1hex(data)} end
+  return {e[1], data, -1, ''}
+end
+"""
+
+_READ_SCRIPT = _SHAPE + """
+local limit = tonumber(ARGV[4])
 local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
 if r and r[1] and #r[1][2] > 0 then
   redis.call('INCRBY', KEYS[2], #r[1][2])
-  return {1, r[1][2]}
+  local out = {}
+  for i, e in ipairs(r[1][2]) do out[i] = shape(e, limit) or {e[1], '', -1, ''} end
+  return {1, out}
 end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then return {0, last[1][1]} end
 return {0, '0-0'}
+"""
+
+_CLAIM_SCRIPT = _SHAPE + """
+local limit = tonumber(ARGV[5])
+local res = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
+local deleted = res[3]
+if deleted and #deleted > 0 then redis.call('INCRBY', KEYS[2], #deleted) end
+local out = {}
+for _, e in ipairs(res[2]) do
+  local s = shape(e, limit)
+  if s then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    s[5] = (p[1] and p[1][4]) or 1
+    out[#out + 1] = s
+  end
+end
+return out
 """
 
 
@@ -46,16 +94,19 @@ class RedisTransport(Transport):
     """A Redis stream with consumer groups, a dead-letter stream and delivery accounting."""
 
     def __init__(self, url: str, *, stream: str = "layerwatch:samples", maxlen: int = 10_000,
-                 dead_maxlen: int = 10_000, socket_timeout: float = 2.0,
-                 connect_timeout: float = 1.0, client: redis.Redis | None = None) -> None:
+                 dead_maxlen: int = DEAD_MAXLEN, dead_payload_max_bytes: int = DEAD_PAYLOAD_MAX_BYTES,
+                 socket_timeout: float = 2.0, connect_timeout: float = 1.0,
+                 client: redis.Redis | None = None) -> None:
         self.url = url
         self.stream = stream
         self.maxlen = maxlen
         self.dead_maxlen = dead_maxlen
+        self.dead_payload_max_bytes = dead_payload_max_bytes
         self.dead_key = f"{stream}:dead"
         self._socket_timeout = socket_timeout
         self._r = client if client is not None else connect(url, Timeouts(connect_timeout, socket_timeout))
         self._read = self._r.register_script(_READ_SCRIPT)
+        self._claim = self._r.register_script(_CLAIM_SCRIPT)
         self._closed = False
 
     def _delivered_key(self, group: str) -> str:
@@ -89,15 +140,16 @@ class RedisTransport(Transport):
 
         self._call("XGROUP CREATE", run)
 
-    def read(self, group: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
+    def read(self, group: str, consumer: str, count: int, block_ms: int,
+             max_entry_bytes: int | None = None) -> list[Entry]:
         # A blocking wait must end before the socket timeout or it would look like a failure.
         block_ms = max(0, min(block_ms, int(self._socket_timeout * 1000) - 250))
 
         def attempt() -> tuple[list[Entry], str]:
             found, payload = self._read(keys=[self.stream, self._delivered_key(group)],
-                                        args=[group, consumer, count])
+                                        args=[group, consumer, count, max_entry_bytes or 0])
             if found:
-                return [Entry(_s(eid), dict(_pairs(fields)).get(b"d", b""), 1) for eid, fields in payload], ""
+                return [_entry(row, 1) for row in payload], ""
             return [], _s(payload)
 
         entries, last = self._call("XREADGROUP", attempt)
@@ -112,27 +164,23 @@ class RedisTransport(Transport):
             return 0
         return int(self._call("XACK", self._r.xack, self.stream, group, *ids))
 
-    def claim_stale(self, group: str, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
-        def run() -> list[Entry]:
-            res = self._r.xautoclaim(self.stream, group, consumer, min_idle_time=min_idle_ms,
-                                     start_id="0-0", count=count)
-            claimed = res[1]
-            deleted = res[2] if len(res) > 2 else []
-            if deleted:  # pending entries trimmed before anyone acked them: lost
-                self._r.incrby(self._lost_key(group), len(deleted))
-            out = []
-            for eid, fields in claimed:
-                if fields is None:
-                    continue
-                out.append(Entry(_s(eid), dict(_pairs(fields)).get(b"d", b""), 2))
-            return out
+    def claim_stale(self, group: str, consumer: str, min_idle_ms: int, count: int,
+                    max_entry_bytes: int | None = None) -> list[Entry]:
+        # pending entries trimmed before anyone acked them are counted as lost by the script
+        rows = self._call("XAUTOCLAIM", self._claim, keys=[self.stream, self._lost_key(group)],
+                          args=[group, consumer, min_idle_ms, count, max_entry_bytes or 0])
+        return [_entry(row[:4], int(row[4])) for row in rows]
 
-        return self._call("XAUTOCLAIM", run)  # type: ignore[no-any-return]
+    def touch(self, group: str, consumer: str, ids: Sequence[str]) -> None:
+        if ids:  # JUSTID: the delivery counter stays as it is
+            self._call("XCLAIM", self._r.xclaim, self.stream, group, consumer, 0, list(ids), justid=True)
 
     def dead_letter(self, entry: Entry, reason: str, detail: str) -> None:
-        fields = {b"d": entry.data, b"reason": reason, b"detail": detail[:1000], b"original_id": entry.id}
+        data, size, digest = dead_letter_payload(entry, self.dead_payload_max_bytes)
+        fields = {b"d": data, b"reason": reason, b"detail": detail[:1000], b"original_id": entry.id,
+                  b"size": size, b"digest": digest, b"deliveries": entry.deliveries}
         self._call("XADD dead-letter", self._r.xadd, self.dead_key, fields,
-                   maxlen=self.dead_maxlen, approximate=True)
+                   maxlen=self.dead_maxlen, approximate=False)  # exact: the bound is in bytes too
 
     def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         rows = self._call("XREVRANGE", self._r.xrevrange, self.dead_key, count=count)
@@ -140,7 +188,8 @@ class RedisTransport(Transport):
         for eid, fields in reversed(rows):
             f = dict(_pairs(fields))
             out.append(DeadLetter(_s(eid), _s(f.get(b"original_id", b"")), _s(f.get(b"reason", b"")),
-                                  _s(f.get(b"detail", b"")), f.get(b"d", b"")))
+                                  _s(f.get(b"detail", b"")), f.get(b"d", b""), int(f.get(b"size", 0) or 0),
+                                  _s(f.get(b"digest", b"")), int(f.get(b"deliveries", 1) or 1)))
         return out
 
     def stats(self, group: str) -> StreamStats:
@@ -186,6 +235,14 @@ class RedisTransport(Transport):
 
     def close(self) -> None:
         self._closed = True  # the pool is the process's: other components keep using it
+
+
+def _entry(row: Any, deliveries: int) -> Entry:
+    """An entry from the scripts' {id, payload, withheld size or -1, digest}."""
+    eid, data, withheld, digest = row
+    if int(withheld) >= 0:
+        return Entry(_s(eid), b"", deliveries, withheld=int(withheld), digest=_s(digest))
+    return Entry(_s(eid), bytes(data), deliveries)
 
 
 def _pairs(fields: Any) -> list[tuple[bytes, bytes]]:
