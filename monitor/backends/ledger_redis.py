@@ -42,15 +42,16 @@ class RedisLedger:
     """Which sample ids were audited, shared by every replica of a consumer group."""
 
     def __init__(self, client: redis.Redis, prefix: str, ttl_s: int, url: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, shards: int = SHARDS) -> None:
         self._r = client
+        self.shards = shards
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._url = url
         self._clock = clock
 
     def _key(self, generation: int, digest: bytes) -> str:
-        return f"{self.prefix}:{generation}:{int.from_bytes(digest[:2], 'big') % SHARDS}"
+        return f"{self.prefix}:{generation}:{int.from_bytes(digest[:2], 'big') % self.shards}"
 
     def lookup(self, sample_ids: Iterable[str]) -> dict[str, str]:
         """The payload digest (hex) recorded for each of ``sample_ids`` already marked."""
