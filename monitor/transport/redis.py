@@ -4,14 +4,17 @@
 * read: a Lua script runs ``XREADGROUP ... >`` and counts first-time deliveries in a shared
   counter atomically, so ``stats().trimmed`` (= the group's logical read position minus what was
   really delivered) counts entries trimmed before any replica saw them; when nothing is new it
-  waits with ``XREAD BLOCK`` from the newest id, so an idle consumer costs no polling;
+  polls the script every :data:`POLL_S` until ``block_ms`` has passed (a blocking ``XREAD`` as
+  the wake-up would hand the new entry's whole payload to the client, whatever its size);
 * reads are bounded in bytes on the server: the script sends an entry whose fields exceed
   ``max_entry_bytes`` as its size and SHA-1 only (the payload never crosses the socket), and
   fields other than the payload are never sent;
 * at-least-once: ``XACK`` after processing, ``XAUTOCLAIM`` of entries idle past a timeout, each
   claimed entry with Redis's own delivery counter (``XPENDING``, read in the same script);
 * poison entries go to ``<stream>:dead`` with their reason, trimmed exactly at ``dead_maxlen``,
-  payloads above ``dead_payload_max_bytes`` kept as size and digest.
+  payloads above ``dead_payload_max_bytes`` kept as size and digest;
+* stats read ``XINFO STREAM`` inside a script that returns only the counters (the command's
+  reply carries the first and last entries, payloads included).
 
 Connections come from the process's shared pool (:func:`monitor.backends.redis.connect`, one
 set of timeouts); every redis-py error is mapped to :class:`~monitor.errors.TransportError` by
@@ -21,6 +24,7 @@ once the server is back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,12 +65,19 @@ if r and r[1] and #r[1][2] > 0 then
   redis.call('INCRBY', KEYS[2], #r[1][2])
   local out = {}
   for i, e in ipairs(r[1][2]) do out[i] = shape(e, limit) or {e[1], '', -1, ''} end
-  return {1, out}
+  return out
 end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last > 0 then return {0, last[1][1]} end
-return {0, '0-0'}
+return {}
 """
+
+_ADDED_SCRIPT = """
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'entries-added' then return info[i + 1] end
+end
+return -1
+"""
+POLL_S = 0.05  # how often an idle read asks again
 
 _CLAIM_SCRIPT = _SHAPE + """
 local limit = tonumber(ARGV[5])
@@ -107,6 +118,7 @@ class RedisTransport(Transport):
         self._r = client if client is not None else connect(url, Timeouts(connect_timeout, socket_timeout))
         self._read = self._r.register_script(_READ_SCRIPT)
         self._claim = self._r.register_script(_CLAIM_SCRIPT)
+        self._added = self._r.register_script(_ADDED_SCRIPT)
         self._closed = False
 
     def _delivered_key(self, group: str) -> str:
@@ -142,22 +154,14 @@ class RedisTransport(Transport):
 
     def read(self, group: str, consumer: str, count: int, block_ms: int,
              max_entry_bytes: int | None = None) -> list[Entry]:
-        # A blocking wait must end before the socket timeout or it would look like a failure.
-        block_ms = max(0, min(block_ms, int(self._socket_timeout * 1000) - 250))
-
-        def attempt() -> tuple[list[Entry], str]:
-            found, payload = self._read(keys=[self.stream, self._delivered_key(group)],
-                                        args=[group, consumer, count, max_entry_bytes or 0])
-            if found:
-                return [_entry(row, 1) for row in payload], ""
-            return [], _s(payload)
-
-        entries, last = self._call("XREADGROUP", attempt)
-        if entries or block_ms == 0:
-            return entries  # type: ignore[no-any-return]
-        self._call("XREAD BLOCK", self._r.xread, {self.stream: last}, count=1, block=block_ms)
-        entries, _ = self._call("XREADGROUP", attempt)
-        return entries  # type: ignore[no-any-return]
+        deadline = time.monotonic() + max(0, block_ms) / 1000.0
+        keys, args = [self.stream, self._delivered_key(group)], [group, consumer, count, max_entry_bytes or 0]
+        while True:
+            rows = self._call("XREADGROUP", self._read, keys=keys, args=args)
+            left = deadline - time.monotonic()
+            if rows or left <= 0 or self._closed:
+                return [_entry(row, 1) for row in rows]
+            time.sleep(min(POLL_S, left))
 
     def ack(self, group: str, ids: Sequence[str]) -> int:
         if not ids:
@@ -196,14 +200,13 @@ class RedisTransport(Transport):
         def run() -> StreamStats:
             pipe = self._r.pipeline(transaction=False)
             pipe.xlen(self.stream)
-            pipe.execute_command("XINFO", "STREAM", self.stream)
+            self._added(keys=[self.stream], client=pipe)
             pipe.execute_command("XINFO", "GROUPS", self.stream)
             pipe.get(self._delivered_key(group))
             pipe.get(self._lost_key(group))
             pipe.xlen(self.dead_key)
-            length, sinfo, groups, delivered, lost, dead = pipe.execute()
-            info = _kv(sinfo)
-            added = int(info.get("entries-added", length) or 0)
+            length, added_raw, groups, delivered, lost, dead = pipe.execute()
+            added = int(added_raw) if int(added_raw) >= 0 else int(length)  # Redis < 7: no entries-added
             g = next((_kv(x) for x in groups if _s(_kv(x).get("name")) == group), {})
             pending = int(g.get("pending", 0) or 0)
             entries_read = g.get("entries-read")
