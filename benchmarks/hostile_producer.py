@@ -147,6 +147,7 @@ class Replica:
     not_ready: int = 0
     polls: int = 0
     peak_rss_mb: float = 0.0
+    why: list[str] = field(default_factory=list)  # the answers of the polls that were not ready
 
 
 def start_replica(url: str, stream: str, name: str, audit: Path) -> Replica:
@@ -174,8 +175,12 @@ def _watch(replicas: list[Replica], stop: threading.Event) -> None:
         for r in replicas:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{r.port}/readyz", timeout=5)
-            except (urllib.error.URLError, OSError):
+            except urllib.error.HTTPError as exc:
                 r.not_ready += 1
+                r.why.append(exc.read().decode(errors="replace")[:300])
+            except (urllib.error.URLError, OSError) as exc:
+                r.not_ready += 1
+                r.why.append(repr(exc)[:300])
             r.polls += 1
             r.peak_rss_mb = max(r.peak_rss_mb, _peak_rss_mb(r.proc.pid))
         stop.wait(0.2)
@@ -210,6 +215,7 @@ class Result:
     good_audited_not_once: dict[str, int] = field(default_factory=dict)
     hostile_audited: list[str] = field(default_factory=list)
     not_ready_polls: dict[str, int] = field(default_factory=dict)
+    not_ready_answers: dict[str, list[str]] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     pending_left: int = 0
 
@@ -285,6 +291,7 @@ def run(url: str, stream: str, workdir: Path, *, good_per_hostile: int = 4, roun
     res.good_audited_not_once = {s: seen.get(s, 0) for s in good_ids if seen.get(s, 0) != 1}
     res.hostile_audited = sorted(s for s in seen if s.startswith("hostile-"))
     res.not_ready_polls = {r.name: r.not_ready for r in replicas}
+    res.not_ready_answers = {r.name: r.why[:5] for r in replicas if r.why}
     res.peak_rss_mb = {r.name: round(r.peak_rss_mb, 1) for r in replicas}
     res.pending_left = t.stats("g").pending
     t.close()

@@ -296,8 +296,8 @@ def test_producer_model_names_do_not_become_metric_series(make: Any, good: bytes
 
 @pytest.mark.redis
 def test_a_huge_entry_never_reaches_the_replica(make: Any, good: bytes, redis_url: str, stream_name: str) -> None:
-    """A 20 MB entry is dead-lettered as oversized by its size and digest: Redis sends neither the
-    payload to the reader nor keeps it in the dead-letter stream (it kept whole payloads)."""
+    """A 20 MB entry is dead-lettered as oversized by its size: Redis neither sends the payload to
+    the reader nor keeps it in the dead-letter stream (it kept whole payloads)."""
     t: Transport = open_transport(redis_url, stream=stream_name)
     t.ensure_group("g")
     huge = good + b"\x00" * (20 * 1024 * 1024)
@@ -306,5 +306,5 @@ def test_a_huge_entry_never_reaches_the_replica(make: Any, good: bytes, redis_ur
     _steps(sc, 3)
     (dead,) = t.dead_letters()
     assert (dead.reason, dead.data) == ("oversized", b"")
-    assert dead.size >= len(huge) and dead.digest.startswith("sha1:")
+    assert dead.size >= len(huge)
     assert _sample_ids(sc) == Counter({"good-0": 1, "good-1": 1})

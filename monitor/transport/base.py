@@ -11,8 +11,8 @@ Semantics follow Redis Streams with one consumer group per sidecar pool:
   as its size and sha256 digest only;
 * reads are bounded in count and in bytes: ``read``/``claim_stale`` never hand over a payload
   larger than ``max_entry_bytes``; such an entry arrives with ``data`` empty and
-  ``withheld`` set to its size (and ``digest`` when the backend computed one), so a 100 MB
-  entry costs a consumer nothing but its dead letter;
+  ``withheld`` set to its size (and ``digest`` when the backend computed one: memory does,
+  Redis does not), so a 100 MB entry costs a consumer nothing but its dead letter;
 * ``deliveries`` is the backend's own delivery count (1 on first delivery, +1 per reclaim);
 * ``stats`` reports length, lag (not yet delivered), pending and ``trimmed`` (entries trimmed
   by ``maxlen`` before any consumer saw them: counted as lost).
