@@ -79,7 +79,7 @@ class SidecarSettings(BaseSettings, StreamSettings):
     batch_wait_ms: int = Field(50, ge=0, description="Longest wait to fill a micro-batch.")
     claim_idle_ms: int = Field(30_000, ge=100, description="Reclaim entries pending longer than this (their replica died).")
     claim_interval_s: float = Field(5.0, gt=0, description="How often to look for stale entries.")
-    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Bigger samples are dead-lettered (oversized) without being read: Redis sends their size and digest only, so one read holds at most batch_max x this many payload bytes.")
+    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Bigger samples are dead-lettered (oversized) without being read: Redis sends their size only, so one read holds at most batch_max x this many payload bytes.")
     max_deliveries: int = Field(5, ge=1, le=1000, description="An entry delivered more often than this (its replica kept dying or restarting while holding it) is dead-lettered as max_deliveries, counted with Redis's own delivery counter. A failure a message causes dead-letters it at its first delivery; infrastructure failures (Redis, disk) retry in place and never count.")
     dead_letter_maxlen: int = Field(1000, ge=1, description="Dead letters kept in <stream>:dead (the oldest are trimmed).")
     dead_letter_payload_max_bytes: int = Field(64 * 1024, ge=0, description="A dead-lettered payload larger than this is kept as its size and sha256 only: the dead-letter stream holds at most dead_letter_maxlen x this many payload bytes.")
