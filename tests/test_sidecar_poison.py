@@ -308,3 +308,14 @@ def test_a_huge_entry_never_reaches_the_replica(make: Any, good: bytes, redis_ur
     assert (dead.reason, dead.data) == ("oversized", b"")
     assert dead.size >= len(huge)
     assert _sample_ids(sc) == Counter({"good-0": 1, "good-1": 1})
+
+
+def test_producer_layer_lists_do_not_grow_the_layer_index() -> None:
+    """A producer sending a thousand different (valid) layer lists leaves the layer index's cache bounded."""
+    from monitor.pipeline.stages import LayerIndex
+
+    index = LayerIndex([0, 1, 2])
+    for n in range(1000):
+        index((0, 1, 2, 3 + n))
+    assert len(index._cache) <= 64
+    assert index((0, 1, 2, 5)).tolist() == [0, 1, 2]

@@ -209,7 +209,9 @@ class Sidecar:
 
     def _hold(self, entries: Sequence[Entry]) -> None:
         self._held = list(entries)
-        self._retry_delay = min(RETRY_MAX_S, max(0.2, self._retry_delay * 2))
+        # touched at every retry, so retrying within half of claim_idle_ms keeps other replicas off
+        longest = min(RETRY_MAX_S, self.settings.claim_idle_ms / 2000.0)
+        self._retry_delay = min(longest, max(0.05, self._retry_delay * 2))
         self._retry_at = time.monotonic() + self._retry_delay
 
     def refresh_stats(self) -> None:
