@@ -19,7 +19,7 @@ Delivery guarantees (Redis Streams consumer group shared by all replicas):
 * ``max_deliveries``: an entry Redis has delivered more often than that (its replicas kept dying
   while holding it, e.g. a crash in native code) is dead-lettered unread as ``max_deliveries``;
 * reads are bounded: at most ``batch_max`` entries, and a payload over ``max_payload_bytes``
-  never leaves Redis (dead-lettered as ``oversized`` by size and digest).
+  never leaves Redis (dead-lettered as ``oversized`` by its size).
 
 Collaborators come from the composition root (:mod:`monitor.sidecar.bootstrap`); the work on
 good samples is the shared pipeline stage (:mod:`monitor.sidecar.batch`).
