@@ -45,12 +45,13 @@ def good(tiny: torch.nn.Module) -> bytes:
 def make(tmp_path: Path, tiny: torch.nn.Module) -> Iterator[Any]:
     made: list[Sidecar] = []
 
-    def build(transport: str, audit: Any = None, **kw: Any) -> Sidecar:
+    def build(transport: str, audit: Any = None, ledger: Any = None, **kw: Any) -> Sidecar:
         kw.setdefault("claim_idle_ms", 100)
         settings = load_settings(transport=transport, group="g", http_port=0, batch_wait_ms=10, batch_max=8,
                                  claim_interval_s=0.05, audit={"directory": tmp_path / f"audit-{len(made)}"},
                                  baseline={"learn_samples": 400, "window": 50}, **kw)
-        sc = Sidecar(settings, bank=TorchLogitLens(tiny), **({"audit": audit(settings)} if audit else {}))
+        parts = {"audit": audit(settings)} if audit else {}
+        sc = Sidecar(settings, bank=TorchLogitLens(tiny), ledger=ledger, **parts)
         made.append(sc)
         return sc
 
@@ -193,6 +194,43 @@ def test_a_disk_failure_holds_the_batch_and_nothing_is_learned_twice(make: Any, 
     assert sc.learner.collected == 3
     assert sc.readiness()[0] is True
     assert [e.deliveries for e in sc._held] == []
+
+
+class FlakyLedger:
+    """The in-process ledger behind a Redis that drops the first ``failures`` marks (TransportError)."""
+
+    def __init__(self, failures: int) -> None:
+        from monitor.backends.ledger import MemoryLedger
+
+        self.inner, self.failures = MemoryLedger(), failures
+
+    def mark(self, ids: Any, digests: Any = None) -> None:
+        from monitor.errors import TransportError
+
+        if self.failures > 0:
+            self.failures -= 1
+            raise TransportError("ledger mark failed: Redis is unavailable (Timeout reading from socket)")
+        self.inner.mark(ids, digests)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_ledger_outage_after_the_fsync_neither_loses_nor_repeats_a_sample(make: Any, good: bytes) -> None:
+    """Records made durable before Redis failed to mark the ledger are marked on the retry and the
+    entries acked as duplicates: each sample audited and learned once, nothing dead-lettered."""
+    ledger = FlakyLedger(failures=2)
+    sc = make("memory://ledger-outage", ledger=ledger)
+    t = _memory("memory://ledger-outage")
+    t.publish(_goods(good, 4))
+    for _ in range(100):
+        if ledger.failures == 0 and t.stats("g").pending == 0:
+            break
+        sc.step()
+    assert t.dead_letters() == []
+    assert _sample_ids(sc) == Counter({f"good-{i}": 1 for i in range(4)})
+    assert sc.learner.collected == 4
+    assert sc.processor.unmarked == {}
 
 
 def test_any_exception_in_the_lens_bank_dead_letters_only_its_sample(make: Any, good: bytes,
