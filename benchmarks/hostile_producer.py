@@ -150,10 +150,10 @@ class Replica:
     why: list[str] = field(default_factory=list)  # the answers of the polls that were not ready
 
 
-def start_replica(url: str, stream: str, name: str, audit: Path) -> Replica:
+def start_replica(url: str, stream: str, name: str, audit: Path, *extra: str) -> Replica:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(WORKER), "--transport", url, "--stream", stream, "--consumer", name,
-                             "--audit", str(audit), "--claim-idle-ms", "5000"],
+                             "--audit", str(audit), "--claim-idle-ms", "5000", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -293,6 +293,57 @@ def run(url: str, stream: str, workdir: Path, *, good_per_hostile: int = 4, roun
     res.not_ready_polls = {r.name: r.not_ready for r in replicas}
     res.not_ready_answers = {r.name: r.why[:5] for r in replicas if r.why}
     res.peak_rss_mb = {r.name: round(r.peak_rss_mb, 1) for r in replicas}
+    res.pending_left = t.stats("g").pending
+    t.close()
+    return res
+
+
+@dataclass
+class CrashResult:
+    """What a message that kills its replica led to."""
+
+    crashes: int = 0
+    dead_letters: list[tuple[str, int]] = field(default_factory=list)  # (reason, deliveries)
+    good_audited: dict[str, int] = field(default_factory=dict)
+    pending_left: int = 0
+
+
+def run_crashing(url: str, stream: str, workdir: Path, *, max_deliveries: int = 3, timeout: float = 150.0) -> CrashResult:
+    """A message that kills whichever replica reads it (``os._exit`` in the lens bank's place)
+    among good samples, two replicas restarted as an orchestrator would: it is dead-lettered as
+    ``max_deliveries`` after ``max_deliveries`` crashes and its batch-mates are audited once."""
+    from monitor.transport import open_transport
+
+    goods = capture_good(8, seed=2)
+    poison = _with(goods[0], sample_id="hostile-kills-replicas", request_id="kill-the-replica")
+    t = open_transport(url, stream=stream, maxlen=10_000)
+    t.ensure_group("g")
+    t.publish(goods[:3] + [poison] + goods[3:])
+    audit = workdir / "audit"
+    extra = ("--crash-on-request-id", "kill-the-replica", "--max-deliveries", str(max_deliveries),
+             "--claim-idle-ms", "600")
+    replicas = {n: start_replica(url, stream, n, audit, *extra) for n in ("replica-a", "replica-b")}
+    res = CrashResult()
+    good_ids = {_split(g)[0]["sample_id"] for g in goods}
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, rep in list(replicas.items()):
+                if rep.proc.poll() is not None:  # the orchestrator restarts it
+                    res.crashes += 1
+                    replicas[name] = start_replica(url, stream, name, audit, *extra)
+            st = t.stats("g")
+            if st.lag == 0 and st.pending == 0 and good_ids <= set(audit_samples(audit)):
+                break
+            time.sleep(0.2)
+    finally:
+        for rep in replicas.values():
+            rep.proc.terminate()
+        for rep in replicas.values():
+            rep.proc.wait(timeout=30)
+    res.dead_letters = [(d.reason, d.deliveries) for d in t.dead_letters()]
+    seen = audit_samples(audit)
+    res.good_audited = {s: seen.get(s, 0) for s in sorted(good_ids)}
     res.pending_left = t.stats("g").pending
     t.close()
     return res

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.hostile_producer import RSS_BOUND_MB, hostile_entries, run
+from benchmarks.hostile_producer import RSS_BOUND_MB, hostile_entries, run, run_crashing
 from tests.test_sidecar import _good_sample
 
 
@@ -41,3 +41,18 @@ def test_the_suite_covers_at_least_fifteen_distinct_hostile_classes() -> None:
     assert len(set(names)) == len(names) >= 15
     assert {"too_deep", "non_finite", "bad_id", "shape_mismatch", "oversized", "not_utf8", "fingerprint", "dtype",
             "missing_field", "schema_version", "unknown_layer"} <= {r for _, r, _ in classes}
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(240)
+def test_a_message_that_kills_its_replica_is_dead_lettered_after_max_deliveries(
+        redis_url: str, stream_name: str, tmp_path: Path) -> None:
+    """A message that kills whichever replica reads it (restarted each time) is dead-lettered as
+    max_deliveries at its fourth delivery with max_deliveries 3, counted by Redis; the good samples
+    of its batch are redelivered one at a time and audited exactly once."""
+    res = run_crashing(redis_url, stream_name, tmp_path, max_deliveries=3)
+    print(res)
+    assert res.dead_letters == [("max_deliveries", 4)]
+    assert res.crashes == 3
+    assert set(res.good_audited.values()) == {1}
+    assert res.pending_left == 0

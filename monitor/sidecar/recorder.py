@@ -49,6 +49,16 @@ class BatchStats:
     started: float = field(default_factory=time.monotonic)
     capture_times: list[float] = field(default_factory=list)  # wall-clock capture time of each audited sample
 
+    def add(self, other: BatchStats) -> None:
+        """Fold another micro-batch's counts into these (one step can process several)."""
+        self.processed += other.processed
+        self.unique += other.unique
+        self.duplicates += other.duplicates
+        self.dead_letters.update(other.dead_letters)
+        self.failed += other.failed
+        self.acked += other.acked
+        self.capture_times += other.capture_times
+
 
 class FleetTapTotals:
     """Fleet totals of every tap's counters, from the counters each sample header carries.

@@ -18,6 +18,8 @@ Delivery guarantees (Redis Streams consumer group shared by all replicas):
   this replica without counting a delivery) while ``/readyz`` says not ready;
 * ``max_deliveries``: an entry Redis has delivered more often than that (its replicas kept dying
   while holding it, e.g. a crash in native code) is dead-lettered unread as ``max_deliveries``;
+  stale entries are reclaimed and processed one at a time, so such a message counts its
+  deliveries alone instead of taking its batch-mates with it;
 * reads are bounded: at most ``batch_max`` entries, and a payload over ``max_payload_bytes``
   never leaves Redis (dead-lettered as ``oversized`` by its size).
 
@@ -175,13 +177,12 @@ class Sidecar:
 
     def _read_and_process(self) -> BatchStats:
         s, limit = self.settings, self.settings.max_payload_bytes
-        entries: list[Entry] = []
         if time.monotonic() - self._last_claim >= s.claim_interval_s:
             self._last_claim = time.monotonic()
-            entries = self.transport.claim_stale(s.group, s.consumer, s.claim_idle_ms, s.batch_max, limit)
-        if len(entries) < s.batch_max:
-            entries += self.transport.read(s.group, s.consumer, s.batch_max - len(entries),
-                                           block_ms=0 if entries else 500, max_entry_bytes=limit)
+            reclaimed = self._reclaim()
+            if reclaimed is not None:
+                return reclaimed
+        entries = self.transport.read(s.group, s.consumer, s.batch_max, block_ms=500, max_entry_bytes=limit)
         self.transport_ok = True
         deadline = time.monotonic() + s.batch_wait_ms / 1000.0
         while entries and len(entries) < s.batch_max and not self._stop.is_set():
@@ -191,7 +192,20 @@ class Sidecar:
             if not more:
                 break
             entries += more
-        return self.process_entries(entries) if entries else BatchStats()
+        return self._process_all(entries) if entries else BatchStats()
+
+    def _reclaim(self) -> BatchStats | None:
+        """Take over stale entries one at a time, each processed before the next is claimed
+        (XAUTOCLAIM counts a delivery for every entry it claims: claimed together, a message that
+        kills its replica would take its batch-mates to max_deliveries with it). None if none."""
+        s, total, n = self.settings, BatchStats(), 0
+        while n < s.batch_max and not self._held and not self._stop.is_set():
+            got = self.transport.claim_stale(s.group, s.consumer, s.claim_idle_ms, 1, s.max_payload_bytes)
+            if not got:
+                break
+            n += 1
+            total.add(self._process_all(got))
+        return total if n else None
 
     def _retry_held(self) -> BatchStats:
         """Process the held batch again once its back-off has passed (keeping it pending here)."""
@@ -205,7 +219,22 @@ class Sidecar:
         except TransportError:
             self._hold(entries)
             raise
-        return self.process_entries(entries)
+        return self._process_all(entries)
+
+    def _process_all(self, entries: Sequence[Entry]) -> BatchStats:
+        """Entries delivered before (their replica died holding them) one at a time, so a message
+        that kills its replica takes no batch-mate towards max_deliveries; the rest as one batch.
+        After an infrastructure failure, whatever is left is held with the failed part."""
+        again = [[e] for e in entries if e.deliveries > 1]
+        fresh = [e for e in entries if e.deliveries <= 1]
+        groups = again + ([fresh] if fresh else [])
+        total = BatchStats()
+        for i, group in enumerate(groups):
+            total.add(self.process_entries(group))
+            if self._held:
+                self._held += [e for rest in groups[i + 1:] for e in rest]
+                break
+        return total
 
     def _hold(self, entries: Sequence[Entry]) -> None:
         self._held = list(entries)
