@@ -13,8 +13,10 @@ other replica is audited by both: the ledger is checked before, and marked after
 
 Checks what issue 17 asks and reports it: every hostile entry dead-lettered with its reason,
 every good sample audited exactly once (both trails read), both replicas ready throughout
-(``/readyz`` polled), peak RSS (``VmHWM``) per replica. Prints a table, writes JSON to
-``bench-results/hostile_producer.json``. ``tests/test_hostile_producer.py`` runs it smaller.
+(``/readyz`` polled), peak RSS (``VmHWM``) per replica. Then :func:`run_crashing`: a message that
+kills whichever replica reads it, replicas restarted as an orchestrator would, until Redis's
+delivery count passes ``max_deliveries``. Prints a table, writes JSON to
+``bench-results/hostile_producer.json``. ``tests/test_hostile_producer.py`` runs both.
 """
 
 from __future__ import annotations
@@ -361,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     stream = f"lwbench:hostile:{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            res = run(args.redis, stream, Path(tmp), good_per_hostile=args.good_per_hostile, rounds=args.rounds,
-                      huge_mb=args.huge_mb, timeout=600)
+            res = run(args.redis, stream, Path(tmp) / "hostile", good_per_hostile=args.good_per_hostile,
+                      rounds=args.rounds, huge_mb=args.huge_mb, timeout=600)
+            crash = run_crashing(args.redis, stream + ":crash", Path(tmp) / "crash", max_deliveries=3)
         finally:
             import redis
 
@@ -370,9 +373,10 @@ def main(argv: list[str] | None = None) -> int:
             keys = list(r.scan_iter(match=stream + "*"))
             if keys:
                 r.delete(*keys)
+    crash_ok = crash.dead_letters == [("max_deliveries", 4)] and set(crash.good_audited.values()) == {1}
     ok = (not res.wrong_reason and not res.not_dead_lettered and not res.good_audited_not_once
           and not res.hostile_audited and not any(res.not_ready_polls.values())
-          and all(v < RSS_BOUND_MB for v in res.peak_rss_mb.values()))
+          and all(v < RSS_BOUND_MB for v in res.peak_rss_mb.values()) and crash_ok)
     rows = [("entries (good + hostile)", f"{res.good} + {res.hostile}"),
             ("entries/s (publish to drained, 2 replicas)", f"{res.entries_per_s:.1f}"),
             ("dead letters by reason", ", ".join(f"{k} {v}" for k, v in res.dead_letters_by_reason.items())),
@@ -380,13 +384,16 @@ def main(argv: list[str] | None = None) -> int:
             ("good samples not audited exactly once", str(len(res.good_audited_not_once))),
             ("/readyz polls not ready", ", ".join(f"{k} {v}" for k, v in res.not_ready_polls.items())),
             ("peak RSS per replica (VmHWM, MB; bound 1200)", ", ".join(f"{k} {v}" for k, v in res.peak_rss_mb.items())),
+            ("replica-killing message (max_deliveries 3): crashes", str(crash.crashes)),
+            ("  its dead letter (reason, deliveries)", ", ".join(f"{r} {n}" for r, n in crash.dead_letters)),
+            ("  its batch-mates audited exactly once", f"{sum(v == 1 for v in crash.good_audited.values())} of {len(crash.good_audited)}"),
             ("all checks", "pass" if ok else "FAIL")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(asdict(res), indent=2) + "\n")
+    out.write_text(json.dumps({**asdict(res), "replica_killing_message": asdict(crash)}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0 if ok else 1
 
