@@ -13,7 +13,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ("tap_overhead", "lens_throughput", "lens_training", "drift_eval", "sidecar_load")
+BENCHMARKS = ("tap_overhead", "lens_throughput", "lens_training", "drift_eval", "sidecar_load", "hostile_producer")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,9 +189,10 @@ class SidecarMetrics:
         self.lens_bundle_info = _gauge(
             "layerwatch_lens_bundle_info",
             "The lens bundle in use (value 1).", ["model", "bundle"], registry=r)
-        self.audit_records = _counter(
+        self.audit_records = ModelBoundedCounter(_counter(
             "layerwatch_audit_records_total",
-            "Records appended to the audit trail, by kind.", ["model", "kind"], registry=r)
+            "Records appended to the audit trail, by kind (model: a configured name, else 'other').",
+            ["model", "kind"], registry=r))
         self.audit_write_errors = _counter(
             "layerwatch_audit_write_errors_total",
             "Failed audit writes or fsyncs.", ["model"], registry=r)
@@ -211,8 +212,41 @@ class SidecarMetrics:
             "layerwatch_fleet_tap_drops_total",
             "Fleet total of tap drops by reason (from sample headers).", ["model", "reason"], registry=r)
 
+    def allow_models(self, names: Iterable[str]) -> None:
+        """The model names a producer-chosen ``model`` label may take; others count as 'other'."""
+        self.audit_records.allow(names)
+
 
 Labels = tuple[str, ...]
+
+OTHER_MODEL = "other"  # the one label value of every model name outside the configured ones
+
+
+class ModelBoundedCounter:
+    """A counter whose ``model`` label may come from a producer (a sample's own ``model`` field).
+
+    After :meth:`allow`, a name outside the allowed set is counted under :data:`OTHER_MODEL`, so
+    a buggy or hostile producer cannot create series (50 names made 54 series before). Until then
+    every name passes (tools that write trails outside the sidecar choose their own names)."""
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._allowed: frozenset[str] | None = None
+
+    def allow(self, names: Iterable[str]) -> None:
+        """Only these model names become label values from now on."""
+        self._allowed = frozenset(names)
+
+    def labels(self, *values: str, **kw: str) -> Counter:
+        """The child of one label set, the model name bounded."""
+        if values:
+            values = (self._bounded(values[0]), *values[1:])
+        elif "model" in kw:
+            kw = {**kw, "model": self._bounded(kw["model"])}
+        return self._counter.labels(*values, **kw)
+
+    def _bounded(self, model: str) -> str:
+        return model if self._allowed is None or model in self._allowed else OTHER_MODEL
 
 
 @dataclass(frozen=True)

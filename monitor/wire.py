@@ -16,7 +16,9 @@ into the request's own tokens with padding excluded; empty for ``mean`` and ``la
 (the sending tap's cumulative counters). Never pickle: decoding reads JSON and
 ``numpy.frombuffer`` only. :func:`decode` validates everything the sidecar relies on and raises
 :class:`~monitor.errors.WireFormatError` whose ``reason`` is a short, bounded label used for
-the dead-letter stream and its counter.
+the dead-letter stream and its counter (:data:`DECODE_REASONS`; a hostile producer can send
+anything, so nothing else may escape: a nested header is refused by depth, NaN and Infinity
+anywhere in the header by the JSON parser itself, ids by length and character class).
 """
 
 from __future__ import annotations
@@ -38,13 +40,27 @@ DTYPES: dict[str, np.dtype[Any] | None] = {"float16": np.dtype("<f2"), "float32"
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 MAX_METADATA_ITEMS = 32
+MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 256
+MAX_ID_CHARS = 256  # sample_id, request_id: they become ledger keys and audit fields
+MAX_NAME_CHARS = 128  # model, model_fingerprint, dtype, positions
+MAX_HEADER_DEPTH = 6  # the deepest legitimate value is final_topk's [P][k] lists (depth 3)
 
-# Dead-letter reasons produced by decode() (the sidecar adds "fingerprint" itself when it
-# compares with the lens bundle, which decode() also does when given an expected fingerprint).
+# Dead-letter reasons produced by decode(), one label each (documented in the README):
 DECODE_REASONS = (
-    "undecodable", "schema_version", "missing_field", "bad_field", "shape_mismatch", "dtype",
-    "non_finite", "oversized", "fingerprint",
+    "undecodable",  # no LWS1 magic, a header length past the message, not JSON, not an object
+    "not_utf8",  # the header (or a string in it) is not valid UTF-8
+    "too_deep",  # the header's JSON nests deeper than MAX_HEADER_DEPTH
+    "schema_version",  # a schema this sidecar does not read
+    "missing_field",  # a required header field is absent
+    "bad_field",  # a field of the wrong type or out of range
+    "bad_id",  # sample_id or request_id empty, longer than MAX_ID_CHARS, or with control characters
+    "shape_mismatch",  # declared shape vs layers, positions or the payload's length
+    "dtype",  # a dtype other than float16/float32
+    "non_finite",  # NaN or Infinity in the header (metadata included) or in the hidden states
+    "oversized",  # the message is larger than the configured limit
+    "fingerprint",  # captured from another model than the lens bundle's
+    "unknown_layer",  # the sample lacks a layer the lens bank reads
 )
 
 # vectors per layer of the positions modes that fix it (the sidecar reads index 0 of
@@ -153,12 +169,7 @@ def decode(
     (hlen,) = struct.unpack_from("<I", buf, 4)
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(buf):
         raise WireFormatError("undecodable", f"header length {hlen} exceeds the message or the limit")
-    try:
-        hdr = json.loads(buf[8 : 8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireFormatError("undecodable", f"header is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(hdr, dict):
-        raise WireFormatError("undecodable", "header is not a JSON object")
+    hdr = _parse_header(buf[8 : 8 + hlen])
     schema = hdr.get("schema")
     if not isinstance(schema, int) or isinstance(schema, bool) or schema not in SUPPORTED_SCHEMAS:
         raise WireFormatError(
@@ -166,6 +177,11 @@ def decode(
         )
     for name, kind in _REQUIRED.items():
         _field(hdr, name, kind)
+    for name in ("sample_id", "request_id"):
+        _check_id(name, hdr[name])
+    for name in ("model", "model_fingerprint", "dtype", "positions"):
+        if not 0 < len(hdr[name]) <= MAX_NAME_CHARS or not hdr[name].isprintable():
+            raise WireFormatError("bad_field", f"header field {name!r} must be 1..{MAX_NAME_CHARS} printable characters")
     layers = _int_list(hdr, "layers")
     shape = _int_list(hdr, "shape")
     n_states = hdr["n_states"]
@@ -198,9 +214,7 @@ def decode(
     hidden = np.frombuffer(payload, dtype=dt).reshape(shape)
     if not np.isfinite(hidden).all():
         raise WireFormatError("non_finite", "hidden states contain NaN or Inf")
-    metadata = hdr.get("metadata") or {}
-    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_ITEMS:
-        raise WireFormatError("bad_field", "metadata must be an object with at most 32 items")
+    metadata = _metadata(hdr.get("metadata"))
     final = _final_topk(hdr.get("final_topk"), shape[1])
     pos_index = hdr.get("position_index") or []
     if not isinstance(pos_index, list) or len(pos_index) > shape[1]:
@@ -223,6 +237,89 @@ def decode(
         position_index=tuple(int(x) for x in pos_index), metadata=metadata, final_topk=final,
         tap=tap, schema=schema,
     )
+
+
+def _reject_constant(name: str) -> float:
+    raise WireFormatError("non_finite", f"header holds {name}; JSON numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise WireFormatError("non_finite", f"header number {text[:40]} is not finite")
+    return value
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    """The header object: UTF-8 JSON with finite numbers only, nested at most MAX_HEADER_DEPTH."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireFormatError("not_utf8", f"header is not UTF-8: {exc}") from exc
+    try:
+        hdr = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError as exc:  # the C scanner recurses once per level
+        raise WireFormatError("too_deep", f"header nests deeper than {MAX_HEADER_DEPTH} levels") from exc
+    except json.JSONDecodeError as exc:
+        raise WireFormatError("undecodable", f"header is not JSON: {exc}") from exc
+    except ValueError as exc:  # an integer past Python's digit limit
+        raise WireFormatError("undecodable", f"header is not usable JSON: {str(exc)[:200]}") from exc
+    if not isinstance(hdr, dict):
+        raise WireFormatError("undecodable", "header is not a JSON object")
+    _check_tree(hdr)
+    return hdr
+
+
+def _check_tree(root: Any) -> None:
+    """Depth and string checks over the parsed header, iteratively (no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_utf8(value)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_HEADER_DEPTH:
+            raise WireFormatError("too_deep", f"header nests deeper than {MAX_HEADER_DEPTH} levels")
+        if isinstance(value, dict):
+            for key in value:
+                _check_utf8(key)
+            stack.extend((v, depth + 1) for v in value.values())
+        else:
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _check_utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate written as a JSON escape (\ud800)
+        raise WireFormatError("not_utf8", "header holds a string that is not valid UTF-8") from exc
+
+
+def _check_id(name: str, value: str) -> None:
+    if not value:
+        raise WireFormatError("bad_id", f"{name} is empty")
+    if len(value) > MAX_ID_CHARS:
+        raise WireFormatError("bad_id", f"{name} has {len(value)} characters, limit {MAX_ID_CHARS}")
+    if not value.isprintable():
+        raise WireFormatError("bad_id", f"{name} holds control or non-printable characters")
+
+
+def _metadata(raw: Any) -> dict[str, Any]:
+    """User metadata as the tap's :func:`sanitize_metadata` leaves it: bounded keys, scalar values."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > MAX_METADATA_ITEMS:
+        raise WireFormatError("bad_field", f"metadata must be an object with at most {MAX_METADATA_ITEMS} items")
+    for key, value in raw.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise WireFormatError("bad_field", f"metadata keys are at most {MAX_METADATA_KEY_CHARS} characters")
+        if isinstance(value, str) and len(value) > MAX_METADATA_VALUE_CHARS:
+            raise WireFormatError("bad_field", f"metadata values are at most {MAX_METADATA_VALUE_CHARS} characters")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise WireFormatError("bad_field", f"metadata value of {key[:64]!r} is not a scalar")
+    return raw
 
 
 def _final_topk(raw: Any, n_positions: int) -> FinalTopK | None:

@@ -37,6 +37,10 @@ def main() -> int:
     ap.add_argument("--claim-idle-ms", type=int, default=600)
     ap.add_argument("--batch-max", type=int, default=8)
     ap.add_argument("--http-port", type=int, default=0)
+    ap.add_argument("--max-deliveries", type=int, default=5)
+    ap.add_argument("--crash-on-request-id", default=None,
+                    help="die (os._exit) when a batch holds a sample with this request id: a message "
+                         "that kills its replica, as a crash in native code would")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if os.environ.get("LW_TEST_FSYNC_FAILS_WHILE"):
@@ -52,10 +56,21 @@ def main() -> int:
     settings = load_settings(
         transport=args.transport, stream=args.stream, consumer=args.consumer, group="g",
         claim_idle_ms=args.claim_idle_ms, claim_interval_s=0.2, batch_max=args.batch_max, batch_wait_ms=20,
-        http_port=args.http_port, stats_interval_s=0.5, shutdown_timeout_s=10,
+        http_port=args.http_port, stats_interval_s=0.5, shutdown_timeout_s=10, max_deliveries=args.max_deliveries,
         audit={"directory": args.audit}, baseline={"learn_samples": 100_000},
     )
     sidecar = Sidecar(settings, bank=TorchLogitLens(model))
+    if args.crash_on_request_id is not None:
+        import monitor.sidecar.batch as batch
+
+        real = batch.read_samples
+
+        def read_samples(bank, samples, index):  # noqa: ANN001, ANN202
+            if any(s.request_id == args.crash_on_request_id for s in samples):
+                os._exit(3)
+            return real(bank, samples, index)
+
+        batch.read_samples = read_samples
     http = SidecarHTTPServer(sidecar, "127.0.0.1", args.http_port).start()
     print(f"READY {http.port}", flush=True)
     sidecar.install_signal_handlers()

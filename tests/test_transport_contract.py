@@ -70,6 +70,67 @@ def test_unacked_entries_are_reclaimed_after_idle_timeout(transport: Transport) 
     assert transport.stats("g").pending == 0
 
 
+def _claim(t: Transport, consumer: str, **kw: object) -> list:
+    deadline = time.monotonic() + 5.0  # claimable once idle 20 ms
+    while not (got := t.claim_stale("g", consumer, min_idle_ms=20, count=10, **kw)) and time.monotonic() < deadline:  # type: ignore[arg-type]
+        pass
+    return got
+
+
+def test_reclaims_carry_the_real_delivery_count(transport: Transport) -> None:
+    """Each reclaim counts one more delivery, as the backend counts it (issue 17: Redis reported 2 every time)."""
+    transport.ensure_group("g")
+    transport.publish([b"x"])
+    assert [e.deliveries for e in transport.read("g", "c1", count=1, block_ms=0)] == [1]
+    assert [e.deliveries for e in _claim(transport, "c2")] == [2]
+    assert [e.deliveries for e in _claim(transport, "c3")] == [3]
+    assert [e.deliveries for e in _claim(transport, "c2")] == [4]
+
+
+def test_touch_keeps_an_entry_without_counting_a_delivery(transport: Transport) -> None:
+    """touch() resets an entry's idle time (nobody can claim it yet) and leaves its delivery count alone."""
+    transport.ensure_group("g")
+    transport.publish([b"x"])
+    (e,) = transport.read("g", "c1", count=1, block_ms=0)
+    time.sleep(0.3)
+    transport.touch("g", "c1", [e.id])
+    assert transport.claim_stale("g", "c2", min_idle_ms=250, count=10) == []
+    assert [x.deliveries for x in _claim(transport, "c2")] == [2]
+
+
+def test_reads_withhold_payloads_over_the_byte_limit(transport: Transport) -> None:
+    """An entry over max_entry_bytes arrives as its size and digest, without its payload, on read and on reclaim."""
+    transport.ensure_group("g")
+    big = b"\x01" * 100_000
+    transport.publish([b"small", big])
+    small, withheld = transport.read("g", "c1", count=10, block_ms=0, max_entry_bytes=50_000)
+    assert (small.data, small.withheld) == (b"small", None)
+    assert withheld.data == b"" and withheld.withheld is not None and withheld.withheld >= len(big)
+    (again,) = _claim(transport, "c2", max_entry_bytes=50_000) if transport.ack("g", [small.id]) else []
+    assert again.data == b"" and again.withheld == withheld.withheld and again.deliveries == 2
+
+
+def test_dead_letters_are_bounded_in_entries_and_bytes(transport: Transport) -> None:
+    """Payloads over the dead-letter cap are kept as size and sha256; only dead_maxlen entries are kept."""
+    import hashlib
+
+    transport.dead_maxlen = 3  # type: ignore[attr-defined]
+    transport.dead_payload_max_bytes = 100  # type: ignore[attr-defined]
+    transport.ensure_group("g")
+    big = b"\x02" * 1000
+    transport.publish([big] + [b"p%d" % i for i in range(5)])
+    for e in transport.read("g", "c1", count=10, block_ms=0):
+        transport.dead_letter(e, "undecodable", "x")
+    dead = transport.dead_letters()
+    assert [d.data for d in dead] == [b"p2", b"p3", b"p4"]
+    assert transport.stats("g").dead_letters == 3
+    transport.publish([big])
+    (e,) = transport.read("g", "c1", count=1, block_ms=0)
+    transport.dead_letter(e, "oversized", "x")
+    last = transport.dead_letters()[-1]
+    assert (last.data, last.size, last.digest) == (b"", 1000, "sha256:" + hashlib.sha256(big).hexdigest())
+
+
 def test_trimmed_entries_are_counted_as_lost(transport: Transport) -> None:
     """Entries trimmed by maxlen before any delivery show up in stats().trimmed."""
     transport.ensure_group("g")

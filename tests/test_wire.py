@@ -81,12 +81,54 @@ def test_float32_roundtrips() -> None:
 
 @pytest.mark.parametrize("data", [
     "not bytes", b"", b"LWS", b"XXXX\x00\x00\x00\x00", MAGIC + struct.pack("<I", 10_000_000) + b"{}",
-    MAGIC + struct.pack("<I", 50) + b"{}", MAGIC + struct.pack("<I", 4) + b"\xff\xfe{}",
+    MAGIC + struct.pack("<I", 50) + b"{}",
     MAGIC + struct.pack("<I", 5) + b"{nope", MAGIC + struct.pack("<I", 2) + b"[]",
 ])
 def test_undecodable(data: Any) -> None:
-    """Wrong type, missing magic, a bad header length, non-UTF-8 or non-object JSON: undecodable."""
+    """Wrong type, missing magic, a bad header length or non-object JSON: undecodable."""
     assert _reason(data) == "undecodable"
+
+
+def _header_only(raw: bytes) -> bytes:
+    return MAGIC + struct.pack("<I", len(raw)) + raw
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b"[" * 50_000, "too_deep"),  # issue 17: RecursionError escaped decode()
+    (b'{"a":' * 9 + b"1" + b"}" * 9, "too_deep"),  # parses, but deeper than any real header
+    (b"\xff\xfe{}", "not_utf8"),
+    (b'{"schema":1,"x":"\\ud800"}', "not_utf8"),  # a lone surrogate escaped in JSON
+    (b'{"schema":1,"created_at":NaN}', "non_finite"),
+    (b'{"schema":1,"x":[Infinity]}', "non_finite"),
+    (b'{"schema":1,"x":-1e999}', "non_finite"),
+    (b'{"schema":1,"x":' + b"9" * 5000 + b"}", "undecodable"),  # past Python's int digit limit
+])
+def test_hostile_headers_get_their_own_reason(raw: bytes, reason: str) -> None:
+    """Deep nesting, non-UTF-8 strings, NaN/Infinity and oversized numbers end as WireFormatError, never another exception."""
+    assert _reason(_header_only(raw)) == reason
+
+
+@pytest.mark.parametrize("metadata", [{"temp": float("nan")}, {"nested": {"x": float("inf")}}])
+def test_non_finite_metadata_is_refused(metadata: dict[str, Any]) -> None:
+    """NaN or Infinity in the metadata is refused at decode (issue 17: it failed later, in the audit writer)."""
+    h = _header(shape=[3, 1, 4], dtype="float16", metadata=metadata)
+    raw = json.dumps(h).encode()  # json.dumps writes NaN/Infinity by default, as a careless producer would
+    assert _reason(MAGIC + struct.pack("<I", len(raw)) + raw + _hidden().tobytes()) == "non_finite"
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("sample_id", ""), ("request_id", ""), ("sample_id", "x" * 257), ("request_id", "r\x1b[2J"),
+    ("sample_id", "a\nb"), ("sample_id", "\u202egnp.exe"),
+])
+def test_bad_ids(field: str, value: str) -> None:
+    """Empty, huge or control-character sample and request ids are refused as bad_id."""
+    assert _reason(_valid_raw(**{field: value})) == "bad_id"
+
+
+@pytest.mark.parametrize("metadata", [{"k": {"nested": 1}}, {"k": [1, 2]}, {"k" * 65: 1}, {"k": "v" * 257}])
+def test_metadata_stays_bounded(metadata: dict[str, Any]) -> None:
+    """Metadata holds scalar values under bounded keys, as the tap's sanitize_metadata leaves it."""
+    assert _reason(_valid_raw(metadata=metadata)) == "bad_field"
 
 
 def test_schema_version() -> None:
@@ -193,8 +235,9 @@ def test_fingerprint() -> None:
 
 def test_every_reason_is_covered() -> None:
     """The reasons exercised above are exactly the documented dead-letter reasons."""
-    assert set(DECODE_REASONS) == {"undecodable", "schema_version", "missing_field", "bad_field",
-                                   "shape_mismatch", "dtype", "non_finite", "oversized", "fingerprint"}
+    assert set(DECODE_REASONS) == {"undecodable", "not_utf8", "too_deep", "schema_version", "missing_field",
+                                   "bad_field", "bad_id", "shape_mismatch", "dtype", "non_finite", "oversized",
+                                   "fingerprint", "unknown_layer"}
 
 
 def _decode_or_wire_error(data: bytes) -> None:

@@ -32,8 +32,8 @@ class Backend(Protocol):
 
     url: BackendURL
 
-    def transport(self, *, stream: str, maxlen: int) -> Transport:
-        """The sample stream."""
+    def transport(self, *, stream: str, maxlen: int, **options: Any) -> Transport:
+        """The sample stream (``options``: the transport's keywords, e.g. the dead-letter bounds)."""
         ...
 
     def ledger(self, *, key_prefix: str, ttl_s: int) -> Ledger:

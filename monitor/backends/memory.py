@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from monitor.backends.ledger import MemoryLedger
 from monitor.transport.base import Transport
 from monitor.transport.memory import MemoryTransport
@@ -14,13 +16,13 @@ class MemoryBackend:
     def __init__(self, url: BackendURL) -> None:
         self.url = url
 
-    def transport(self, *, stream: str, maxlen: int) -> Transport:
+    def transport(self, *, stream: str, maxlen: int, **options: Any) -> Transport:
         """The process-global broker named by the URL."""
-        return MemoryTransport(self.url.url, stream=stream, maxlen=maxlen)
+        return MemoryTransport(self.url.url, stream=stream, maxlen=maxlen, **options)
 
     def ledger(self, *, key_prefix: str, ttl_s: int) -> MemoryLedger:
-        """A ledger private to this process (arguments only matter for Redis)."""
-        return MemoryLedger()
+        """A ledger private to this process (the key prefix only matters for Redis)."""
+        return MemoryLedger(ttl_s)
 
     def client(self) -> None:
         """No Redis client: baselines come from files, audit heads stay beside the trail."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ from monitor.errors import LayerwatchError, TransportError
 from monitor.urls import BackendURL, parse_url, redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
+    from monitor.backends.ledger_redis import RedisLedger
     from monitor.transport.base import Transport
 
 
@@ -119,35 +120,6 @@ def mapped_errors(error: type[LayerwatchError], what: str, url: str = "") -> Ite
         raise error(f"{what}: Redis{where} is unavailable ({exc}); check the Redis URL") from exc
 
 
-class RedisLedger:
-    """One Redis key per sample id with a TTL: ``<prefix>:<sample_id>``."""
-
-    def __init__(self, client: redis.Redis, prefix: str, ttl_s: int, url: str = "") -> None:
-        self._r = client
-        self.prefix = prefix
-        self.ttl_s = ttl_s
-        self._url = url
-
-    def seen(self, sample_ids: Iterable[str]) -> set[str]:
-        """The ids already marked (one pipelined EXISTS per id)."""
-        ids = list(sample_ids)
-        if not ids:
-            return set()
-        with mapped_errors(TransportError, "ledger lookup failed", self._url):
-            pipe = self._r.pipeline(transaction=False)
-            for s in ids:
-                pipe.exists(f"{self.prefix}:{s}")
-            return {s for s, f in zip(ids, pipe.execute(), strict=True) if f}
-
-    def mark(self, sample_ids: Iterable[str]) -> None:
-        """SET each id with the ledger's TTL (pipelined)."""
-        with mapped_errors(TransportError, "ledger mark failed", self._url):
-            pipe = self._r.pipeline(transaction=False)
-            for s in sample_ids:
-                pipe.set(f"{self.prefix}:{s}", 1, ex=self.ttl_s)
-            pipe.execute()
-
-
 class RedisBackend:
     """Hands out the stream transport, the ledger and clients, all on one pool."""
 
@@ -161,14 +133,16 @@ class RedisBackend:
         """A client on the shared pool (for the baseline store and the audit head store)."""
         return connect(self.url.url, self.timeouts, self.settings)
 
-    def transport(self, *, stream: str, maxlen: int) -> Transport:
+    def transport(self, *, stream: str, maxlen: int, **options: Any) -> Transport:
         """The Redis Streams transport on the shared pool."""
         from monitor.transport.redis import RedisTransport
 
-        return RedisTransport(self.url.url, stream=stream, maxlen=maxlen, client=self.client())
+        return RedisTransport(self.url.url, stream=stream, maxlen=maxlen, client=self.client(), **options)
 
     def ledger(self, *, key_prefix: str, ttl_s: int) -> RedisLedger:
         """The ledger shared by every replica of the consumer group."""
+        from monitor.backends.ledger_redis import RedisLedger
+
         return RedisLedger(self.client(), key_prefix, ttl_s, self.url.url)
 
     def close(self) -> None:

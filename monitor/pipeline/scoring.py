@@ -96,7 +96,7 @@ class ScoringStage:
 
     def score(self, readings: Readings) -> Scored:
         """Score (or learn from) one batch (after switching to a newly promoted baseline, if any)."""
-        self._apply_pending()
+        self.apply_pending()
         arrays = as_arrays(readings)
         out = Scored()
         if self.learner is not None:
@@ -159,7 +159,7 @@ class ScoringStage:
         with self._pending_lock:
             self._pending.append((kind, fields, detector))
 
-    def _apply_pending(self) -> None:
+    def apply_pending(self) -> None:
         """Between batches, on the scoring thread: switch detectors and tell the caller."""
         with self._pending_lock:
             pending, self._pending = self._pending, []

@@ -65,6 +65,8 @@ class LayerIndex:
             missing = [layer for layer in self.bank_layers if layer not in pos]
             if missing:
                 raise WireFormatError("shape_mismatch", f"sample lacks layers {missing} the lens bank reads")
+            if len(self._cache) >= 64:  # layer tuples come from producers: keep the cache bounded
+                self._cache.clear()
             idx = self._cache[layers] = np.array([pos[layer] for layer in self.bank_layers])
         return idx
 

@@ -3,18 +3,26 @@ audit trail, the ledger, the recent-narratives cache and the recorder, in that o
 
 Order matters for the delivery guarantee: records are appended and fsynced, then the ledger is
 marked; the caller acknowledges only after :meth:`BatchProcessor.process` returns.
+
+Nothing is learned from or scored for good before its records are durable: the scoring stage's
+state (the baseline being learned, the detector's windows and alert) is snapshotted before a
+batch and put back when the batch fails before its fsync, so a retried batch is learned once.
+Once the records are durable a failure to mark the ledger is remembered (:attr:`unmarked`) and
+marked before the next lookup, so a retry acks the batch instead of auditing it again.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
 from monitor.audit.records import sample_fields
+from monitor.backends.ledger import payload_digest
 from monitor.drift.baseline import Baseline
 from monitor.errors import LayerwatchError
 from monitor.narratives import Narrative
-from monitor.pipeline.scoring import Scored
+from monitor.pipeline.scoring import Scored, ScoringStage
 from monitor.pipeline.stages import LayerIndex, explain, read_samples
 from monitor.sidecar.bootstrap import SidecarParts
 from monitor.transport import Entry
@@ -31,6 +39,7 @@ class BatchProcessor:
         self.layer_index = LayerIndex(parts.bank.layers)
         self.audit_ok = True
         self.processed_total = 0
+        self.unmarked: dict[str, str] = {}  # durable in the trail, not yet in the ledger: id -> digest
 
     def start(self) -> None:
         """Warm the bank up, bind the metric series, write the start-up audit records."""
@@ -63,7 +72,41 @@ class BatchProcessor:
 
     def process(self, good: list[tuple[Entry, Sample]]) -> list[float]:
         """Explain, score and audit ``good`` durably, then mark the ledger; returns the capture
-        times of the audited samples. Raises on failure (nothing is then marked)."""
+        times of the audited samples. Raises on failure: before the fsync, with the scoring state
+        rolled back; after it, with the ids kept in :attr:`unmarked`."""
+        p = self.parts
+        samples = [smp for _, smp in good]
+        p.scoring.apply_pending()  # a promoted baseline is switched to outside the rollback's reach
+        saved = _snapshot(p.scoring)
+        try:
+            scored, narratives, readings = self._audit(good)
+        except BaseException:
+            _restore(p.scoring, saved)
+            raise
+        digests = {smp.sample_id: payload_digest(e.data) for e, smp in good}
+        try:
+            p.ledger.mark(digests, digests)
+        except Exception:
+            self.unmarked.update(digests)
+            raise
+        self.audit_ok = True
+        self.processed_total += len(good)
+        try:
+            for smp in samples:  # tap counters ride in headers: the fleet totals take each increase
+                p.recorder.fleet.add(smp.tap)
+            self._after(scored, narratives, readings)
+        except Exception:  # noqa: BLE001 - the batch is durable and marked: metrics must not undo that
+            log.exception("metrics of a durable batch not recorded")
+        return [smp.created_at for smp in samples]
+
+    def mark_unmarked(self) -> None:
+        """Mark the ledger for records made durable by a batch whose mark failed."""
+        if self.unmarked:
+            self.parts.ledger.mark(self.unmarked, self.unmarked)
+            self.unmarked.clear()
+
+    def _audit(self, good: list[tuple[Entry, Sample]]) -> tuple[Scored, list[Narrative], Any]:
+        """Readings, narratives and scores of a batch, appended and fsynced."""
         p = self.parts
         samples = [smp for _, smp in good]
         readings = read_samples(p.bank, samples, self.layer_index)
@@ -80,13 +123,7 @@ class BatchProcessor:
             records.append((f"drift_alert_{ev.kind}", {"model": p.model_label, **fields}))
         p.audit.append_many(records)  # one write + one fsync per micro-batch
         p.audit.sync()  # durable before the ledger mark and the ack
-        p.ledger.mark(smp.sample_id for smp in samples)
-        self.audit_ok = True
-        for smp in samples:  # tap counters ride in headers: the fleet totals take each increase
-            p.recorder.fleet.add(smp.tap)
-        self._after(scored, narratives, readings)
-        self.processed_total += len(good)
-        return [smp.created_at for smp in samples]
+        return scored, narratives, readings
 
     def _record(self, e: Entry, smp: Sample, nar: Narrative, sc: dict[str, Any], baseline_id: str | None) -> dict[str, Any]:
         payload = sample_fields(
@@ -145,3 +182,17 @@ class BatchProcessor:
         except Exception:  # noqa: BLE001 - an event record must not take the sidecar down
             self.parts.recorder.audit_error()
             log.exception("audit event %s not written", kind)
+
+
+def _snapshot(scoring: ScoringStage) -> tuple[Any, Any]:
+    """A copy of the scoring stage's mutable state (the baseline and its derived tables are
+    immutable and shared, not copied)."""
+    keep: dict[int, Any] = {}
+    d = scoring.detector
+    if d is not None:
+        keep = {id(d.baseline): d.baseline, id(d.scorer): d.scorer, id(d.windows.tester): d.windows.tester}
+    return copy.deepcopy((scoring.detector, scoring.learner), keep)
+
+
+def _restore(scoring: ScoringStage, saved: tuple[Any, Any]) -> None:
+    scoring.detector, scoring.learner = saved

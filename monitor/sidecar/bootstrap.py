@@ -96,6 +96,7 @@ def build_parts(
     client = backend.client()
     # The label is fixed at start-up (series never move): configured, else the bank's model name.
     model_label = settings.model_name or getattr(bank, "model_name", None) or "unknown"
+    metrics.allow_models([model_label, *settings.metric_models])  # a sample's own name is the producer's
     recorder = SidecarRecorder(metrics, model_label)
     baselines = BaselineStore(model_label, redis=client) if client is not None else None
     if baseline is None:
@@ -109,7 +110,9 @@ def build_parts(
         settings=settings, model_label=model_label, bank=bank,
         decode_token=tokenizer_decoder(tok) if tok is not None else default_decoder,
         backend=backend,
-        transport=transport or backend.transport(stream=settings.stream, maxlen=settings.stream_maxlen),
+        transport=transport or backend.transport(stream=settings.stream, maxlen=settings.stream_maxlen,
+                                                 dead_maxlen=settings.dead_letter_maxlen,
+                                                 dead_payload_max_bytes=settings.dead_letter_payload_max_bytes),
         ledger=ledger or backend.ledger(key_prefix=f"{settings.stream}:ledger:{settings.group}",
                                         ttl_s=settings.ledger_ttl_s),
         audit=audit if audit is not None else open_audit(settings, metrics, client),

@@ -9,7 +9,7 @@ __all__ = ["Ledger", "MemoryLedger"]  # and RedisLedger, imported on first use
 
 def __getattr__(name: str) -> object:
     if name == "RedisLedger":  # redis only when asked for
-        from monitor.backends.redis import RedisLedger
+        from monitor.backends.ledger_redis import RedisLedger
 
         return RedisLedger
     raise AttributeError(name)

@@ -27,7 +27,14 @@ from monitor.metrics import TAP_DROP_REASONS, SidecarMetrics
 from monitor.transport import StreamStats
 from monitor.wire import DECODE_REASONS
 
-DEAD_LETTER_REASONS = (*DECODE_REASONS, "processing_error")
+# Every dead-letter reason: the wire format's, then the consumer loop's own.
+DEAD_LETTER_REASONS = (
+    *DECODE_REASONS,
+    "duplicate_id",  # another entry with an audited sample_id and other bytes
+    "max_deliveries",  # delivered more than max_deliveries times (its replicas kept dying on it)
+    "processing_error",  # the lens bank, narratives or detector failed on this sample alone
+    "audit_rejected",  # the audit writer refused this sample's record (a value it cannot write)
+)
 
 
 @dataclass
@@ -42,6 +49,16 @@ class BatchStats:
     acked: int = 0
     started: float = field(default_factory=time.monotonic)
     capture_times: list[float] = field(default_factory=list)  # wall-clock capture time of each audited sample
+
+    def add(self, other: BatchStats) -> None:
+        """Fold another micro-batch's counts into these (one step can process several)."""
+        self.processed += other.processed
+        self.unique += other.unique
+        self.duplicates += other.duplicates
+        self.dead_letters.update(other.dead_letters)
+        self.failed += other.failed
+        self.acked += other.acked
+        self.capture_times += other.capture_times
 
 
 class FleetTapTotals:

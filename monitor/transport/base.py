@@ -6,7 +6,14 @@ Semantics follow Redis Streams with one consumer group per sidecar pool:
 * ``read`` delivers new entries to one consumer of a group (each entry to one consumer);
 * delivered entries stay *pending* until ``ack``; ``claim_stale`` hands entries pending longer
   than ``min_idle_ms`` (their consumer died) to another consumer: at-least-once delivery;
-* ``dead_letter`` moves a poison entry to a side stream with its reason;
+* ``dead_letter`` moves a poison entry to a side stream with its reason; that stream is bounded
+  in entries (``dead_maxlen``) and in bytes: a payload above ``dead_payload_max_bytes`` is kept
+  as its size and sha256 digest only;
+* reads are bounded in count and in bytes: ``read``/``claim_stale`` never hand over a payload
+  larger than ``max_entry_bytes``; such an entry arrives with ``data`` empty and
+  ``withheld`` set to its size (and ``digest`` when the backend computed one: memory does,
+  Redis does not), so a 100 MB entry costs a consumer nothing but its dead letter;
+* ``deliveries`` is the backend's own delivery count (1 on first delivery, +1 per reclaim);
 * ``stats`` reports length, lag (not yet delivered), pending and ``trimmed`` (entries trimmed
   by ``maxlen`` before any consumer saw them: counted as lost).
 
@@ -16,9 +23,13 @@ suite (tests/test_transport_contract.py) runs against both implementations.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+DEAD_MAXLEN = 1000  # dead letters kept (the oldest are trimmed)
+DEAD_PAYLOAD_MAX_BYTES = 64 * 1024  # larger payloads are kept as size + sha256 only
 
 
 @dataclass(frozen=True)
@@ -27,18 +38,38 @@ class Entry:
 
     id: str
     data: bytes
-    deliveries: int = 1  # how many times it has been delivered (>1 after a reclaim)
+    deliveries: int = 1  # the backend's delivery count: 1 at first, +1 at every reclaim
+    withheld: int | None = None  # size of a payload over the read limit (``data`` is then empty)
+    digest: str = ""  # the backend's digest of a withheld payload ("sha1:..."), when it has one
+
+    @property
+    def size(self) -> int:
+        """Bytes of the entry's payload as stored (withheld or not)."""
+        return self.withheld if self.withheld is not None else len(self.data)
 
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A poison entry moved aside, with why."""
+    """A poison entry moved aside, with why. ``data`` is empty when the payload was above the
+    dead-letter cap (or withheld at read): ``size`` and ``digest`` then identify it."""
 
     id: str
     original_id: str
     reason: str
     detail: str
     data: bytes
+    size: int = 0
+    digest: str = ""
+    deliveries: int = 1
+
+
+def dead_letter_payload(entry: Entry, cap: int) -> tuple[bytes, int, str]:
+    """(kept bytes, size, digest) of a poison entry under a dead-letter payload cap of ``cap``."""
+    if entry.withheld is not None:
+        return b"", entry.withheld, entry.digest
+    if len(entry.data) <= cap:
+        return entry.data, len(entry.data), ""
+    return b"", len(entry.data), "sha256:" + hashlib.sha256(entry.data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -72,16 +103,25 @@ class Transport(ABC):
         """Create the consumer group (from the start of the stream) if it does not exist."""
 
     @abstractmethod
-    def read(self, group: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        """Deliver up to ``count`` new entries to ``consumer``, waiting up to ``block_ms``."""
+    def read(self, group: str, consumer: str, count: int, block_ms: int,
+             max_entry_bytes: int | None = None) -> list[Entry]:
+        """Deliver up to ``count`` new entries to ``consumer``, waiting up to ``block_ms``; payloads
+        over ``max_entry_bytes`` are withheld (see the module docstring)."""
 
     @abstractmethod
     def ack(self, group: str, ids: Sequence[str]) -> int:
         """Acknowledge entries; return how many were pending."""
 
     @abstractmethod
-    def claim_stale(self, group: str, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
-        """Take over entries pending longer than ``min_idle_ms`` from any consumer."""
+    def claim_stale(self, group: str, consumer: str, min_idle_ms: int, count: int,
+                    max_entry_bytes: int | None = None) -> list[Entry]:
+        """Take over entries pending longer than ``min_idle_ms`` from any consumer; each carries
+        its delivery count, this delivery included."""
+
+    @abstractmethod
+    def touch(self, group: str, consumer: str, ids: Sequence[str]) -> None:
+        """Keep ``ids`` pending with ``consumer`` and reset their idle time, without counting a
+        delivery (a consumer retrying them after an infrastructure failure keeps them)."""
 
     @abstractmethod
     def dead_letter(self, entry: Entry, reason: str, detail: str) -> None:

@@ -8,6 +8,7 @@ Redis.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -15,7 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from monitor.errors import TransportClosed
-from monitor.transport.base import DeadLetter, Entry, StreamStats, Transport
+from monitor.transport.base import (
+    DEAD_MAXLEN,
+    DEAD_PAYLOAD_MAX_BYTES,
+    DeadLetter,
+    Entry,
+    StreamStats,
+    Transport,
+    dead_letter_payload,
+)
 
 
 @dataclass
@@ -40,6 +49,7 @@ class _Broker:
         self.added = 0
         self.groups: dict[str, _Group] = {}
         self.dead: list[DeadLetter] = []
+        self.dead_added = 0
 
 
 _BROKERS: dict[str, _Broker] = {}
@@ -54,15 +64,23 @@ def _seq(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+def _entry(seq: int, data: bytes, deliveries: int, max_entry_bytes: int | None) -> Entry:
+    if max_entry_bytes is not None and len(data) > max_entry_bytes:
+        return Entry(_id(seq), b"", deliveries, withheld=len(data), digest="sha256:" + hashlib.sha256(data).hexdigest())
+    return Entry(_id(seq), data, deliveries)
+
+
 class MemoryTransport(Transport):
     """Consumer-group stream held in this process's memory."""
 
     def __init__(self, url: str = "memory://default", *, stream: str = "layerwatch:samples",
-                 maxlen: int = 10_000, dead_maxlen: int = 10_000) -> None:
+                 maxlen: int = 10_000, dead_maxlen: int = DEAD_MAXLEN,
+                 dead_payload_max_bytes: int = DEAD_PAYLOAD_MAX_BYTES) -> None:
         self.url = url
         name = url.split("://", 1)[1] or "default"
         self.stream = stream
         self.dead_maxlen = dead_maxlen
+        self.dead_payload_max_bytes = dead_payload_max_bytes
         key = f"{name}/{stream}"
         with _BROKERS_LOCK:
             broker = _BROKERS.get(key)
@@ -100,7 +118,8 @@ class MemoryTransport(Transport):
         with self._b.cond:
             self._b.groups.setdefault(group, _Group())
 
-    def read(self, group: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
+    def read(self, group: str, consumer: str, count: int, block_ms: int,
+             max_entry_bytes: int | None = None) -> list[Entry]:
         self._check()
         b = self._b
         deadline = time.monotonic() + block_ms / 1000.0
@@ -118,7 +137,7 @@ class MemoryTransport(Transport):
             out = []
             for s in fresh:
                 g.pending[s] = _Pending(consumer, now, 1)
-                out.append(Entry(_id(s), b.entries[s], 1))
+                out.append(_entry(s, b.entries[s], 1, max_entry_bytes))
             g.last_delivered = fresh[-1]
             g.delivered_total += len(fresh)
             return out
@@ -129,7 +148,8 @@ class MemoryTransport(Transport):
             g = self._b.groups.setdefault(group, _Group())
             return sum(1 for i in ids if g.pending.pop(_seq(i), None) is not None)
 
-    def claim_stale(self, group: str, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
+    def claim_stale(self, group: str, consumer: str, min_idle_ms: int, count: int,
+                    max_entry_bytes: int | None = None) -> list[Entry]:
         self._check()
         b = self._b
         now = time.monotonic()
@@ -146,14 +166,27 @@ class MemoryTransport(Transport):
                     del g.pending[s]
                     continue
                 p.consumer, p.delivered_at, p.deliveries = consumer, now, p.deliveries + 1
-                out.append(Entry(_id(s), data, p.deliveries))
+                out.append(_entry(s, data, p.deliveries, max_entry_bytes))
         return out
+
+    def touch(self, group: str, consumer: str, ids: Sequence[str]) -> None:
+        self._check()
+        now = time.monotonic()
+        with self._b.cond:
+            g = self._b.groups.setdefault(group, _Group())
+            for i in ids:
+                p = g.pending.get(_seq(i))
+                if p is not None:
+                    p.consumer, p.delivered_at = consumer, now
 
     def dead_letter(self, entry: Entry, reason: str, detail: str) -> None:
         self._check()
+        data, size, digest = dead_letter_payload(entry, self.dead_payload_max_bytes)
         with self._b.cond:
             dl = self._b.dead
-            dl.append(DeadLetter(f"{len(dl) + 1}-0", entry.id, reason, detail[:1000], entry.data))
+            self._b.dead_added += 1
+            dl.append(DeadLetter(f"{self._b.dead_added}-0", entry.id, reason, detail[:1000], data, size, digest,
+                                 entry.deliveries))
             del dl[: max(0, len(dl) - self.dead_maxlen)]
 
     def dead_letters(self, count: int = 100) -> list[DeadLetter]:
