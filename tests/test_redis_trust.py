@@ -275,3 +275,34 @@ def test_an_audit_head_store_of_its_own_authenticates_with_the_redis_section(tmp
         admin = connect(srv.url, settings=RedisSettings(password_file=pw))
         head = admin.get("layerwatch:audit:head:replica-a")
         assert head is not None and json.loads(head)["writer"] == "replica-a"
+
+
+@needs_redis_server
+@pytest.mark.timeout(60)
+def test_audit_verify_reads_a_password_protected_head_store_with_the_redis_section(
+        tmp_path: Path, tiny: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`layerwatch audit verify --head redis://...` run where LAYERWATCH_REDIS__PASSWORD_FILE is set
+    checks the trail against the head in that Redis (before: it connected without the password and
+    could not read the head)."""
+    pw = _secret_file(tmp_path, PASSWORD)
+    with PrivateRedis(tmp_path, password=PASSWORD) as srv:
+        settings = load_settings(transport="memory://trust-verify", group="g", http_port=0,
+                                 audit={"directory": tmp_path / "audit", "head_store": srv.url},
+                                 baseline={"learn_samples": 400}, redis={"password_file": pw}, consumer="replica-v")
+        sc = Sidecar(settings, bank=TorchLogitLens(tiny))
+        sc.parts.audit.sync()
+        sc.parts.audit.close()
+        close_all()
+        monkeypatch.setenv("LAYERWATCH_REDIS__PASSWORD_FILE", str(pw))
+        args = ["audit", "verify", str(tmp_path / "audit" / "replica-v"), "--head", srv.url, "--require-head"]
+        assert cli_main(args) == 0
+
+
+def test_an_unusable_head_store_url_is_refused_without_its_password() -> None:
+    """A head_store spec that is not a usable store fails at start-up naming the field, with its
+    password redacted from the message."""
+    from monitor.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_settings(transport="memory://x", audit={"head_store": "http://admin:s3cret-pw@host:6379/0"})
+    assert "s3cret-pw" not in str(err.value) and "head_store" in str(err.value)

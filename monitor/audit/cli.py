@@ -115,10 +115,16 @@ def _head_store(args: argparse.Namespace) -> Any:
     if spec.startswith("file:"):
         return FileHeadStore(Path(spec[5:]), per_writer=True)
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisHeadStore(spec, key_prefix=args.head_prefix)
-    from monitor.errors import ConfigError
+        # with the sidecar's Redis credentials and TLS files (LAYERWATCH_REDIS__*), like `baseline --redis`
+        from monitor.backends.redis import connect
+        from monitor.config import redis_settings_from_environment
 
-    raise ConfigError(f"--head {spec!r}: use redis://..., file:DIR or none")
+        client = connect(spec, settings=redis_settings_from_environment())
+        return RedisHeadStore(spec, key_prefix=args.head_prefix, client=client)
+    from monitor.errors import ConfigError
+    from monitor.urls import redact_url
+
+    raise ConfigError(f"--head {redact_url(spec)!r}: use redis://..., file:DIR or none")
 
 
 def _query(args: argparse.Namespace, kinds: list[str] | None = None) -> Any:

@@ -9,7 +9,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretBytes, mo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitor.errors import ConfigError
-from monitor.urls import is_backend_url, parse_url
+from monitor.urls import is_backend_url, parse_url, redact_url
 
 MIN_KEY_BYTES = 16
 
@@ -66,7 +66,7 @@ class TrailSettings(BaseModel):
         spec = self.head_store
         if not (spec in ("file", "none") or spec.startswith("file:") or (spec == "auto" and self.AUTO_HEAD_STORE)
                 or (is_backend_url(spec) and parse_url(spec).kind == "redis")):
-            raise ValueError(f"head_store {spec!r}: use 'file', 'file:DIR', 'redis://...', 'rediss://...' or 'none'")
+            raise ValueError(f"head_store {redact_url(spec)!r}: use 'file', 'file:DIR', 'redis://...', 'rediss://...' or 'none'")
         return self
 
 
