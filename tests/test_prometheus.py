@@ -161,3 +161,14 @@ def test_recording_rule_names_follow_level_metric_operation() -> None:
     for record in records:
         level, metric, operation = record.split(":")
         assert level and metric.startswith("layerwatch_") and operation, record
+
+
+def test_alert_tests_use_only_dead_letter_reasons_the_sidecar_emits() -> None:
+    """The rule unit tests feed layerwatch_dead_letters_total with reasons that exist (a renamed
+    reason would leave an alert tested against series that never occur)."""
+    import re
+
+    from monitor.sidecar.recorder import DEAD_LETTER_REASONS
+
+    used = set(re.findall(r'layerwatch_dead_letters_total\{[^}]*reason="([^"]+)"', ALERT_TESTS.read_text()))
+    assert used and used <= set(DEAD_LETTER_REASONS), used - set(DEAD_LETTER_REASONS)

@@ -115,7 +115,7 @@ def build_parts(
                                                  dead_payload_max_bytes=settings.dead_letter_payload_max_bytes),
         ledger=ledger or backend.ledger(key_prefix=f"{settings.stream}:ledger:{settings.group}",
                                         ttl_s=settings.ledger_ttl_s),
-        audit=audit if audit is not None else open_audit(settings, metrics, client),
+        audit=audit if audit is not None else open_audit(settings, metrics, client, model_label),
         baselines=baselines, scoring=scoring, metrics=metrics, recorder=recorder,
         recent=RecentNarratives(settings.recent_narratives),
     )
@@ -147,7 +147,7 @@ def load_bank(settings: SidecarSettings) -> LensReader:
     return LensBank.load(settings.bundle, threads=settings.ort_threads)  # type: ignore[no-any-return]
 
 
-def open_audit(settings: SidecarSettings, metrics: SidecarMetrics, client: Any) -> AuditSink:
+def open_audit(settings: SidecarSettings, metrics: SidecarMetrics, client: Any, model_label: str | None = None) -> AuditSink:
     """This replica's audit writer, ``audit.directory/<consumer>/``; with ``head_store: auto`` the
     head lives in the backend's Redis when there is one, else beside the trail."""
     from monitor.audit.heads import RedisHeadStore, head_store_from_spec
@@ -163,7 +163,7 @@ def open_audit(settings: SidecarSettings, metrics: SidecarMetrics, client: Any) 
         own = open_backend(spec, field="audit.head_store", redis=settings.redis).client() if is_backend_url(spec) else None
         head_store = head_store_from_spec(spec, config.trail_dir, key_prefix=config.head_key_prefix, client=own)
     return AuditWriter(config, head_store=head_store, metrics=metrics,  # type: ignore[return-value]
-                       model=settings.model_name or "")
+                       model=model_label or settings.model_name or "unknown")
 
 
 def find_baseline(settings: SidecarSettings, store: BaselineStore | None) -> Baseline | None:
