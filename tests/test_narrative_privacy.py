@@ -187,16 +187,6 @@ def test_html_report_renders_records_with_and_without_tokens(trails: dict[str, A
         assert "Recorded without tokens" not in s and "&lt;" in s  # '<id>' tokens, escaped
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Chromium driven by Playwright (the system's /usr/bin/chromium)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium",
-                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
 
 
 def test_html_report_of_both_kinds_renders_in_chromium(trails: dict[str, Any], tmp_path: Path, browser: Any) -> None:
