@@ -1,7 +1,9 @@
 """Do greedy completions change when the plugin samples requests? (vLLM, default compiled mode)
 
-A step that carries a sampled request runs uncompiled, so every row of that step, sampled or
-not, goes through eager kernels whose float rounding may differ from the compiled graph's. On a
+Where the tap captures inside the compiled graph (the CPU backend) every row of a sampled step
+is computed by the same graph as without the plugin; where a sampled step runs uncompiled (CUDA
+graphs on, or before the in-graph capture) every row of it goes through eager kernels whose float
+rounding may differ from the compiled graph's. This measures which holds. On a
 fixed set of prompts (real text of several lengths, 32 greedy tokens each) this runs vLLM's
 offline engine twice, in separate processes: without the plugin (``VLLM_PLUGINS=""``) and with
 it sampling half of the requests (rate 0.5), and reports, separately for sampled and unsampled
