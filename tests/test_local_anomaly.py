@@ -157,3 +157,10 @@ def test_learning_mode_builds_a_baseline_with_a_local_model() -> None:
     assert out.promoted is not None and out.promoted.local is not None
     assert len(out.results) == 700 and all(r["score"] is not None for r in out.results[600:])
     assert "local_p_value" in out.results[650]["score"]
+
+
+def test_too_few_windows_build_a_baseline_without_a_local_model() -> None:
+    """Prompts too short for enough windows: the baseline is built without a local model and says
+    why, instead of failing."""
+    bl = build_baseline(synth(40), windows=synth_windows(40, lengths=(6,)), min_samples=40, **META)
+    assert bl.local is None and "not fitted" in bl.extra["local_score"]

@@ -310,8 +310,12 @@ def build_baseline(
     cal_d2 = det.distance2(feature_matrix(cal, tokens))
     cal_scores = np.sort(cal_d2)
     local = None
+    notes: dict[str, Any] = {}
     if windows is not None and windows.present().any():
-        local = LocalModel.fit(windows, fit_idx, cal_idx, det.distance2(fit_x), cal_d2)
+        try:
+            local = LocalModel.fit(windows, fit_idx, cal_idx, det.distance2(fit_x), cal_d2)
+        except BaselineError as exc:  # too few windows (short prompts): the whole-text score alone
+            notes["local_score"] = f"not fitted: {exc}"
 
     levels = np.asarray(QUANTILE_LEVELS)
     quantiles: dict[str, np.ndarray] = {}
@@ -365,7 +369,7 @@ def build_baseline(
         tokens=tokens,
         concepts=ConceptReference.fit(fit, cal) if a.probes else None,
         local=local,
-        extra=dict(extra or {}),
+        extra={**(extra or {}), **notes},
     )
     # Hash what is stored: round-trip through JSON so the id matches a reloaded baseline.
     content = json.loads(json.dumps(bl._content()))

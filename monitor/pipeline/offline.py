@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from monitor.drift.features import as_arrays
+from monitor.drift.local import local_layers
 from monitor.drift.prompt_windows import WindowStates
 from monitor.errors import BaselineError
 from monitor.lenses.readings import Readings
@@ -68,8 +69,8 @@ def capture_with_windows(
     window_layers: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, WindowStates | None, tuple[int, ...], str]:
     """:func:`capture_states` plus the prompt windows the tap ships (``windows`` per text at most,
-    0 = none): ``(states, window states of window_layers (default: every captured state) or None,
-    layers, fingerprint)``."""
+    0 = none): ``(states, window states of window_layers (default: the local score's,
+    :func:`monitor.drift.local.local_layers`) or None, layers, fingerprint)``."""
     if positions not in POSITIONS:
         raise BaselineError(f"positions: {positions!r} is not one of {', '.join(POSITIONS)}")
     per = 2 if positions == "last+mean" else 1
@@ -121,7 +122,7 @@ def capture_with_windows(
                         out = np.zeros((len(texts), *shape), dtype=np.float16)
                     out[i] = s.hidden[:, -per:, :] if per > 1 else s.hidden[:, -1, :]
                     if s.windows is not None and s.window_bounds is not None:
-                        sel = [s.layers.index(x) for x in (window_layers or s.layers)]
+                        sel = [s.layers.index(x) for x in (window_layers or local_layers(s.layers))]
                         parts[i] = (np.moveaxis(s.windows[sel], 1, 0), s.window_bounds, int(s.prompt_tokens or 0))
                     got += 1
                 transport.ack(group, [e.id for e in entries])
@@ -135,7 +136,7 @@ def capture_with_windows(
         raise BaselineError("no texts given")
     win = None
     if windows:
-        win = WindowStates.build(tuple(window_layers or layers), parts, out.shape[-1])
+        win = WindowStates.build(tuple(window_layers or local_layers(layers)), parts, out.shape[-1])
     return out, win, layers, fingerprint
 
 
@@ -154,6 +155,26 @@ def readings_from_states(
         last, context = (h[:, :, -1], h[:, :, 0]) if h.ndim == 4 else (h, None)
         parts.append(as_arrays(read(bank, last, context)))
     return Readings.concat(parts)
+
+
+def readings_and_windows(
+    model: Any,
+    tokenizer: Any,
+    bank: LensBankLike,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    *,
+    max_tokens: int = 128,
+    positions: str = "last+mean",
+    window_layers: Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Readings, WindowStates | None]:
+    """Readings of ``texts`` and their prompt windows (the local score's input), as the sidecar
+    sees them."""
+    states, win, layers, _ = capture_with_windows(model, tokenizer, texts, batch_size=batch_size,
+                                                  max_tokens=max_tokens, positions=positions, progress=progress,
+                                                  window_layers=window_layers)
+    return readings_from_states(bank, states, layers, batch_size=batch_size), win
 
 
 def readings_for_texts(
