@@ -243,12 +243,12 @@ def decode(
             f"sample from model {hdr['model_fingerprint']}, the lens bundle is for {expected_fingerprint}",
         )
     hidden = np.frombuffer(payload[:hidden_len], dtype=dt).reshape(shape)
-    if not np.isfinite(hidden).all():
+    if not _all_finite(hidden):
         raise WireFormatError("non_finite", "hidden states contain NaN or Inf")
     windows = None
     if bounds is not None:
         windows = np.frombuffer(payload[hidden_len:], dtype=dt).reshape(shape[0], len(bounds), shape[2])
-        if not np.isfinite(windows).all():
+        if not _all_finite(windows):
             raise WireFormatError("non_finite", "window means contain NaN or Inf")
     metadata = _metadata(hdr.get("metadata"))
     final = _final_topk(hdr.get("final_topk"), shape[1])
@@ -273,6 +273,16 @@ def decode(
         position_index=tuple(int(x) for x in pos_index), metadata=metadata, final_topk=final,
         tap=tap, schema=schema, windows=windows, window_bounds=bounds, prompt_tokens=prompt_tokens,
     )
+
+
+_EXPONENT = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000)}
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in a float16/float32 array: an all-ones exponent, tested on the bits (numpy's
+    float16 isfinite converts every element and took ~10 ms for a sample's 1.1 M window values)."""
+    kind, mask = _EXPONENT[a.dtype.itemsize]
+    return not bool(np.any((a.view(kind) & kind(mask)) == kind(mask)))
 
 
 def _windows(hdr: dict[str, Any]) -> tuple[np.ndarray | None, int | None]:
