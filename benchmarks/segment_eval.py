@@ -31,6 +31,7 @@ import numpy as np
 
 from benchmarks import segments
 from benchmarks.drift_eval import Cache, _key, auroc, load_bank, texts_for_eval, tpr_at_fpr
+from monitor.drift.local import local_layers
 from monitor.drift.prompt_windows import WindowStates
 from monitor.lenses.readings import Readings
 
@@ -45,7 +46,9 @@ def capture(cache: Cache, name: str, texts: list[str], model: Any, tok: Any, fp:
     if p.exists():
         z = np.load(p)
         layers = tuple(int(x) for x in z["layers"])
-        win = WindowStates(layers, z["means"], z["bounds"], z["offsets"], z["prompt_tokens"])
+        wl = tuple(int(x) for x in z["window_layers"]) if "window_layers" in z.files else (
+            layers if z["means"].shape[1] == len(layers) else local_layers(layers))  # caches before the key
+        win = WindowStates(wl, z["means"], z["bounds"], z["offsets"], z["prompt_tokens"])
         return z["states"], win, layers
     t0 = time.time()
 
@@ -57,8 +60,8 @@ def capture(cache: Cache, name: str, texts: list[str], model: Any, tok: Any, fp:
                                                   positions="last+mean", progress=prog)
     assert got is not None
     win = got
-    np.savez(p, states=states, layers=np.asarray(layers), means=win.means, bounds=win.bounds, offsets=win.offsets,
-             prompt_tokens=win.prompt_tokens)
+    np.savez(p, states=states, layers=np.asarray(layers), window_layers=np.asarray(win.layers), means=win.means,
+             bounds=win.bounds, offsets=win.offsets, prompt_tokens=win.prompt_tokens)
     return states, win, layers
 
 
@@ -145,7 +148,6 @@ def evaluate(args: argparse.Namespace, cache: Cache, bank: Any, fp: str,
              captured: dict[str, tuple[np.ndarray, WindowStates, tuple[int, ...]]]) -> dict[str, Any]:
     """Build the baseline, score every set with the sidecar's scorer, report every cell."""
     from monitor.drift.baseline import build_baseline
-    from monitor.drift.local import local_layers
     from monitor.drift.score import AnomalyScorer
 
     layers = next(iter(captured.values()))[2]
