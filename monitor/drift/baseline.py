@@ -10,8 +10,7 @@ corpus run through the model). The samples are split once, at random with a fixe
 * the fit split also counts the lens top-1 tokens per layer (:class:`TokenTable`) and
   standardises every probe label's log-probability, whose scores on the calibration split
   calibrate watched concepts (:mod:`monitor.drift.concepts`);
-* when the samples carry prompt windows, the fit split also fits the local anomaly score
-  (:mod:`monitor.drift.local`) and the calibration split calibrates it;
+* with prompt windows, the splits also fit and calibrate the local score (:mod:`monitor.drift.local`);
 * all samples give the descriptive statistics: per-layer quantiles of entropy, KL to final, lens
   confidence and final-top-1 rank, the prediction-depth histogram, probe label shares per layer,
   and the reference bin counts of the window tests.
@@ -54,8 +53,7 @@ from monitor.lenses.readings import CONTEXT_SUFFIX
 # top-1 equals the model's final top-1 through the last layer); versions 1 and 2 were built
 # offline with "the final top-1 has rank 0 under the lens", which differs on ties. They still
 # load and score; their depth quantiles and feature means may differ on tied samples.
-# 4: the local anomaly score's model (prompt windows, issue 19) is stored when the baseline's
-# samples carried windows; versions 1 to 3 load and score without a local score.
+# 4: the local anomaly score's model (prompt windows) when the samples had them; 1-3 score without.
 SCHEMA_VERSION = 4
 READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 MIN_SAMPLES = 400  # fit split large enough for a stable covariance, >= 120 calibration scores
@@ -106,8 +104,7 @@ class Baseline:
     # per probe label: standardisation and calibration scores for watched concepts (None in
     # baselines written before watched concepts existed, and in baselines without probes)
     concepts: ConceptReference | None = None
-    # the local anomaly score (None: the samples carried no prompt windows, or an older baseline)
-    local: LocalModel | None = None
+    local: LocalModel | None = None  # the local score (None: samples without windows, older baselines)
     quantile_levels: tuple[float, ...] = QUANTILE_LEVELS
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -275,8 +272,7 @@ def build_baseline(
 ) -> Baseline:
     """Build a baseline from the readings of ``a.n`` normal samples.
 
-    ``windows``: the same samples' prompt windows (of :func:`monitor.drift.local.local_layers`);
-    with them the baseline also holds the local anomaly score's model.
+    ``windows``: the samples' prompt windows (:func:`~monitor.drift.local.local_layers`): the local score.
 
     ``components``: the detector's covariance estimator, :data:`DEFAULT_COMPONENTS` when None
     (a factor model with that many factors; 0 = Ledoit-Wolf, see :meth:`Mahalanobis.fit`).
