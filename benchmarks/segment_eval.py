@@ -191,6 +191,10 @@ def evaluate(args: argparse.Namespace, cache: Cache, bank: Any, fp: str,
             out[f"tpr_at_1pct_fpr_{tag}"] = tpr_at_fpr(N[f"rank_{tag}"], P[f"rank_{tag}"])
             out[f"flagged_at_alpha_{tag}"] = float(np.mean(P[f"p_{tag}"] < args.alpha))
         out["local_segment_flags"] = float(np.mean(P["local_flag"]))
+        if pos.startswith("cell:"):  # the same hosts, clean: no host-to-host difference in the comparison
+            n = len(P["rank_both"])
+            out["auroc_both_paired"] = auroc(N["rank_both"][:n], P["rank_both"])
+            out["auroc_whole_paired"] = auroc(N["rank_whole"][:n], P["rank_whole"])
         return out
 
     cells = [row(k.split(":", 1)[1], k, "normal_hosts") for k in scored if k.startswith("cell:")]
@@ -217,15 +221,17 @@ def evaluate(args: argparse.Namespace, cache: Cache, bank: Any, fp: str,
 
 
 def print_table(r: dict[str, Any]) -> None:
-    """Every cell: AUROC and TPR at 1% FPR with the local score folded in and without it."""
+    """Every cell: AUROC and TPR at 1% FPR with the local score folded in and without it (cells:
+    also AUROC against the same hosts clean, "paired")."""
     print(f"segment_eval: {r['model']} bank={r['bank']} baseline={r['baseline_id']} (n={r['n_baseline']}, "
           f"{r['n_calibration']} calibration; local layers {r['local_layers']}), alpha={r['alpha']}")
-    hdr = ("cell/kind", "n", "AUROC", "AUROC whole", "TPR@1%", "TPR@1% whole", "flag@a", "flag@a whole", "local flag")
+    hdr = ("cell/kind", "n", "AUROC", "AUROC whole", "TPR@1%", "TPR@1% whole", "flag@a", "flag@a whole", "local flag",
+           "AUROC paired", "whole paired")
     print("  ".join(f"{h:>14}" for h in hdr))
     for row in r["cells"] + r["kinds"]:
         vals = (row["kind"], row["n"], row["auroc_both"], row["auroc_whole"], row["tpr_at_1pct_fpr_both"],
                 row["tpr_at_1pct_fpr_whole"], row["flagged_at_alpha_both"], row["flagged_at_alpha_whole"],
-                row["local_segment_flags"])
+                row["local_segment_flags"], row.get("auroc_both_paired", "-"), row.get("auroc_whole_paired", "-"))
         print("  ".join(f"{v:>14.3f}" if isinstance(v, float) else f"{v!s:>14}" for v in vals))
     for name, v in r["null"].items():
         print(f"{name} ({v['n']} held-out normal texts): flagged at alpha {v['flagged_at_alpha_both']:.3f} "
