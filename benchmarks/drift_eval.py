@@ -1,5 +1,7 @@
 """Evaluation of the drift detector on the real SmolLM2 (issue 5): ``python -m benchmarks.drift_eval``.
 
+``--segments``: the evaluation of segments inside prompts (issue 19), :mod:`benchmarks.segment_eval`.
+
 Normal traffic is English documentation prose (``monitor.corpora.english_prose``: the Debian
 Administrator's Handbook, the Python documentation, the Debian Reference; 1-3 sentence texts).
 The baseline is built from the ``heldout`` split; the normal texts scored are from the ``test``
@@ -308,7 +310,14 @@ def run_window_stream(kind_samples: Any, *, window: int, step: int, fdr: float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if "--segments" in argv:  # segments inside prompts (issue 19): benchmarks.segment_eval
+        from benchmarks import segment_eval
+
+        return segment_eval.main([a for a in argv if a != "--segments"])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="--segments: run benchmarks.segment_eval (local anomalies inside prompts) "
+                                        "with the other arguments")
     ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "layerwatch", "drift_eval"))
     ap.add_argument("--out", default="bench-results/drift_eval.json")
     ap.add_argument("--bank", choices=("auto", "bundle", "logit"), default="auto")

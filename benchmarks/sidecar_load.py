@@ -42,8 +42,12 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def capture_samples(n: int) -> list[tuple[dict[str, Any], np.ndarray]]:
-    """Real samples of the reference model: (header, hidden) pairs captured through the tap."""
+Captured = tuple[dict[str, Any], np.ndarray, "np.ndarray | None"]
+
+
+def capture_samples(n: int) -> list[Captured]:
+    """Real samples of the reference model: (header, hidden, prompt windows) captured through the
+    tap at its default settings."""
     import monitor
     from monitor import corpora
     from monitor.refmodel import MODEL_NAME, load_reference_model
@@ -71,26 +75,34 @@ def capture_samples(n: int) -> list[tuple[dict[str, Any], np.ndarray]]:
         hdr = {"schema": s.schema, "sample_id": s.sample_id, "request_id": s.request_id, "model": s.model,
                "model_fingerprint": s.model_fingerprint, "layers": list(s.layers), "n_states": s.n_states,
                "positions": s.positions, "created_at": s.created_at, "metadata": {}}
-        out.append((hdr, np.array(s.hidden)))
+        if s.windows is not None and s.window_bounds is not None:
+            hdr.update(windows=s.window_bounds.tolist(), prompt_tokens=s.prompt_tokens)
+        out.append((hdr, np.array(s.hidden), None if s.windows is None else np.array(s.windows)))
     return out
 
 
-def build_baseline_file(bundle: str, samples: list[tuple[dict[str, Any], np.ndarray]], path: Path,
-                        model_name: str) -> Path:
+def build_baseline_file(bundle: str, samples: list[Captured], path: Path, model_name: str) -> Path:
     """A baseline from the readings of the captured samples, as ``layerwatch baseline build`` would."""
+    from types import SimpleNamespace
+
     from monitor.drift.baseline import build_baseline
     from monitor.drift.features import as_arrays
+    from monitor.drift.local import local_layers
+    from monitor.drift.prompt_windows import window_states_of
     from monitor.lenses import LensBank
     from monitor.pipeline import read
 
     bank = LensBank.load(bundle)
-    hidden = np.stack([h[:, -1, :] for _, h in samples]).astype(np.float32)
+    hidden = np.stack([h[:, -1, :] for _, h, _ in samples]).astype(np.float32)
     context = None
-    if all(hdr["positions"] == "last+mean" for hdr, _ in samples):
-        context = np.stack([h[:, 0, :] for _, h in samples]).astype(np.float32)
+    if all(hdr["positions"] == "last+mean" for hdr, _, _ in samples):
+        context = np.stack([h[:, 0, :] for _, h, _ in samples]).astype(np.float32)
     a = as_arrays(read(bank, hidden, context))
+    decoded = [SimpleNamespace(layers=tuple(hdr["layers"]), windows=w, window_bounds=np.asarray(hdr.get("windows")),
+                               prompt_tokens=hdr.get("prompt_tokens")) for hdr, _, w in samples]
+    windows = window_states_of(decoded, local_layers(tuple(samples[0][0]["layers"])))  # the local score's too
     b = build_baseline(a, model=model_name, model_fingerprint=bank.fingerprint, bundle_id=bank.bundle_id,
-                       source="sidecar_load: captured English prose samples")
+                       source="sidecar_load: captured English prose samples", windows=windows)
     path.write_text(b.dumps())
     return path
 
@@ -105,7 +117,7 @@ def reference_model_dir() -> Path:
 class Publisher(threading.Thread):
     """Publishes samples at ``rate``/s (fresh ids, created_at = publish time) until stopped."""
 
-    def __init__(self, transport: Any, samples: list[tuple[dict[str, Any], np.ndarray]], rate: float) -> None:
+    def __init__(self, transport: Any, samples: list[Captured], rate: float) -> None:
         super().__init__(daemon=True)
         self.t, self.samples, self.rate = transport, samples, rate
         self.stop_event = threading.Event()
@@ -124,9 +136,9 @@ class Publisher(threading.Thread):
                 continue
             batch = []
             for _ in range(min(due, 64)):
-                hdr, hidden = self.samples[self.published % len(self.samples)]
+                hdr, hidden, windows = self.samples[self.published % len(self.samples)]
                 h = dict(hdr, sample_id=uuid.uuid4().hex, created_at=time.time())
-                batch.append(encode(h, hidden))
+                batch.append(encode(h, hidden, windows=windows))
                 self.published += 1
             self.t.publish(batch)
 

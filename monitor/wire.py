@@ -13,7 +13,13 @@ state indices of the L rows, sorted, within ``0..n_states-1``), ``n_states`` (N+
 into the request's own tokens with padding excluded; empty for ``mean`` and ``last+mean``),
 ``created_at`` (capture time, Unix seconds), ``metadata`` (bounded user fields), ``final_topk``
 (the model's own top-k ids and log-probabilities per captured position, or null) and ``tap``
-(the sending tap's cumulative counters). Never pickle: decoding reads JSON and
+(the sending tap's cumulative counters).
+
+Prompt windows (issue 19, optional: samples of older taps have none): ``windows``, the ``[W, 2]``
+``[start, end)`` token offsets of the windows whose means the tap captured
+(:mod:`monitor.windows`), and ``prompt_tokens``, the prompt's length they index. The window means
+follow the hidden states in the payload, ``[L, W, d]`` in the same dtype (``W = 0``: a prompt of
+one token or none has no windows, the header says ``windows: []``). Never pickle: decoding reads JSON and
 ``numpy.frombuffer`` only. :func:`decode` validates everything the sidecar relies on and raises
 :class:`~monitor.errors.WireFormatError` whose ``reason`` is a short, bounded label used for
 the dead-letter stream and its counter (:data:`DECODE_REASONS`; a hostile producer can send
@@ -45,6 +51,8 @@ MAX_METADATA_VALUE_CHARS = 256
 MAX_ID_CHARS = 256  # sample_id, request_id: they become ledger keys and audit fields
 MAX_NAME_CHARS = 128  # model, model_fingerprint, dtype, positions
 MAX_HEADER_DEPTH = 6  # the deepest legitimate value is final_topk's [P][k] lists (depth 3)
+MAX_WINDOWS = 1024  # prompt windows per sample (the tap's setting allows at most 256)
+MAX_PROMPT_TOKENS = 1 << 24
 
 # Dead-letter reasons produced by decode(), one label each (documented in the README):
 DECODE_REASONS = (
@@ -61,6 +69,7 @@ DECODE_REASONS = (
     "oversized",  # the message is larger than the configured limit
     "fingerprint",  # captured from another model than the lens bundle's
     "unknown_layer",  # the sample lacks a layer the lens bank reads
+    "bad_windows",  # window bounds not sorted, overlapping, outside the prompt, or too many of them
 )
 
 # vectors per layer of the positions modes that fix it (the sidecar reads index 0 of
@@ -108,14 +117,24 @@ class Sample:
     final_topk: FinalTopK | None = None
     tap: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
+    # prompt windows (None: the tap captured none, e.g. an older tap): means [L, W, d] of the
+    # token ranges [W, 2] [start, end) of a prompt of ``prompt_tokens`` tokens
+    windows: np.ndarray | None = None
+    window_bounds: np.ndarray | None = None
+    prompt_tokens: int | None = None
 
     @property
     def hidden_size(self) -> int:
         return int(self.hidden.shape[2])
 
 
-def encode(header: dict[str, Any], hidden: np.ndarray, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Serialise a header and a ``[L, P, d]`` array. ``shape``/``dtype`` are filled in here."""
+def encode(header: dict[str, Any], hidden: np.ndarray, *, windows: np.ndarray | None = None,
+           max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Serialise a header and a ``[L, P, d]`` array. ``shape``/``dtype`` are filled in here.
+
+    ``windows``: the ``[L, W, d]`` prompt-window means (same dtype), appended to the payload; the
+    header must then carry their ``windows`` bounds and ``prompt_tokens``.
+    """
     if hidden.ndim != 3:
         raise WireFormatError("shape_mismatch", f"hidden must be [L, P, d], got shape {hidden.shape}")
     dtype_name = {np.dtype("float16"): "float16", np.dtype("float32"): "float32"}.get(hidden.dtype)
@@ -125,14 +144,24 @@ def encode(header: dict[str, Any], hidden: np.ndarray, *, max_bytes: int = DEFAU
     hdr.setdefault("schema", SCHEMA_VERSION)
     hdr["shape"] = [int(x) for x in hidden.shape]
     hdr["dtype"] = dtype_name
+    parts = [np.ascontiguousarray(hidden, dtype=hidden.dtype.newbyteorder("<")).tobytes()]
+    if windows is not None:
+        bounds = hdr.get("windows")
+        if (windows.ndim != 3 or windows.dtype != hidden.dtype or windows.shape[0] != hidden.shape[0]
+                or windows.shape[2] != hidden.shape[2] or not isinstance(bounds, list)
+                or len(bounds) != windows.shape[1] or "prompt_tokens" not in hdr):
+            raise WireFormatError("shape_mismatch", f"windows {windows.shape} {windows.dtype} do not fit hidden "
+                                                    f"{hidden.shape} {hidden.dtype} and the header's bounds")
+        parts.append(np.ascontiguousarray(windows, dtype=windows.dtype.newbyteorder("<")).tobytes())
+    elif "windows" in hdr:
+        raise WireFormatError("shape_mismatch", "the header names windows but none were given")
     raw_header = json.dumps(hdr, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(raw_header) > MAX_HEADER_BYTES:
         raise WireTooLarge(f"header is {len(raw_header)} bytes, limit {MAX_HEADER_BYTES}")
-    payload = np.ascontiguousarray(hidden, dtype=hidden.dtype.newbyteorder("<")).tobytes()
-    total = 8 + len(raw_header) + len(payload)
+    total = 8 + len(raw_header) + sum(len(p) for p in parts)
     if total > max_bytes:
         raise WireTooLarge(f"sample is {total} bytes, limit {max_bytes}")
-    return b"".join((MAGIC, struct.pack("<I", len(raw_header)), raw_header, payload))
+    return b"".join((MAGIC, struct.pack("<I", len(raw_header)), raw_header, *parts))
 
 
 def _field(hdr: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -198,7 +227,9 @@ def decode(
     dt = DTYPES.get(hdr["dtype"])
     if dt is None:
         raise WireFormatError("dtype", f"dtype {hdr['dtype']!r} unsupported (float16, float32)")
-    expected_len = math.prod(shape) * dt.itemsize
+    bounds, prompt_tokens = _windows(hdr)
+    hidden_len = math.prod(shape) * dt.itemsize
+    expected_len = hidden_len + (0 if bounds is None else shape[0] * len(bounds) * shape[2] * dt.itemsize)
     payload = memoryview(buf)[8 + hlen :]
     if len(payload) != expected_len:
         raise WireFormatError(
@@ -211,9 +242,14 @@ def decode(
             "fingerprint",
             f"sample from model {hdr['model_fingerprint']}, the lens bundle is for {expected_fingerprint}",
         )
-    hidden = np.frombuffer(payload, dtype=dt).reshape(shape)
-    if not np.isfinite(hidden).all():
+    hidden = np.frombuffer(payload[:hidden_len], dtype=dt).reshape(shape)
+    if not _all_finite(hidden):
         raise WireFormatError("non_finite", "hidden states contain NaN or Inf")
+    windows = None
+    if bounds is not None:
+        windows = np.frombuffer(payload[hidden_len:], dtype=dt).reshape(shape[0], len(bounds), shape[2])
+        if not _all_finite(windows):
+            raise WireFormatError("non_finite", "window means contain NaN or Inf")
     metadata = _metadata(hdr.get("metadata"))
     final = _final_topk(hdr.get("final_topk"), shape[1])
     pos_index = hdr.get("position_index") or []
@@ -235,8 +271,45 @@ def decode(
         model_fingerprint=hdr["model_fingerprint"], layers=tuple(layers), n_states=n_states,
         positions=hdr["positions"], hidden=hidden, created_at=created_at,
         position_index=tuple(int(x) for x in pos_index), metadata=metadata, final_topk=final,
-        tap=tap, schema=schema,
+        tap=tap, schema=schema, windows=windows, window_bounds=bounds, prompt_tokens=prompt_tokens,
     )
+
+
+_EXPONENT = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000)}
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in a float16/float32 array: an all-ones exponent, tested on the bits (numpy's
+    float16 isfinite converts every element and took ~10 ms for a sample's 1.1 M window values)."""
+    kind, mask = _EXPONENT[a.dtype.itemsize]
+    return not bool(np.any((a.view(kind) & kind(mask)) == kind(mask)))
+
+
+def _windows(hdr: dict[str, Any]) -> tuple[np.ndarray | None, int | None]:
+    """The header's window bounds ``[W, 2]`` and prompt length, validated (None, None: no windows).
+
+    A hostile producer may send anything: at most MAX_WINDOWS pairs of integers ``0 <= start <
+    end <= prompt_tokens``, sorted and disjoint."""
+    raw = hdr.get("windows")
+    if raw is None:
+        return None, None
+    n = hdr.get("prompt_tokens")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_PROMPT_TOKENS:
+        raise WireFormatError("bad_windows", f"prompt_tokens must be an integer in 0..{MAX_PROMPT_TOKENS} with windows")
+    if not isinstance(raw, list) or len(raw) > MAX_WINDOWS:
+        raise WireFormatError("bad_windows", f"windows must be a list of at most {MAX_WINDOWS} [start, end] pairs")
+    if not all(isinstance(w, list) and len(w) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in w)
+               for w in raw):
+        raise WireFormatError("bad_windows", "windows must be [start, end] pairs of integers")
+    try:
+        b = np.asarray(raw, dtype=np.int64).reshape(-1, 2)
+    except OverflowError as exc:
+        raise WireFormatError("bad_windows", "window bounds out of range") from exc
+    if len(b) and (b[0, 0] < 0 or b[-1, 1] > n or np.any(b[:, 1] <= b[:, 0]) or np.any(b[1:, 0] < b[:-1, 1])):
+        raise WireFormatError("bad_windows", f"windows must be sorted, disjoint, non-empty ranges within "
+                                             f"0..{n} (the prompt's tokens)")
+    b.setflags(write=False)
+    return b, n
 
 
 def _reject_constant(name: str) -> float:

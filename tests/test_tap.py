@@ -511,7 +511,7 @@ def test_metrics_registry_reports_the_tap_counters(memory_transport: Any) -> Non
     """The tap's registry holds sampled/skipped/exported/drops/queue/latency values."""
     model = make_tiny("gpt2")
     tap = _attach(model, memory_transport, sample_rate=0.0, model_name="tiny", queue_max_bytes=1024,
-                  positions="all")
+                  positions="all", windows=0)  # byte sizes below are of the positions alone
     ids = torch.randint(3, 120, (1, 4))
     for i, force in enumerate([True, True, False, False, False]):
         with tap.request(f"m{i}", force=force), torch.no_grad():
@@ -554,7 +554,7 @@ def test_tap_counters_ride_in_sample_headers(memory_transport: Any) -> None:
 def test_stats_accounting_identity(memory_transport: Any) -> None:
     """Every sampled single-row request ends as exported or as exactly one counted drop."""
     model = make_tiny("gpt2")
-    tap = _attach(model, memory_transport, queue_max_bytes=1024, positions="all")
+    tap = _attach(model, memory_transport, queue_max_bytes=1024, positions="all", windows=0)
     for n in (3, 4, 8, 3, 9):
         with tap.request(f"len{n}"), torch.no_grad():
             model(input_ids=torch.randint(3, 120, (1, n)))

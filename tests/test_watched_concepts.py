@@ -313,10 +313,10 @@ def test_older_schema_versions_load_and_unknown_versions_are_refused(baseline: B
     v1 = Baseline.from_json({"id": _content_id(content), "created_at": baseline.created_at, **content})
     content2 = json.loads(json.dumps(dataclasses.replace(baseline, schema_version=2)._content()))
     v2 = Baseline.from_json({"id": _content_id(content2), "created_at": baseline.created_at, **content2})
-    assert v1.schema_version == 1 and v2.schema_version == 2 and baseline.schema_version == 3
+    assert v1.schema_version == 1 and v2.schema_version == 2 and baseline.schema_version == 4
     assert v2.id == _content_id(content2)
-    content["schema_version"] = 4
-    with pytest.raises(BaselineError, match=r"schema version 4 is not supported \(this layerwatch reads 1, 2, 3\)"):
+    content["schema_version"] = 5
+    with pytest.raises(BaselineError, match=r"schema version 5 is not supported \(this layerwatch reads 1, 2, 3, 4\)"):
         Baseline.from_json({"id": _content_id(content), "created_at": baseline.created_at, **content})
 
 

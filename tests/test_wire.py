@@ -237,7 +237,7 @@ def test_every_reason_is_covered() -> None:
     """The reasons exercised above are exactly the documented dead-letter reasons."""
     assert set(DECODE_REASONS) == {"undecodable", "not_utf8", "too_deep", "schema_version", "missing_field",
                                    "bad_field", "bad_id", "shape_mismatch", "dtype", "non_finite", "oversized",
-                                   "fingerprint", "unknown_layer"}
+                                   "fingerprint", "unknown_layer", "bad_windows"}
 
 
 def _decode_or_wire_error(data: bytes) -> None:
@@ -277,10 +277,93 @@ _json = st.recursive(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["schema", "sample_id", "request_id", "model", "model_fingerprint", "layers", "n_states",
                         "shape", "dtype", "positions", "created_at", "position_index", "metadata", "final_topk",
-                        "tap"]), _json)
+                        "tap", "windows", "prompt_tokens"]), _json)
 def test_fuzz_header_values_only_raise_wire_errors(name: str, value: Any) -> None:
     """Any JSON value in any header field decodes or raises WireFormatError, nothing else."""
     hidden = _hidden()
     h = _header(shape=[3, 1, 4], dtype="float16")
     h[name] = value
     _decode_or_wire_error(_raw(h, hidden.tobytes()))
+
+
+# --------------------------------------------------------------------------- prompt windows (issue 19)
+def _windowed(bounds: list[list[int]], n: int = 40, **over: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    hidden = _hidden()
+    windows = (np.arange(3 * len(bounds) * 4, dtype=np.float16).reshape(3, len(bounds), 4) / 3)
+    return _header(windows=bounds, prompt_tokens=n, **over), hidden, windows
+
+
+def test_windows_roundtrip_after_the_hidden_states() -> None:
+    """Window means and their bounds come back bit for bit, beside untouched hidden states."""
+    hdr, hidden, windows = _windowed([[1, 10], [10, 20], [20, 40]])
+    s = decode(encode(hdr, hidden, windows=windows))
+    assert np.array_equal(s.hidden, hidden) and np.array_equal(s.windows, windows)
+    assert s.window_bounds is not None and s.window_bounds.tolist() == [[1, 10], [10, 20], [20, 40]]
+    assert s.prompt_tokens == 40
+
+
+def test_a_sample_without_windows_decodes_with_none() -> None:
+    """Samples of taps from before windows existed decode, with no windows."""
+    s = decode(encode(_header(), _hidden()))
+    assert s.windows is None and s.window_bounds is None and s.prompt_tokens is None
+
+
+def test_zero_windows_are_an_empty_array() -> None:
+    """A one-token prompt's sample says W = 0 and decodes to an empty [L, 0, d] array."""
+    hdr, hidden, windows = _windowed([], n=1)
+    s = decode(encode(hdr, hidden, windows=windows))
+    assert s.windows is not None and s.windows.shape == (3, 0, 4) and s.window_bounds is not None
+    assert s.window_bounds.shape == (0, 2)
+
+
+@pytest.mark.parametrize("bounds,n", [
+    ([[5, 3]], 40),  # end before start
+    ([[1, 10], [8, 20]], 40),  # overlapping
+    ([[10, 20], [1, 10]], 40),  # unsorted
+    ([[1, 50]], 40),  # past the prompt
+    ([[-1, 4]], 40),  # before the prompt
+    ([[1, 2, 3]], 40),  # not a pair
+    ([[1, 2.5]], 40),  # not integers
+    ([[1, 2]], -3),  # negative prompt length
+    ([[0, 1]] * 1025, 40),  # too many windows
+    ([[1, 2**70]], 40),  # past int64
+])
+def test_hostile_window_bounds_are_bad_windows(bounds: list[Any], n: int) -> None:
+    """Window bounds that are out of range, overlapping, unsorted or too many: bad_windows."""
+    hidden = _hidden()
+    payload = hidden.tobytes() + np.zeros((3, len(bounds), 4), np.float16).tobytes()
+    h = _header(shape=[3, 1, 4], dtype="float16", windows=bounds, prompt_tokens=n)
+    assert _reason(_raw(h, payload)) == "bad_windows"
+
+
+def test_windows_without_prompt_tokens_are_bad_windows() -> None:
+    """Bounds need the prompt length they index."""
+    hidden = _hidden()
+    h = _header(shape=[3, 1, 4], dtype="float16", windows=[[1, 4]])
+    assert _reason(_raw(h, hidden.tobytes() + np.zeros((3, 1, 4), np.float16).tobytes())) == "bad_windows"
+
+
+def test_window_payload_of_the_wrong_length_is_a_shape_mismatch() -> None:
+    """Declared windows vs the payload's bytes: one window too few or too many is shape_mismatch."""
+    hidden = _hidden()
+    h = _header(shape=[3, 1, 4], dtype="float16", windows=[[1, 4], [4, 8]], prompt_tokens=8)
+    for w in (1, 3):
+        assert _reason(_raw(h, hidden.tobytes() + np.zeros((3, w, 4), np.float16).tobytes())) == "shape_mismatch"
+
+
+def test_non_finite_window_means_are_refused() -> None:
+    """NaN in a window mean is non_finite, like in the hidden states."""
+    hdr, hidden, windows = _windowed([[1, 10]])
+    windows[1, 0, 2] = np.nan
+    assert _reason(encode(hdr, hidden, windows=windows)) == "non_finite"
+
+
+def test_encode_refuses_windows_that_do_not_fit() -> None:
+    """The producer side: window means of another shape or dtype than the states, or bounds of
+    another count, are refused before anything is sent."""
+    hdr, hidden, windows = _windowed([[1, 10], [10, 20]])
+    for bad in (windows[:2], windows.astype(np.float32), windows[:, :1]):
+        with pytest.raises(WireFormatError):
+            encode(hdr, hidden, windows=bad)
+    with pytest.raises(WireFormatError):
+        encode(hdr, hidden)  # bounds in the header, no means

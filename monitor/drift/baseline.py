@@ -10,6 +10,7 @@ corpus run through the model). The samples are split once, at random with a fixe
 * the fit split also counts the lens top-1 tokens per layer (:class:`TokenTable`) and
   standardises every probe label's log-probability, whose scores on the calibration split
   calibrate watched concepts (:mod:`monitor.drift.concepts`);
+* with prompt windows, the splits also fit and calibrate the local score (:mod:`monitor.drift.local`);
 * all samples give the descriptive statistics: per-layer quantiles of entropy, KL to final, lens
   confidence and final-top-1 rank, the prediction-depth histogram, probe label shares per layer,
   and the reference bin counts of the window tests.
@@ -39,6 +40,8 @@ from monitor.drift.features import (
     feature_layout,
     feature_matrix,
 )
+from monitor.drift.local import LocalModel
+from monitor.drift.prompt_windows import WindowStates
 from monitor.drift.stats import Mahalanobis, bin_counts
 from monitor.errors import BaselineError
 from monitor.lenses.readings import CONTEXT_SUFFIX
@@ -50,8 +53,9 @@ from monitor.lenses.readings import CONTEXT_SUFFIX
 # top-1 equals the model's final top-1 through the last layer); versions 1 and 2 were built
 # offline with "the final top-1 has rank 0 under the lens", which differs on ties. They still
 # load and score; their depth quantiles and feature means may differ on tied samples.
-SCHEMA_VERSION = 3
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+# 4: the local anomaly score's model (prompt windows) when the samples had them; 1-3 score without.
+SCHEMA_VERSION = 4
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 MIN_SAMPLES = 400  # fit split large enough for a stable covariance, >= 120 calibration scores
 QUANTILE_LEVELS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
 # Factors of the detector's covariance model (0 = Ledoit-Wolf; see Mahalanobis.fit). Chosen on
@@ -100,6 +104,7 @@ class Baseline:
     # per probe label: standardisation and calibration scores for watched concepts (None in
     # baselines written before watched concepts existed, and in baselines without probes)
     concepts: ConceptReference | None = None
+    local: LocalModel | None = None  # the local score (None: samples without windows, older baselines)
     quantile_levels: tuple[float, ...] = QUANTILE_LEVELS
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -263,8 +268,11 @@ def build_baseline(
     extra: dict[str, Any] | None = None,
     components: int | None = None,
     clip: float | None = DEFAULT_CLIP,
+    windows: WindowStates | None = None,
 ) -> Baseline:
     """Build a baseline from the readings of ``a.n`` normal samples.
+
+    ``windows``: the samples' prompt windows (:func:`~monitor.drift.local.local_layers`): the local score.
 
     ``components``: the detector's covariance estimator, :data:`DEFAULT_COMPONENTS` when None
     (a factor model with that many factors; 0 = Ledoit-Wolf, see :meth:`Mahalanobis.fit`).
@@ -285,14 +293,25 @@ def build_baseline(
 
     layout = feature_layout(a.layers, a.probe_labels)
     fit, cal = a.subset(fit_idx), a.subset(cal_idx)
+    if windows is not None and windows.n != a.n:
+        raise BaselineError(f"window states of {windows.n} samples for readings of {a.n}")
     tokens = TokenTable.count(fit.token_ids())
     # Leave-one-out surprisal on the fit split: a sample's own count would make it look familiar.
     k = DEFAULT_COMPONENTS if components is None else int(components)
-    det = Mahalanobis.fit(feature_matrix(fit, tokens, leave_one_out=True), components=k, clip=clip)
+    fit_x = feature_matrix(fit, tokens, leave_one_out=True)
+    det = Mahalanobis.fit(fit_x, components=k, clip=clip)
     # Round what is stored (float32) before calibrating, so stored and live scores are computed
     # with exactly the same matrix.
     det = det.rounded()
-    cal_scores = np.sort(det.distance2(feature_matrix(cal, tokens)))
+    cal_d2 = det.distance2(feature_matrix(cal, tokens))
+    cal_scores = np.sort(cal_d2)
+    local = None
+    notes: dict[str, Any] = {}
+    if windows is not None and windows.present().any():
+        try:
+            local = LocalModel.fit(windows, fit_idx, cal_idx, det.distance2(fit_x), cal_d2)
+        except BaselineError as exc:  # too few windows (short prompts): the whole-text score alone
+            notes["local_score"] = f"not fitted: {exc}"
 
     levels = np.asarray(QUANTILE_LEVELS)
     quantiles: dict[str, np.ndarray] = {}
@@ -345,7 +364,8 @@ def build_baseline(
         probe_counts=probe_counts,
         tokens=tokens,
         concepts=ConceptReference.fit(fit, cal) if a.probes else None,
-        extra=dict(extra or {}),
+        local=local,
+        extra={**(extra or {}), **notes},
     )
     # Hash what is stored: round-trip through JSON so the id matches a reloaded baseline.
     content = json.loads(json.dumps(bl._content()))
@@ -380,6 +400,7 @@ class BaselineLearner:
                       "source": source}
         self._kwargs = build_kwargs
         self._parts: list[Readings] = []
+        self._windows: list[WindowStates | None] = []
         self._n = 0
 
     @property
@@ -397,8 +418,9 @@ class BaselineLearner:
         """Fraction collected, in [0, 1]."""
         return min(1.0, self._n / self.target)
 
-    def add(self, a: Readings) -> int:
-        """Keep the samples of ``a`` that fit under the target; returns how many were taken."""
+    def add(self, a: Readings, windows: WindowStates | None = None) -> int:
+        """Keep the samples of ``a`` (and their prompt windows) that fit under the target; returns
+        how many were taken. Windows held: at most ``target`` samples' of the local layers."""
         room = self.target - self._n
         if room <= 0 or a.n == 0:
             return 0
@@ -412,6 +434,7 @@ class BaselineLearner:
         take = a if a.n <= room else a.subset(slice(0, room))
         take.validate()
         self._parts.append(take)
+        self._windows.append(None if windows is None else windows.subset(slice(0, take.n)))
         self._n += take.n
         return take.n
 
@@ -421,5 +444,7 @@ class BaselineLearner:
             raise BaselineError(f"no samples collected yet; a baseline needs {self.target}")
         a = Readings.concat(self._parts)
         kwargs = dict(self._kwargs)
+        if all(w is not None for w in self._windows) and len({w.layers for w in self._windows if w}) == 1:
+            kwargs.setdefault("windows", WindowStates.concat([w for w in self._windows if w is not None]))
         kwargs.setdefault("extra", {"learned_samples": self._n})
         return build_baseline(a, **self._meta, **kwargs)  # type: ignore[arg-type]

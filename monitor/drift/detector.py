@@ -17,6 +17,7 @@ import numpy as np
 
 from monitor.drift.baseline import Baseline
 from monitor.drift.features import as_arrays
+from monitor.drift.prompt_windows import WindowStates
 from monitor.drift.score import AnomalyScorer, SampleScore
 from monitor.drift.window import AlertEvent, SlidingWindowMonitor, WindowResult
 from monitor.lenses.readings import Readings, SampleReadings
@@ -73,10 +74,12 @@ class DriftDetector:
     def process(
         self,
         readings: Readings | Sequence[SampleReadings],
+        prompt_windows: WindowStates | None = None,
     ) -> DetectorUpdate:
-        """Score a batch (columns or per-sample views), feed it to the sliding windows, update the stats."""
+        """Score a batch (columns or per-sample views; ``prompt_windows``: their prompt windows
+        for the local score), feed it to the sliding windows, update the stats."""
         a = as_arrays(readings)
-        scores = self.scorer.score(a)
+        scores = self.scorer.score(a, prompt_windows)
         pv = np.array([s.p_value for s in scores])
         windows, events = self.windows.add(a, pv)
         st = self.stats

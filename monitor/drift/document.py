@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from monitor.drift.codec import decode_array, encode_array
 from monitor.drift.concepts import ConceptReference
 from monitor.drift.features import FeatureLayout, TokenTable
+from monitor.drift.local import LocalModel
 from monitor.drift.stats import Mahalanobis
 from monitor.errors import BaselineError
 
@@ -83,14 +84,17 @@ class BaselineDocument(_Model):
     probe_counts: dict[str, list[list[int]]]
     token_table: dict[str, Any]
     concepts: dict[str, Any] | None = None  # absent before watched concepts existed
+    local: dict[str, Any] | None = None  # the local anomaly score (version 4; absent without windows)
     extra: dict[str, Any] = {}
 
     def content(self) -> dict[str, Any]:
         """Everything but ``id`` and ``created_at``: what the id hashes. Optional fields only when set."""
-        doc = self.model_dump(mode="json", exclude={"id", "created_at", "features", "concepts"})
+        doc = self.model_dump(mode="json", exclude={"id", "created_at", "features", "concepts", "local"})
         doc["features"] = self.features.model_dump(mode="json", exclude_none=True)
         if self.concepts is not None:
             doc["concepts"] = self.concepts
+        if self.local is not None:
+            doc["local"] = self.local
         return doc
 
 
@@ -124,7 +128,7 @@ def to_document(bl: Baseline) -> BaselineDocument:
         prediction_depth_histogram={str(k): v for k, v in sorted(bl.depth_histogram.items())},
         probe_counts={k: v.astype(int).tolist() for k, v in sorted(bl.probe_counts.items())},
         token_table=bl.tokens.to_json(), concepts=None if bl.concepts is None else bl.concepts.to_json(),
-        extra=bl.extra,
+        local=None if bl.local is None else bl.local.to_json(), extra=bl.extra,
     )
 
 
@@ -178,6 +182,7 @@ def from_document(doc: BaselineDocument) -> dict[str, Any]:
             "probe_counts": {k: np.asarray(v, dtype=np.int64) for k, v in doc.probe_counts.items()},
             "tokens": TokenTable.from_json(doc.token_table),
             "concepts": ConceptReference.from_json(doc.concepts) if doc.concepts is not None else None,
+            "local": LocalModel.from_json(doc.local) if doc.local is not None else None,
             "quantile_levels": tuple(doc.quantile_levels),
             "schema_version": doc.schema_version,
             "extra": dict(doc.extra),

@@ -13,6 +13,13 @@ percentile at that layer, probes reading a label more strongly than 99% of norma
 an unusual prediction depth or final distribution, or, when no single reading is extreme, the
 layers that carry most of the distance ("unusual_pattern").
 
+The local anomaly score (a short foreign segment inside the prompt, :mod:`monitor.drift.local`),
+when the baseline holds its model and the sample carries prompt windows, is folded into the
+anomaly score: one combined statistic (the larger of the two parts, each on its fit-split tail
+scale) whose conformal p-value on the calibration split replaces the whole-text one, so ``alpha``
+stays one false-positive rate for both. A sample whose local part is the larger one is flagged
+as ``local_segment`` with the segment's token offsets and the layers that carry it (never text).
+
 Watched concepts (``watch=("topic@mean=legal", ...)``, see :mod:`monitor.drift.concepts`) add
 one conformal p-value per named probe label; the sample's p-value is then the Bonferroni
 combination of the anomaly score's and theirs, so ``p < alpha`` stays a false-positive rate of
@@ -30,10 +37,14 @@ import numpy as np
 from monitor.drift.baseline import Baseline
 from monitor.drift.concepts import combine_p_values, parse_concept
 from monitor.drift.features import GLOBAL_LAYER, READINGS, feature_matrix
+from monitor.drift.local import LocalFinding, Tail
+from monitor.drift.prompt_windows import WindowStates
 from monitor.drift.stats import conformal_p_values
 from monitor.errors import BaselineError
 from monitor.explain import flag_sentence
 from monitor.lenses.readings import Readings
+
+LOCAL_FLAG = "local_segment"
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,19 @@ class Flag:
     @property
     def detail(self) -> str:
         """The flag as one English sentence."""
+        if self.kind == LOCAL_FLAG:
+            f = self.facts
+            return (f"tokens {f['start']}-{f['end']} of the prompt read unlike normal text, most at layers "
+                    f"{', '.join(map(str, self.layers))} (local score p={f['p']:.3g})")
         return flag_sentence(self.kind, self.layers, self.reading, self.facts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "layers": list(self.layers), "reading": self.reading, "detail": self.detail}
+        out: dict[str, Any] = {"kind": self.kind, "layers": list(self.layers), "reading": self.reading,
+                               "detail": self.detail}
+        if self.kind == LOCAL_FLAG:  # where the segment sits, for reports: offsets and layers, never text
+            out.update(segment=[self.facts["start"], self.facts["end"]],
+                       layer_strength={str(k): v for k, v in self.facts["strength"].items()})
+        return out
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,12 @@ class SampleScore:
     # Bonferroni combination that gives ``p_value``)
     score_p_value: float | None = None
     concept_p_values: dict[str, float] | None = None
+    # the local score (None: no local model or no windows): its own conformal p-value (reported;
+    # ``p_value`` already folds it in), the most unusual run of windows as token offsets
+    # [start, end) and its statistic per layer (~1 normal)
+    local_p_value: float | None = None
+    segment: tuple[int, int] | None = None
+    segment_layers: dict[int, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -80,9 +106,14 @@ class SampleScore:
             "layer_contributions": {str(k): v for k, v in self.layer_contributions.items()},
             "flags": [f.to_dict() for f in self.flags],
         }
-        if self.concept_p_values is not None:
+        if self.concept_p_values is not None or self.local_p_value is not None:
             out["score_p_value"] = self.score_p_value
+        if self.concept_p_values is not None:
             out["concept_p_values"] = dict(self.concept_p_values)
+        if self.local_p_value is not None:
+            out["local_p_value"] = self.local_p_value
+            out["segment"] = list(self.segment) if self.segment is not None else None
+            out["segment_layers"] = {str(k): v for k, v in (self.segment_layers or {}).items()}
         return out
 
 
@@ -132,16 +163,69 @@ class AnomalyScorer:
         self._shares = {p: baseline.probe_shares(p) for p in baseline.probe_labels}
         self._sur_hi = baseline.quantile("top1_surprisal", 0.99)
         self._probe_hi = {p: baseline.quantile(f"probe:{p}", 0.99) for p in baseline.probe_labels}
+        self._tails: dict[str, Tail] = {}
 
-    def score_arrays(self, a: Readings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score_arrays(self, a: Readings, windows: WindowStates | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vector form: squared distances [B], p-values [B], per-layer contributions [B, G].
 
         Columns of the contributions follow :attr:`contribution_layers` (sorted layer numbers,
         ``-1`` = the global features, first). Non-finite readings give an infinite distance and p-value
-        ``1/(n_cal+1)`` rather than NaN. With watched concepts the p-values are the combined ones.
+        ``1/(n_cal+1)`` rather than NaN. With a local score or watched concepts the p-values are
+        the combined ones.
         """
         d2, p, per_layer, concept_p = self._score(a)
+        p, _ = self._with_local(d2, p, windows)
         return d2, (combine_p_values([p, *concept_p.values()]) if concept_p else p), per_layer
+
+    @property
+    def local_layers(self) -> tuple[int, ...] | None:
+        """The states whose prompt windows the local score reads (None: the baseline has no local
+        model, e.g. built before windows existed or from samples without them)."""
+        return None if self.baseline.local is None else self.baseline.local.layers
+
+    def rank_scores(self, a: Readings, windows: WindowStates | None = None) -> np.ndarray:
+        """A continuous statistic that ranks samples as the combined p-value does, for AUROC and
+        TPR at a test-set threshold (the conformal p-value is flat beyond the largest calibration
+        score, so it cannot rank the far tail): the largest of each component's ``-log`` tail
+        probability against its own calibration scores (exponential beyond the bulk)."""
+        d2, _, _, _ = self._score(a)
+        score = -self._tail_of("score", self.baseline.calibration_scores).log_sf(d2)
+        local = self.baseline.local
+        if local is not None and windows is not None:
+            stat, _ = local.statistics(windows)
+            t = -self._tail_of("combined", local.calibration_scores).log_sf(local.combined(d2, stat))
+            score = np.where(windows.present(), t, score)
+        parts = [score]
+        if self.watch:
+            assert self.baseline.concepts is not None
+            for name, v in self.baseline.concepts.scores(a, self.watch).items():
+                parts.append(-self._tail_of(name, self.baseline.concepts.calibration[name]).log_sf(v))
+        return np.asarray(np.max(np.stack(parts), axis=0))
+
+    def _tail_of(self, name: str, calibration: np.ndarray) -> Tail:
+        got = self._tails.get(name)
+        if got is None:
+            got = self._tails[name] = Tail.fit(np.asarray(calibration))
+        return got
+
+    def _with_local(self, d2: np.ndarray, p: np.ndarray, windows: WindowStates | None
+                    ) -> tuple[np.ndarray, list[tuple[LocalFinding, float, bool] | None]]:
+        """The anomaly score's p-values with the local score folded in (where a sample has
+        windows) and, per sample, (finding, the local score's own p-value, local part larger?)."""
+        local = self.baseline.local
+        if local is None or windows is None:
+            return p, [None] * len(p)
+        if windows.n != len(p):
+            raise ValueError(f"window states of {windows.n} samples for {len(p)} readings")
+        stat, found = local.statistics(windows)
+        present = windows.present()
+        u, v = local.parts(d2, stat)
+        combined = np.where(present, local.p_values(d2, stat), p)
+        own = local.local_p_values(stat)
+        info = [(f, float(own[b]), bool(v[b] > u[b])) if present[b] and f is not None else None
+                for b, f in enumerate(found)]
+        return combined, info
 
     def concept_p_values(self, a: Readings) -> dict[str, np.ndarray]:
         """The watched concepts' own conformal p-values [B] (empty without watched concepts)."""
@@ -171,9 +255,10 @@ class AnomalyScorer:
         """Layer of each contribution column (``-1`` = global features)."""
         return list(self._groups)
 
-    def score(self, a: Readings) -> list[SampleScore]:
-        """Score every sample of ``a``."""
-        d2, p_score, per_layer, concept_p = self._score(a)
+    def score(self, a: Readings, windows: WindowStates | None = None) -> list[SampleScore]:
+        """Score every sample of ``a`` (``windows``: their prompt windows of :attr:`local_layers`)."""
+        d2, p_whole, per_layer, concept_p = self._score(a)
+        p_score, local = self._with_local(d2, p_whole, windows)
         p = combine_p_values([p_score, *concept_p.values()]) if concept_p else p_score
         # a watched concept "fired" when its own p-value is below its share of alpha
         m = 1 + len(concept_p)
@@ -191,9 +276,13 @@ class AnomalyScorer:
             anomalous = bool(p[b] < self.alpha)
             fired = [(w, float(v[b])) for w, v in concept_p.items() if below(float(v[b]))]
             flags: tuple[Flag, ...] = ()
+            finding, lp, local_led = local[b] or (None, None, False)
             if anomalous:  # the readings' flags only when the anomaly score itself is below its share
+                score_fired = below(float(p_score[b]))
                 flags = tuple(self._watched_flags(a, b, fired)
-                              + (self._flags(a, b, shares) if below(float(p_score[b])) else []))
+                              + (self._flags(a, b, shares) if score_fired and not local_led else [])
+                              + ([local_flag(finding, float(p_score[b]))] if score_fired and local_led
+                                 and finding is not None else []))
             out.append(
                 SampleScore(
                     score=float(np.sqrt(total / self._n_active)) if np.isfinite(total) else float("inf"),
@@ -204,6 +293,9 @@ class AnomalyScorer:
                     flags=flags,
                     score_p_value=float(p_score[b]) if concept_p else None,
                     concept_p_values={w: float(v[b]) for w, v in concept_p.items()} if concept_p else None,
+                    local_p_value=lp,
+                    segment=None if finding is None else (finding.start, finding.end),
+                    segment_layers=None if finding is None else dict(finding.layer_strength),
                 )
             )
         return out
@@ -280,3 +372,11 @@ class AnomalyScorer:
             total = sum(s for s, _ in top)
             flags.append(Flag("unusual_pattern", lays, "pattern", {"share": total}))
         return flags
+
+
+def local_flag(finding: LocalFinding, p: float, top: int = 3) -> Flag:
+    """The ``local_segment`` flag: the run's token offsets and the layers that carry it most."""
+    strongest = sorted(finding.layer_strength, key=lambda k: -finding.layer_strength[k])[:top]
+    return Flag(LOCAL_FLAG, tuple(sorted(strongest)), "windows",
+                {"start": finding.start, "end": finding.end, "span": finding.span, "p": p,
+                 "statistic": finding.statistic, "strength": dict(finding.layer_strength)})

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from monitor.drift.prompt_windows import WindowStates
 from monitor.lenses.readings import Readings
+from monitor.windows import window_bounds
 
 LABELS = ("prose", "news", "code")
 
@@ -45,3 +47,40 @@ def synth(n: int, *, n_layers: int = 12, seed: int = 0, shift: float = 0.0, code
         final_confidence=conf[:, -1].copy(), probes={"topic": probs}, probe_labels={"topic": LABELS},
         top1=top1, final_top1=top1[:, -1].copy(),
     )
+
+
+def synth_windows(n: int, *, layers: Sequence[int] = (0, 4, 8, 11), d: int = 24, seed: int = 0,
+                  lengths: Sequence[int] = (20, 64, 200, 900), segment: tuple[float, float] | None = None,
+                  shift: float = 0.0) -> WindowStates:
+    """Prompt windows of ``n`` synthetic prompts (lengths cycling through ``lengths``).
+
+    A window mean is a fixed per-layer mean plus low-rank structure plus noise whose size falls
+    with the window's length (a mean over more tokens), and the first window is offset (the
+    attention sink's neighbour), as in real models. ``segment=(where, fraction)`` with ``shift``
+    moves the windows of that part of the prompt along one direction unseen in normal windows.
+    """
+    rng = np.random.default_rng(seed)
+    base = np.random.default_rng(12345)  # the "model": the same for every seed
+    n_l = len(layers)
+    mean = base.normal(size=(n_l, d))
+    mix = base.normal(size=(n_l, d, 4)) / 2
+    first_offset = base.normal(size=(n_l, d))
+    direction = np.zeros(d)
+    direction[-1] = 1.0  # normal windows barely vary along the last axis
+    parts: list[tuple[np.ndarray, np.ndarray, int] | None] = []
+    for i in range(n):
+        t = int(lengths[i % len(lengths)])
+        b = window_bounds(t)
+        lens = (b[:, 1] - b[:, 0]).astype(np.float64)
+        z = rng.normal(size=(len(b), n_l, 4))
+        noise = rng.normal(size=(len(b), n_l, d)) / np.sqrt(lens)[:, None, None]
+        noise[..., -1] *= 0.05
+        means = mean + np.einsum("lda,wla->wld", mix, z) * 0.5 + noise
+        means[0] += first_offset
+        if segment is not None:
+            lo = int(segment[0] * (t - 1)) + 1
+            hi = lo + max(8, int(segment[1] * t))
+            inside = np.clip(np.minimum(b[:, 1], hi) - np.maximum(b[:, 0], lo), 0, None) / lens  # share of each window
+            means += shift * inside[:, None, None] * direction
+        parts.append((means.astype(np.float32), b, t))
+    return WindowStates.build(tuple(layers), parts, d, dtype=np.float32)

@@ -125,17 +125,20 @@ def _progress(done: int, total: int) -> None:
     print(f"\r  {done}/{total} texts", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
 
-def _readings(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
+def _readings(args: argparse.Namespace, window_layers: tuple[int, ...] | None = None
+              ) -> tuple[Any, Any, str, list[str], Any]:
+    """Readings and prompt windows (of ``window_layers``; default: the local score's) of the corpus."""
     from monitor.adapters import model_fingerprint
-    from monitor.pipeline.offline import lens_bank_for, read_corpus, readings_for_texts
+    from monitor.pipeline.offline import lens_bank_for, read_corpus, readings_and_windows
     from monitor.refmodel import load_model
 
     texts = read_corpus(args.corpus)
     model, tok, _name = load_model(args.model)
     bank = lens_bank_for(model, args.bundle)
-    a = readings_for_texts(model, tok, bank, texts, args.batch_size, max_tokens=args.max_tokens,
-                           positions=args.positions or "last+mean", progress=_progress)
-    return a, bank, model_fingerprint(model), texts
+    a, windows = readings_and_windows(model, tok, bank, texts, args.batch_size, max_tokens=args.max_tokens,
+                                      positions=args.positions or "last+mean", window_layers=window_layers,
+                                      progress=_progress)
+    return a, bank, model_fingerprint(model), texts, windows
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -143,7 +146,7 @@ def _build(args: argparse.Namespace) -> int:
 
     from monitor.drift.baseline import MIN_SAMPLES
 
-    a, bank, fp, _ = _readings(args)
+    a, bank, fp, _, windows = _readings(args)
     store = _store(args) if (args.redis or args.dir) else None
     from monitor.drift.baseline import DEFAULT_CLIP, build_baseline
 
@@ -151,7 +154,8 @@ def _build(args: argparse.Namespace) -> int:
                         source=f"corpus {Path(args.corpus).name}", min_samples=args.min_samples or MIN_SAMPLES,
                         calibration_fraction=args.calibration_fraction, components=args.components,
                         clip=DEFAULT_CLIP if args.clip is None else (args.clip or None),
-                        extra={"positions": args.positions or "last+mean", "max_tokens": args.max_tokens})
+                        extra={"positions": args.positions or "last+mean", "max_tokens": args.max_tokens},
+                        windows=windows)
     if args.out:
         Path(args.out).write_text(bl.dumps())
     if store is not None:
@@ -201,10 +205,13 @@ def _score(args: argparse.Namespace) -> int:
     AnomalyScorer(bl, alpha=args.alpha, watch=args.watch)  # refuse a bad watch list before the model loads
     if args.positions is None:  # score texts the way the baseline's were read
         args.positions = str(bl.extra.get("positions") or baseline_positions(bl))
-    a, bank, fp, texts = _readings(args)
+    a, bank, fp, texts, windows = _readings(args, bl.local.layers if bl.local is not None else None)
     bl.check_compatible(bundle_id=bank.bundle_id, model_fingerprint=fp)
     scorer = AnomalyScorer(bl, alpha=args.alpha, watch=args.watch)
-    scores = scorer.score(a)
+    if bl.local is None:
+        print(f"layerwatch: baseline {bl.id} holds no local anomaly model (built without prompt windows): "
+              "segments inside prompts are not scored", file=sys.stderr)
+    scores = scorer.score(a, windows if bl.local is not None else None)
     results = [{"index": i, "text": text, **s.to_dict()} for i, (text, s) in enumerate(zip(texts, scores, strict=True))]
     with open(args.json_out, "w", encoding="utf-8") as fh:
         json.dump({"baseline": bl.id, "bundle_id": bank.bundle_id, "model_fingerprint": fp, "alpha": args.alpha,

@@ -20,9 +20,12 @@ from typing import Any
 import numpy as np
 
 from monitor.drift.features import as_arrays
+from monitor.drift.local import local_layers
+from monitor.drift.prompt_windows import WindowStates
 from monitor.errors import BaselineError
 from monitor.lenses.readings import Readings
 from monitor.pipeline.stages import LensReader, read
+from monitor.windows import DEFAULT_MAX_WINDOWS
 
 LensBankLike = LensReader  # the former name
 
@@ -47,6 +50,27 @@ def capture_states(
     or [n, L, 2, d] for ``"last+mean"`` (index 0 the mean, 1 the last token); ``layers`` the
     captured state indices.
     """
+    states, _, layers, fingerprint = capture_with_windows(
+        model, tokenizer, texts, batch_size=batch_size, max_tokens=max_tokens, positions=positions,
+        progress=progress, windows=0)
+    return states, layers, fingerprint
+
+
+def capture_with_windows(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_tokens: int = 128,
+    positions: str = "last+mean",
+    progress: Callable[[int, int], None] | None = None,
+    windows: int = DEFAULT_MAX_WINDOWS,
+    window_layers: Sequence[int] | None = None,
+) -> tuple[np.ndarray, WindowStates | None, tuple[int, ...], str]:
+    """:func:`capture_states` plus the prompt windows the tap ships (``windows`` per text at most,
+    0 = none): ``(states, window states of window_layers (default: the local score's,
+    :func:`monitor.drift.local.local_layers`) or None, layers, fingerprint)``."""
     if positions not in POSITIONS:
         raise BaselineError(f"positions: {positions!r} is not one of {', '.join(POSITIONS)}")
     per = 2 if positions == "last+mean" else 1
@@ -61,12 +85,14 @@ def capture_states(
     group = "offline"
     transport.ensure_group(group)
     tap = monitor.attach(model, sample_rate=1.0, transport=transport, positions=positions,
-                         queue_max_items=max(256, 2 * batch_size))
+                         queue_max_items=max(256, 2 * batch_size), windows=windows,
+                         queue_max_bytes=1 << 34, max_payload_bytes=1 << 30)
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # causal models: real tokens never attend to right padding
     order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths batch together
     out: np.ndarray | None = None
+    parts: list[tuple[np.ndarray, np.ndarray, int] | None] = [None] * len(texts)
     layers: tuple[int, ...] = ()
     fingerprint = ""
     try:
@@ -87,7 +113,7 @@ def capture_states(
                         f"the tap published {got} of {len(idx)} samples (dropped: {tap.stats().get('drops')})"
                     )
                 for e in entries:
-                    s = wire.decode(e.data)
+                    s = wire.decode(e.data, max_bytes=1 << 30)
                     i = int(s.request_id.split("-", 1)[1])
                     if out is None:
                         layers = s.layers
@@ -95,6 +121,9 @@ def capture_states(
                         shape = (len(layers), per, s.hidden_size) if per > 1 else (len(layers), s.hidden_size)
                         out = np.zeros((len(texts), *shape), dtype=np.float16)
                     out[i] = s.hidden[:, -per:, :] if per > 1 else s.hidden[:, -1, :]
+                    if s.windows is not None and s.window_bounds is not None:
+                        sel = [s.layers.index(x) for x in (window_layers or local_layers(s.layers))]
+                        parts[i] = (np.moveaxis(s.windows[sel], 1, 0), s.window_bounds, int(s.prompt_tokens or 0))
                     got += 1
                 transport.ack(group, [e.id for e in entries])
             if progress is not None:
@@ -105,7 +134,10 @@ def capture_states(
         transport.close()
     if out is None:
         raise BaselineError("no texts given")
-    return out, layers, fingerprint
+    win = None
+    if windows:
+        win = WindowStates.build(tuple(window_layers or local_layers(layers)), parts, out.shape[-1])
+    return out, win, layers, fingerprint
 
 
 def readings_from_states(
@@ -123,6 +155,26 @@ def readings_from_states(
         last, context = (h[:, :, -1], h[:, :, 0]) if h.ndim == 4 else (h, None)
         parts.append(as_arrays(read(bank, last, context)))
     return Readings.concat(parts)
+
+
+def readings_and_windows(
+    model: Any,
+    tokenizer: Any,
+    bank: LensBankLike,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    *,
+    max_tokens: int = 128,
+    positions: str = "last+mean",
+    window_layers: Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Readings, WindowStates | None]:
+    """Readings of ``texts`` and their prompt windows (the local score's input), as the sidecar
+    sees them."""
+    states, win, layers, _ = capture_with_windows(model, tokenizer, texts, batch_size=batch_size,
+                                                  max_tokens=max_tokens, positions=positions, progress=progress,
+                                                  window_layers=window_layers)
+    return readings_from_states(bank, states, layers, batch_size=batch_size), win
 
 
 def readings_for_texts(

@@ -29,6 +29,8 @@ from monitor.drift.baseline import Baseline, BaselineLearner, fit_calibration_sp
 from monitor.drift.concepts import concept_name, min_calibration, parse_concept
 from monitor.drift.detector import DetectorUpdate, DriftDetector
 from monitor.drift.features import as_arrays
+from monitor.drift.local import local_layers
+from monitor.drift.prompt_windows import WindowStates
 from monitor.errors import BaselineError, ConfigError
 from monitor.lenses.readings import Readings
 
@@ -94,13 +96,22 @@ class ScoringStage:
         assert self.learner is not None
         return {"state": "learning", "collected": self.learner.collected, "target": self.learner.target}
 
-    def score(self, readings: Readings) -> Scored:
-        """Score (or learn from) one batch (after switching to a newly promoted baseline, if any)."""
+    def window_layers(self, sample_layers: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The states whose prompt windows :meth:`score` wants: the baseline's local model's, or
+        while learning the default choice over the samples' states; None: none are read."""
+        if self.detector is not None:
+            return self.detector.scorer.local_layers
+        return local_layers(sample_layers)
+
+    def score(self, readings: Readings, windows: WindowStates | None = None) -> Scored:
+        """Score (or learn from) one batch (after switching to a newly promoted baseline, if any).
+
+        ``windows``: the samples' prompt windows of :meth:`window_layers` (the local score)."""
         self.apply_pending()
         arrays = as_arrays(readings)
         out = Scored()
         if self.learner is not None:
-            taken = self.learner.add(arrays)
+            taken = self.learner.add(arrays, windows)
             out.results = [{"score": None, "flags": [], "learning": True} for _ in range(taken)]
             if not self.learner.done:
                 return out
@@ -108,8 +119,10 @@ class ScoringStage:
             if taken == arrays.n:
                 return out
             arrays = arrays.subset(slice(taken, None))  # past the target: scored by the new baseline
+            windows = None if windows is None else windows.subset(slice(taken, None))
         assert self.detector is not None
-        out.update = self.detector.process(arrays)
+        local = self.detector.scorer.local_layers
+        out.update = self.detector.process(arrays, windows if windows is not None and windows.layers == local else None)
         out.results += [{"score": s.to_dict(), "flags": [f.to_dict() for f in s.flags]} for s in out.update.scores]
         return out
 
@@ -194,6 +207,10 @@ class ScoringStage:
         return baseline, refused
 
     def _detector(self, baseline: Baseline, watch: Sequence[str]) -> DriftDetector:
+        if baseline.local is None:
+            log.warning("baseline %s holds no local anomaly model (built before prompt windows existed, or from "
+                        "samples without them): segments inside prompts are not scored; rebuild it from samples "
+                        "with windows to score them", baseline.id)
         c = self.config
         return DriftDetector(baseline, alpha=c.alpha, window=c.window, step=max(1, c.window // 4),
                              watch=watch, bundle_id=self._bundle_id, model_fingerprint=self._fingerprint)

@@ -20,6 +20,7 @@ from typing import Any
 from monitor.audit.records import sample_fields
 from monitor.backends.ledger import payload_digest
 from monitor.drift.baseline import Baseline
+from monitor.drift.prompt_windows import window_states_of
 from monitor.errors import LayerwatchError
 from monitor.narratives import Narrative
 from monitor.pipeline.scoring import Scored, ScoringStage
@@ -111,7 +112,8 @@ class BatchProcessor:
         samples = [smp for _, smp in good]
         readings = read_samples(p.bank, samples, self.layer_index)
         narratives = explain(readings, samples, p.decode_token, include_tokens=p.settings.narratives.include_tokens)
-        scored = p.scoring.score(readings)
+        layers = p.scoring.window_layers(samples[0].layers) if samples else None
+        scored = p.scoring.score(readings, None if layers is None else window_states_of(samples, layers))
         if scored.promoted is not None:  # its records precede the samples that built it
             self._promoted(scored.promoted, scored.refused_watch)
         baseline_id = p.scoring.baseline.id if p.scoring.baseline is not None else None

@@ -59,9 +59,12 @@ class TapCore:
         registry: CollectorRegistry | None = None,
         transport: Transport | None = None,
         header: dict[str, Any] | None = None,
+        hidden_size: int | None = None,
     ) -> None:
         self.settings = settings
         self.layers = watched_layers(settings, n_blocks)
+        if hidden_size is not None:
+            check_window_budget(settings, len(self.layers), hidden_size)
         self.slot = {layer: i for i, layer in enumerate(self.layers)}
         self.model_name = model_name
         self.fingerprint = fingerprint
@@ -207,6 +210,19 @@ class TapCore:
         self.sampler.after_fork()
         for fn in self._fork_hooks:
             fn()
+
+
+def check_window_budget(settings: TapSettings, n_layers: int, hidden_size: int) -> None:
+    """Refuse, at attach, window settings whose samples could never be published: the window
+    means alone (``windows x layers x d`` in the wire dtype) past ``max_payload_bytes``."""
+    if settings.windows == 0:
+        return
+    nbytes = settings.windows * n_layers * hidden_size * (2 if settings.wire_dtype == "float16" else 4)
+    if nbytes > settings.max_payload_bytes:
+        raise ConfigError(
+            f"windows: {settings.windows} windows x {n_layers} states x {hidden_size} x {settings.wire_dtype} "
+            f"are {nbytes} bytes per sample, more than max_payload_bytes ({settings.max_payload_bytes}): "
+            "lower windows (or layers), or raise max_payload_bytes")
 
 
 def open_tap_transport(settings: TapSettings) -> Transport:

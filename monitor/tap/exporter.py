@@ -35,6 +35,7 @@ import numpy as np
 
 from monitor.tap.recorder import DROP_REASONS, Counts, TapRecorder
 from monitor.transport import Transport
+from monitor.windows import window_bounds
 from monitor.wire import encode
 
 __all__ = ["DROP_REASONS", "CapturedRequest", "CapturedStep", "Counts", "Exporter"]
@@ -50,7 +51,9 @@ class CapturedStep:
     ``hidden`` is ``[L, P, d]`` float16 with the rows of slot ``s`` (the s-th sampled batch row)
     at ``[s*k, (s+1)*k)`` where ``k = per_slot``. ``positions``/``valid`` are ``[P]`` (or None:
     the positions are the Python list ``fixed_positions``, all valid). ``topk_*`` are ``[P, K]``
-    with ``topk_valid`` ``[P]`` (None: all valid).
+    with ``topk_valid`` ``[P]`` (None: all valid). Prompt windows (step 0 only): ``windows``
+    ``[L, S*max_windows, d]`` (slot ``s`` at ``[s*max_windows, ...)``, zero past its own window
+    count) and ``window_lengths`` ``[S]``, the prompt length of each slot.
     """
 
     hidden: Any
@@ -61,6 +64,10 @@ class CapturedStep:
     topk_ids: Any = None
     topk_logprobs: Any = None
     topk_valid: Any = None
+    windows: Any = None
+    window_lengths: Any = None
+    max_windows: int = 0
+    window_min_tokens: int = 1
 
 
 @dataclass
@@ -80,8 +87,9 @@ class CapturedRequest:
     def n_samples(self) -> int:
         return len(self.sample_ids)
 
-    def samples(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-        """Wait for device copies, then yield ``(header, hidden[L, P, d])`` per sampled row.
+    def samples(self) -> Iterator[tuple[dict[str, Any], np.ndarray, np.ndarray | None]]:
+        """Wait for device copies, then yield ``(header, hidden[L, P, d], windows[L, W, d] or
+        None)`` per sampled row (the header then names the windows' bounds).
 
         Runs on the exporter thread. A row with no valid position (an all-padding row) yields
         nothing; the caller counts it as an encode error.
@@ -134,7 +142,22 @@ class CapturedRequest:
                     "ids": ids.astype(np.int64).tolist(),
                     "logprobs": np.round(lp.astype(np.float64), 6).tolist(),
                 }
-            yield header, np.ascontiguousarray(hidden)
+            windows = None
+            if steps[0].windows is not None:
+                windows = _windows_of(steps[0], s, header)
+            yield header, np.ascontiguousarray(hidden), windows
+
+
+def _windows_of(st: _StepArrays, s: int, header: dict[str, Any]) -> np.ndarray:
+    """Slot ``s``'s window means, its bounds (:func:`monitor.windows.window_bounds` of its
+    prompt length, as the plan built them on the device) written into ``header``."""
+    assert st.windows is not None and st.window_lengths is not None
+    n = int(st.window_lengths[s])
+    bounds = window_bounds(n, st.max_windows, st.window_min_tokens)
+    header["windows"] = bounds.tolist()
+    header["prompt_tokens"] = n
+    base = s * st.max_windows
+    return np.ascontiguousarray(st.windows[:, base:base + len(bounds)])
 
 
 @dataclass
@@ -146,6 +169,10 @@ class _StepArrays:
     topk_ids: np.ndarray | None
     topk_lp: np.ndarray | None
     topk_valid: np.ndarray | None
+    windows: np.ndarray | None = None
+    window_lengths: np.ndarray | None = None
+    max_windows: int = 0
+    window_min_tokens: int = 1
 
     @staticmethod
     def of(st: CapturedStep) -> _StepArrays:
@@ -154,7 +181,8 @@ class _StepArrays:
 
         positions = arr(st.positions) if st.positions is not None else np.asarray(st.fixed_positions or [])
         return _StepArrays(arr(st.hidden), st.per_slot, positions, arr(st.valid),  # type: ignore[arg-type]
-                           arr(st.topk_ids), arr(st.topk_logprobs), arr(st.topk_valid))
+                           arr(st.topk_ids), arr(st.topk_logprobs), arr(st.topk_valid),
+                           arr(st.windows), arr(st.window_lengths), st.max_windows, st.window_min_tokens)
 
 
 class Exporter:
@@ -300,11 +328,11 @@ class Exporter:
         for item in batch:
             done = 0
             try:
-                for header, hidden in item.samples():
+                for header, hidden, windows in item.samples():
                     done += 1
                     try:
                         header["tap"] = counters
-                        payloads.append(encode(header, hidden, max_bytes=self.max_payload_bytes))
+                        payloads.append(encode(header, hidden, windows=windows, max_bytes=self.max_payload_bytes))
                         stamps.append(item.captured_at)
                     except Exception:
                         self.drop("encode_error")

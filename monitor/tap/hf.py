@@ -31,6 +31,7 @@ own token sequence, padding excluded (so a left-padded and a right-padded batch 
 indices). ``positions="generated"`` captures, at each generation step, the state of the token
 that step consumes: the last prompt token, then each generated token fed back, i.e. the states
 that produced generated tokens 1..N (``final_topk`` row i is the distribution of token i).
+Prompt windows (``windows`` setting): the prefill also ships window means (:mod:`monitor.windows`).
 ``positions="last+mean"`` ships two vectors per layer: index 0 the mean over the prompt's real
 tokens, index 1 the last prompt token (so ``hidden[:, -1]`` is the last token, as for "last").
 The lens bank reads the last token; the concept probes also read the mean (the prompt's
@@ -104,7 +105,8 @@ class Tap:
         cfg = getattr(model, "config", None)
         name = settings.model_name or str(getattr(cfg, "name_or_path", "") or type(model).__name__)
         self.core = TapCore(settings, model_name=name, fingerprint=model_fingerprint(model, self.parts),
-                            n_blocks=self.parts.n_blocks, registry=registry, transport=transport)
+                            n_blocks=self.parts.n_blocks, registry=registry, transport=transport,
+                            hidden_size=self.parts.hidden_size)
         self.core.on_fork(self._after_fork_in_child)
         self.layers = self.core.layers
         self._slot = self.core.slot
@@ -347,6 +349,8 @@ class Tap:
             if st is not None:
                 cap.steps.append(st)
                 cap.nbytes += int(st.hidden.numel()) * st.hidden.element_size()
+                if st.windows is not None:
+                    cap.nbytes += int(st.windows.numel()) * st.windows.element_size()
         except Exception:
             self._hook_failed(cap)
 

@@ -16,6 +16,7 @@ import torch
 from monitor.config import TapSettings
 from monitor.tap.exporter import CapturedStep
 from monitor.tap.plan import StepPlan, to_device
+from monitor.windows import FIRST_POSITION
 
 
 @dataclass(slots=True)
@@ -44,8 +45,56 @@ def plan_padded_step(cap: Capture, settings: TapSettings, new_ids: Callable[[int
     """Decide, once per forward, which rows and positions every hook of this step takes.
 
     Everything is built with torch ops on the inputs' device: no ``.tolist()``/``int()`` of a
-    device tensor, so there is no host synchronisation on CUDA.
+    device tensor, so there is no host synchronisation on CUDA. The first step (the prompt's
+    prefill) also plans the prompt windows when ``settings.windows`` > 0.
     """
+    plan = _plan_positions(cap, settings, new_ids, args, kwargs)
+    if plan is not None and cap.step == 0 and settings.windows > 0:
+        mask = kwargs.get("attention_mask")
+        m = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == plan.seq:
+            rows = cap.rows_dev[plan.device]
+            m = (mask if plan.all_rows else mask.index_select(0, rows.to(mask.device))).to(plan.device) != 0
+        n_slots = len(cap.rows or ())
+        plan.window_weights, plan.window_lengths = window_plan(
+            m, n_slots, plan.seq, plan.device, settings.windows, settings.window_min_tokens)
+        plan.window_rows = None if plan.all_rows else cap.rows_dev[plan.device]
+        plan.max_windows, plan.window_min_tokens = settings.windows, settings.window_min_tokens
+    return plan
+
+
+def window_plan(m: torch.Tensor | None, n_slots: int, seq: int, dev: torch.device, max_windows: int,
+                min_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[S, max_windows, seq]`` averaging weights of each row's prompt windows and ``[S]`` prompt
+    lengths, on ``dev`` without a host synchronisation.
+
+    Row ``s`` of ``n`` real tokens (``m``: the padding mask; None = all ``seq`` real) gets the
+    windows of :func:`monitor.windows.window_bounds` ``(n, max_windows, min_tokens)`` over its own
+    token positions (padding excluded), the same formula in torch ops; rows past its window count
+    are zero (the exporter ships only the first ``W``).
+    """
+    if m is None:
+        real = torch.arange(seq, device=dev).expand(n_slots, seq)
+        n = torch.full((n_slots,), seq, device=dev, dtype=torch.long)
+        valid = torch.ones((n_slots, seq), dtype=torch.bool, device=dev)
+    else:
+        real = m.long().cumsum(-1) - 1  # each token's position among its row's real tokens
+        n = m.long().sum(-1)
+        valid = m
+    span = (n - FIRST_POSITION).clamp(min=0)  # tokens in windows (position 0 is in none)
+    count = torch.where(span >= 1, (span // min_tokens).clamp(min=1, max=max_windows), 0)
+    j = torch.arange(max_windows + 1, device=dev)
+    edges = FIRST_POSITION + (j.unsqueeze(0) * span.unsqueeze(1)) // count.clamp(min=1).unsqueeze(1)
+    start, end = edges[:, :-1, None], edges[:, 1:, None]  # [S, W, 1]
+    inside = (real.unsqueeze(1) >= start) & (real.unsqueeze(1) < end) & valid.unsqueeze(1)
+    inside &= (j[:-1].view(1, -1, 1) < count.view(-1, 1, 1))
+    weights = inside.float() / (end - start).clamp(min=1).float()
+    return weights, n
+
+
+def _plan_positions(cap: Capture, settings: TapSettings, new_ids: Callable[[int], list[str]],
+                    args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepPlan | None:
+    """The positions part of :func:`plan_padded_step` (the ``positions`` setting)."""
     mode = settings.positions
     step = cap.step
     if step > 0 and (mode != "generated" or step >= settings.max_positions):

@@ -7,7 +7,9 @@ vLLM: its flattened ``[num_tokens, d]`` batch as it is), so one plan shape serve
 
 * ``gather``: ``index[P]`` rows of ``flat`` (last token, every token, generated tokens);
 * ``mean``: ``weights @ rows`` (the prompt mean, or this step's share of it under chunked
-  prefill), with ``last`` the rows of the last token for ``last+mean``.
+  prefill), with ``last`` the rows of the last token for ``last+mean``;
+* beside either, prompt *windows* (:mod:`monitor.windows`): ``window_weights [S, W, T]`` over
+  the sampled rows, one more batched product into a float32 buffer ``[L, S*W, d]``.
 
 :func:`take` copies one layer's vectors into the step buffer ``[L, P, d]`` with one
 ``index_select`` (or one matrix product for a mean); :func:`seal` casts the buffer to float16 and
@@ -50,6 +52,16 @@ class StepPlan:
     views: tuple[torch.Tensor, ...] = ()
     buf: torch.Tensor | None = None
     topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+    # prompt windows (Hugging Face, step 0): [S, W, T] averaging rows over each sampled row's
+    # tokens (zero rows past that row's own window count), the batch rows they read, and each
+    # row's prompt length (the exporter derives the bounds from it, off the serving thread)
+    window_weights: torch.Tensor | None = None
+    window_rows: torch.Tensor | None = None
+    window_lengths: torch.Tensor | None = None
+    max_windows: int = 0
+    window_min_tokens: int = 1
+    wbuf: torch.Tensor | None = None
+    wviews: tuple[torch.Tensor, ...] = ()
 
     def on(self, dev: torch.device) -> tuple[Any, ...]:
         """The plan's index tensors on ``dev`` (a model split over devices), moved once per step."""
@@ -58,7 +70,9 @@ class StepPlan:
             got = (to_device(self.index, dev),
                    None if self.weights is None else to_device(self.weights, dev),
                    None if self.bmm_weights is None else to_device(self.bmm_weights, dev),
-                   None if self.last is None else to_device(self.last, dev))
+                   None if self.last is None else to_device(self.last, dev),
+                   None if self.window_weights is None else to_device(self.window_weights, dev),
+                   None if self.window_rows is None else to_device(self.window_rows, dev))
             self.copies[dev] = got
         return got
 
@@ -77,7 +91,9 @@ def take(plan: StepPlan, n_layers: int, slot: int, hidden: torch.Tensor,
         dtype = h.dtype if plan.mode == "gather" else torch.float32
         buf = plan.buf = torch.empty((n_layers, plan.n_out, d), dtype=dtype, device=h.device)
         plan.views = buf.unbind(0)
-    index, weights, bmm_weights, last = plan.copies.get(h.device) or plan.on(h.device)
+    index, weights, bmm_weights, last, window_weights, window_rows = plan.copies.get(h.device) or plan.on(h.device)
+    if window_weights is not None:
+        _take_windows(plan, n_layers, slot, h, window_weights, window_rows)
     view = plan.views[slot]
     flat = h.reshape(-1, d)
     res = None if residual is None else residual.reshape(-1, d)
@@ -109,6 +125,19 @@ def take(plan: StepPlan, n_layers: int, slot: int, hidden: torch.Tensor,
     pair[:, 1].copy_(rows(last))
 
 
+def _take_windows(plan: StepPlan, n_layers: int, slot: int, h: torch.Tensor, weights: torch.Tensor,
+                  rows: torch.Tensor | None) -> None:
+    """This layer's window means: ``[S, W, T] @ [S, T, d]`` accumulated in float32, written
+    straight into the window buffer (cast to the wire dtype once, in :func:`seal`)."""
+    s, w, _ = weights.shape
+    d = int(h.shape[-1])
+    if plan.wbuf is None:
+        plan.wbuf = torch.empty((n_layers, s * w, d), dtype=torch.float32, device=h.device)
+        plan.wviews = plan.wbuf.unbind(0)
+    sel = h if rows is None else h.index_select(0, rows)
+    torch.bmm(weights, sel.float(), out=plan.wviews[slot].view(s, w, d))
+
+
 def seal(plan: StepPlan, events: list[Any], dtype: torch.dtype = torch.float16) -> CapturedStep | None:
     """End of a forward: one cast to the wire dtype, then the step off the device (CUDA: async).
 
@@ -129,6 +158,10 @@ def seal(plan: StepPlan, events: list[Any], dtype: torch.dtype = torch.float16) 
         topk_logprobs=None if topk is None else to_host(topk[1], devs),
         topk_valid=None if topk is None or topk[2] is None else to_host(topk[2], devs),
     )
+    if plan.wbuf is not None and plan.window_lengths is not None:
+        st.windows = to_host(plan.wbuf if plan.wbuf.dtype == dtype else plan.wbuf.to(dtype), devs)
+        st.window_lengths = to_host(plan.window_lengths, devs)
+        st.max_windows, st.window_min_tokens = plan.max_windows, plan.window_min_tokens
     record_events(devs, events)
     return st
 
