@@ -47,6 +47,7 @@ def main() -> None:
         tap.core.exporter.flush(10)
         doc["stats"] = tap.core.stats()
         doc["fingerprint"] = tap.core.fingerprint
+        doc["in_graph"] = tap.in_graph
         transport = tap.settings.transport
         if transport.startswith("memory://"):
             from monitor.transport import open_transport

@@ -107,6 +107,28 @@ def test_prompt_modes_match_hugging_face_under_chunked_prefill_and_a_prefix_hit(
     print(f"\nPARITY {mode}: max abs difference {worst:.2e}, max relative {rel:.2e}", flush=True)
 
 
+def test_compiled_engine_captures_inside_the_graph_with_parity_and_unchanged_outputs(
+        smollm2_dir: Path, tmp_path: Path) -> None:
+    """vLLM's default compiled CPU engine: the layer ops inside the compiled graph capture
+    (no uncompiled step), the states equal HF's under chunked prefill among unsampled requests,
+    and the greedy completions equal those of the same compiled engine without the plugin (whose
+    graph has no op: another compile-cache key)."""
+    ids = _ids(smollm2_dir)
+    engine = engine_args(smollm2_dir, enforce_eager=False, max_num_batched_tokens=32, enable_chunked_prefill=True)
+    batch = [{**b, "logprobs": 2} for b in _batch(ids, {1, 3}, max_tokens=8)]
+    run = run_engine(tmp_path, engine, [batch], env=tap_env(positions="last+mean"), timeout=900)
+    off = run_engine(tmp_path, engine, [batch], env={"VLLM_PLUGINS": ""}, timeout=900)
+    assert run.doc["in_graph"] is True and run.stats["exported"] == 2, run.stats
+    worst, rel = assert_parity(smollm2_dir, run, {"1": ids[1], "3": ids[3]}, "last+mean")
+    print(f"\nPARITY compiled: max abs difference {worst:.2e}, max relative {rel:.2e}", flush=True)
+    completions = lambda r: [[o["completions"] for o in b] for b in r.outputs]  # noqa: E731
+    assert completions(run) == completions(off)
+    lp = [abs(a - b) for ro, oo in zip(run.outputs[0], off.outputs[0], strict=True)
+          for rs, os_ in zip(ro["logprobs"][0], oo["logprobs"][0], strict=True)
+          for a, b in zip(rs.values(), os_.values(), strict=True)]
+    print(f"COMPILED logprob largest difference vs no plugin: {max(lp):.2e}", flush=True)
+
+
 def test_generated_mode_matches_hugging_face_on_the_generated_sequence(smollm2_dir: Path, tmp_path: Path) -> None:
     """positions='generated' captures the last prompt token and then each generated token fed
     back (up to max_positions), equal to HF's states over prompt + completion."""

@@ -10,8 +10,10 @@ i.e. unless at least one ``LAYERWATCH_TAP_*`` environment variable is set (the s
   budget, optional per-request control) and a sampled one skips reading the prefix cache, so its
   whole prompt is computed and its states exist;
 * in each worker, once the model has loaded, :class:`monitor.tap.vllm.frontend.VllmTap` wraps the
-  model runner: steps without a sampled request run exactly as before (compiled, CUDA graphs);
-  a step with one runs uncompiled with layer hooks that copy only the sampled rows.
+  model runner. Where the compiled graph runs every step (no CUDA graphs: the CPU backend) the
+  capture is an op inside that graph (:mod:`monitor.tap.vllm.graph`); elsewhere steps without a
+  sampled request run exactly as before (compiled, CUDA graphs) and a step with one runs
+  uncompiled with layer hooks. Either way only the sampled rows are copied.
 
 Nothing here may break serving: every failure is logged and counted, and vLLM serves on.
 """

@@ -5,10 +5,11 @@ Per step (``GPUModelRunner._model_forward``, wrapped on the runner instance):
 
 * no sampled request in flight: the original call, nothing else (a dict check);
 * a sampled request's tokens in the step: the step's plan is built from the runner's host-side
-  arrays (request index, query start offsets, computed-token counts: no device read), the step
-  runs uncompiled (``skip_compiled``, CUDA graphs off for this step only) with forward hooks on
-  the decoder layers, and each hook copies the planned rows of the residual stream into a small
-  step buffer (:mod:`monitor.tap.plan`). vLLM's decoder layers return ``(out, residual)`` and
+  arrays (request index, query start offsets, computed-token counts: no device read), and each
+  decoder layer copies the planned rows of the residual stream into a small step buffer
+  (:mod:`monitor.tap.plan`): from inside the compiled graph (:mod:`monitor.tap.vllm.graph`)
+  where that graph runs every step (no CUDA graphs), otherwise from forward hooks while the step
+  runs uncompiled (``skip_compiled``, CUDA graphs off for this step only). vLLM's decoder layers return ``(out, residual)`` and
   add the two inside the next layer's norm: the state after block l is their sum.
 
 Positions mean what they mean in the Hugging Face tap (``last+mean``, ``last``, ``mean``,
@@ -41,6 +42,7 @@ from monitor.tap.exporter import CapturedStep
 from monitor.tap.plan import StepPlan, record_events, take, to_device, to_host
 from monitor.tap.recorder import attached as record_attached
 from monitor.tap.vllm import log
+from monitor.tap.vllm.graph import set_sink, wrap_layers
 from monitor.tap.vllm.plugin import MARK
 
 PROMPT_MODES = ("last", "mean", "last+mean", "all")
@@ -104,6 +106,14 @@ class VllmTap:
         self.active: dict[str, _Req | None] = {}  # sampled internal ids (None: rank > 0, no capture)
         self._work: _StepWork | None = None
         self._handles: list[Any] = []
+        self.in_graph = _runs_compiled_graph(vllm_config)
+        if self.in_graph:  # before vLLM compiles the model (this runs right after load_model)
+            self._owner = _next_owner()
+            wrap_layers(runner.model, self.parts.blocks, self._owner, self.slot if self.core else {})
+            set_sink(self._owner, self._take)
+            extra = vllm_config.additional_config
+            if isinstance(extra, dict):  # another compile-cache key than graphs without the op
+                extra["layerwatch_tap"] = GRAPH_VERSION
         self._orig_execute = runner.execute_model
         self._orig_forward = runner._model_forward
         runner.execute_model = self._execute_model
@@ -129,6 +139,8 @@ class VllmTap:
             work = None
         if work is None:
             return self._orig_forward(*args, **kwargs)
+        if self.in_graph:
+            return self._graph_forward(work, *args, **kwargs)
         from vllm.config import CUDAGraphMode
         from vllm.forward_context import get_forward_context
 
@@ -146,6 +158,25 @@ class VllmTap:
             if self._work is not None:
                 self._work = None
                 try:
+                    self._collect(work)
+                except Exception as exc:
+                    self._failed(exc)
+
+    def _graph_forward(self, work: _StepWork, *args: Any, **kwargs: Any) -> Any:
+        """The compiled step as it is; the layer ops copy the planned rows (:mod:`.graph`)."""
+        self._work = work if self.core is not None else None
+        try:
+            return self._orig_forward(*args, **kwargs)
+        finally:
+            if self._work is not None:
+                self._work = None
+                try:
+                    if all(p is None or p.buf is None for p in (work.gather, work.mean)):
+                        # a compiled graph without the op (e.g. loaded from another cache): from now
+                        # on sampled steps run uncompiled with hooks; this step's captures are lost
+                        self.in_graph = False
+                        raise RuntimeError("the compiled graph did not call layerwatch::tap; "
+                                           "sampled steps run uncompiled from now on")
                     self._collect(work)
                 except Exception as exc:
                     self._failed(exc)
@@ -372,7 +403,29 @@ class VllmTap:
         self.runner.execute_model = self._orig_execute
         self.runner._model_forward = self._orig_forward
         self._unhook()
+        if self.in_graph:
+            set_sink(self._owner, None)
         return self.core.close(timeout) if self.core is not None else True
+
+
+GRAPH_VERSION = "tap-op-1"
+_OWNERS = [0]
+
+
+def _next_owner() -> int:
+    _OWNERS[0] += 1
+    return _OWNERS[0]
+
+
+def _runs_compiled_graph(vllm_config: Any) -> bool:
+    """Whether each step executes the compiled graph (so an op in it runs every step): compiled,
+    and no CUDA graphs (a CUDA graph replays kernels without calling Python)."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    if getattr(vllm_config.model_config, "enforce_eager", False) or cc.mode == CompilationMode.NONE:
+        return False
+    return cc.cudagraph_mode in (None, CUDAGraphMode.NONE)
 
 
 def _find_vllm_parts(model: Any) -> ModelParts:
