@@ -58,9 +58,12 @@ def main() -> None:
             doc["samples"] = [{"sample_id": s.sample_id, "request_id": s.request_id, "positions": s.positions,
                                "position_index": list(s.position_index), "metadata": s.metadata,
                                "model_fingerprint": s.model_fingerprint, "layers": list(s.layers),
-                               "final_topk": None if s.final_topk is None else s.final_topk.ids.tolist()}
+                               "final_topk": None if s.final_topk is None else s.final_topk.ids.tolist(),
+                               "window_bounds": None if s.window_bounds is None else s.window_bounds.tolist()}
                               for s in samples]
             arrays = {s.sample_id: np.asarray(s.hidden, dtype=np.float32) for s in samples}
+            arrays.update({f"{s.sample_id}.windows": np.asarray(s.windows, dtype=np.float32)
+                           for s in samples if s.windows is not None})
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", **arrays)
     (out / "result.json").write_text(json.dumps(doc))

@@ -47,12 +47,17 @@ def _ids(model_dir: Path) -> list[list[int]]:
     return [tok(t).input_ids for t in TEXTS]
 
 
-def _reference(model_dir: Path, tokens: list[int], mode: str, position_index: list[int]) -> torch.Tensor:
-    """HF states of ``tokens`` ([L, P, d]) as the given positions mode reads them."""
+def _states(model_dir: Path, tokens: list[int]) -> torch.Tensor:
+    """HF's residual stream of ``tokens`` at every state, ``[L, T, d]``."""
     from monitor.adapters import collect_states, find_parts
 
     _, model = _hf(str(model_dir))
-    st = collect_states(model, find_parts(model), torch.tensor([tokens]))[:, 0]  # [L, T, d]
+    return collect_states(model, find_parts(model), torch.tensor([tokens]))[:, 0]
+
+
+def _reference(model_dir: Path, tokens: list[int], mode: str, position_index: list[int]) -> torch.Tensor:
+    """HF states of ``tokens`` ([L, P, d]) as the given positions mode reads them."""
+    st = _states(model_dir, tokens)
     if mode == "last+mean":
         return torch.stack([st.mean(1), st[:, -1]], 1)
     if mode == "mean":
@@ -76,6 +81,15 @@ def assert_parity(model_dir: Path, run: Any, sequences: dict[str, list[int]], mo
             lens = lambda x: model.lm_head(model.model.norm(x)).argmax(-1)  # noqa: E731
             assert torch.equal(lens(got), lens(ref)), f"request {s['request_id']}: logit-lens top-1 differs"
         worst, worst_rel = max(worst, diff.max().item()), max(worst_rel, rel)
+        if mode != "generated":  # prompt windows ride beside every prompt mode (issue 19)
+            from monitor.windows import pool_windows, window_bounds
+
+            tokens = sequences[s["request_id"]]
+            assert s["window_bounds"] == window_bounds(len(tokens)).tolist(), s["request_id"]
+            want = torch.from_numpy(pool_windows(_states(model_dir, tokens).numpy(), s["window_bounds"], axis=1))
+            got_w = torch.from_numpy(run.hidden[s["sample_id"] + ".windows"])
+            rel_w = ((got_w - want).abs().amax(-1) / want.abs().amax(-1)).max().item()
+            assert rel_w <= 1e-3, f"request {s['request_id']}: window relative difference {rel_w:.2e}"
     return worst, worst_rel
 
 
@@ -127,6 +141,24 @@ def test_compiled_engine_captures_inside_the_graph_with_parity_and_unchanged_out
           for rs, os_ in zip(ro["logprobs"][0], oo["logprobs"][0], strict=True)
           for a, b in zip(rs.values(), os_.values(), strict=True)]
     print(f"COMPILED logprob largest difference vs no plugin: {max(lp):.2e}", flush=True)
+
+
+def test_one_token_prompt_is_sampled_with_no_windows_and_a_long_one_with_bounded_windows(
+        smollm2_dir: Path, tmp_path: Path) -> None:
+    """Bad input for the window capture: a one-token prompt is sampled and exported with an empty
+    window list (nothing raises in the engine); a 1,500-token prompt split over chunks gets the
+    default 64 windows whose means equal HF's."""
+    ids = _ids(smollm2_dir)
+    long = (ids[3] * 12)[:1500]
+    run = run_engine(tmp_path, engine_args(smollm2_dir, max_num_batched_tokens=256, enable_chunked_prefill=True),
+                     [[{"prompt_token_ids": ids[0][:1], "force": True, "max_tokens": 2},
+                       {"prompt_token_ids": long, "force": True, "max_tokens": 2}]],
+                     env=tap_env(positions="last+mean"))
+    assert run.stats["exported"] == 2, run.stats
+    by_id = {s["request_id"]: s for s in run.samples}
+    assert by_id["0"]["window_bounds"] == [] and run.hidden[by_id["0"]["sample_id"] + ".windows"].shape[1] == 0
+    assert len(by_id["1"]["window_bounds"]) == 64
+    assert_parity(smollm2_dir, run.subset(["1"]), {"1": long}, "last+mean")
 
 
 def test_generated_mode_matches_hugging_face_on_the_generated_sequence(smollm2_dir: Path, tmp_path: Path) -> None:

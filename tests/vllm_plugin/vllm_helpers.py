@@ -6,6 +6,7 @@ called by ``make test``); the main suite skips this folder where vLLM is not ins
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -39,6 +40,12 @@ class EngineRun:
         self.samples = self.doc.get("samples", [])
         self.stats = self.doc.get("stats", {})
         self.outputs = self.doc["outputs"]
+
+    def subset(self, request_ids: list[str]) -> EngineRun:
+        """The same run with only the samples of ``request_ids``."""
+        sub = copy.copy(self)
+        sub.samples = [s for s in self.samples if s["request_id"] in request_ids]
+        return sub
 
 
 def run_engine(tmp_path: Path, engine: dict[str, Any], batches: list[list[dict[str, Any]]],

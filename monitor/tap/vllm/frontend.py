@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from monitor.adapters import ModelParts, checkpoint_fingerprint, find_parts
@@ -44,6 +45,7 @@ from monitor.tap.recorder import attached as record_attached
 from monitor.tap.vllm import log
 from monitor.tap.vllm.graph import set_sink, wrap_layers
 from monitor.tap.vllm.plugin import MARK
+from monitor.windows import window_bounds
 
 PROMPT_MODES = ("last", "mean", "last+mean", "all")
 
@@ -62,6 +64,9 @@ class _Req:
     mean_upto: int = 0  # prompt positions [0, mean_upto) are in `mean`
     mean_from: int = 0  # first prompt position the mean covers (> 0 only without the engine mark)
     vecs: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> [L, d]
+    bounds: np.ndarray | None = None  # [W, 2] prompt windows (monitor.windows), None: not captured
+    windows: torch.Tensor | None = None  # [L, W, d] float32 running window means
+    windows_upto: int = 0  # prompt positions [0, windows_upto) are in `windows`
 
 
 @dataclass
@@ -71,6 +76,9 @@ class _StepWork:
     mean: StepPlan | None
     mean_owners: list[_Req]
     mean_ends: list[int]
+    windows: StepPlan | None = None  # this step's share of each request's window means
+    window_owners: list[tuple[_Req, int]] = field(default_factory=list)  # row j -> (request, window)
+    window_ends: list[tuple[_Req, int]] = field(default_factory=list)
 
 
 class VllmTap:
@@ -99,7 +107,7 @@ class VllmTap:
         self.capturing = rank == 0  # TP: the residual stream is replicated; rank 0 exports
         self.core = TapCore(settings, model_name=str(name), fingerprint=checkpoint_fingerprint(model_dir),
                             n_blocks=self.parts.n_blocks, registry=registry, transport=transport,
-                            header={"engine": "vllm"}) if self.capturing else None
+                            header={"engine": "vllm"}, hidden_size=self.parts.hidden_size) if self.capturing else None
         self.layers = self.core.layers if self.core else ()
         self.slot = self.core.slot if self.core else {}
         self.mode = settings.positions
@@ -171,7 +179,7 @@ class VllmTap:
             if self._work is not None:
                 self._work = None
                 try:
-                    if all(p is None or p.buf is None for p in (work.gather, work.mean)):
+                    if all(p is None or p.buf is None for p in (work.gather, work.mean, work.windows)):
                         # a compiled graph without the op (e.g. loaded from another cache): from now
                         # on sampled steps run uncompiled with hooks; this step's captures are lost
                         self.in_graph = False
@@ -204,8 +212,14 @@ class VllmTap:
             first = int(new.num_computed_tokens)
             if first > 0:
                 meta["prefix_cached_tokens"] = first
-            self.active[new.req_id] = _Req(new.req_id, str(mark["request_id"]), self.core.new_ids(1)[0],
-                                           plen, meta, time.time(), mean_from=first)
+            r = _Req(new.req_id, str(mark["request_id"]), self.core.new_ids(1)[0],
+                     plen, meta, time.time(), mean_from=first)
+            if self.settings.windows > 0 and self.mode != "generated":
+                if first > 0:  # the prefix's states were never computed: no windows (the mean says it)
+                    meta["windows_skipped"] = "prefix_cached"
+                else:
+                    r.bounds = window_bounds(plen, self.settings.windows, self.settings.window_min_tokens)
+            self.active[new.req_id] = r
         for rid in so.finished_req_ids:
             if rid in self.active:
                 self._close(rid, finished=True)
@@ -239,6 +253,10 @@ class VllmTap:
         mean_rows: list[list[int]] = []
         mean_owners: list[_Req] = []
         mean_ends: list[int] = []
+        win_cols: list[list[int]] = []  # per window row: the flat rows it reads
+        win_w: list[float] = []
+        window_owners: list[tuple[_Req, int]] = []
+        window_ends: list[tuple[_Req, int]] = []
         present = False
         for rid, r in self.active.items():
             i = index.get(rid)
@@ -260,6 +278,16 @@ class VllmTap:
                     mean_rows.append(list(range(s + lo - p0, s + hi - p0)))
                     mean_owners.append(r)
                     mean_ends.append(hi)
+            if r.bounds is not None and len(r.bounds):
+                lo, hi = max(p0, r.windows_upto), min(p0 + e - s, r.prompt_len)
+                if hi > lo:
+                    for k, (a, b) in enumerate(r.bounds):
+                        wa, wb = max(lo, int(a)), min(hi, int(b))
+                        if wb > wa:
+                            win_cols.append(list(range(s + wa - p0, s + wb - p0)))
+                            win_w.append(1.0 / float(b - a))
+                            window_owners.append((r, k))
+                    window_ends.append((r, hi))
         if not present:
             return None
         dev = self.runner.device
@@ -268,16 +296,11 @@ class VllmTap:
             gplan = StepPlan(mode="gather", device=dev, per_slot=1, n_out=len(gather),
                              index=to_device(torch.tensor(gather, dtype=torch.long), dev))
         if mean_rows:
-            flat = [j for rows in mean_rows for j in rows]
-            w = torch.zeros((len(mean_rows), len(flat)), dtype=torch.float32)
-            col = 0
-            for k, (rows, r) in enumerate(zip(mean_rows, mean_owners, strict=True)):
-                w[k, col:col + len(rows)] = 1.0 / max(1, r.prompt_len - r.mean_from)
-                col += len(rows)
-            mplan = StepPlan(mode="mean", device=dev, per_slot=1, n_out=len(mean_rows),
-                             index=to_device(torch.tensor(flat, dtype=torch.long), dev),
-                             weights=to_device(w, dev))
-        return _StepWork(gplan, owners, mplan, mean_owners, mean_ends)
+            mplan = _mean_plan(mean_rows, [1.0 / max(1, r.prompt_len - r.mean_from) for r in mean_owners], dev)
+        wplan = None
+        if win_cols:
+            wplan = _mean_plan(win_cols, win_w, dev)
+        return _StepWork(gplan, owners, mplan, mean_owners, mean_ends, wplan, window_owners, window_ends)
 
     def _gather_positions(self, r: _Req, lo: int, hi: int) -> range:
         """Positions in [lo, hi) this request's mode gathers (in its own token numbering)."""
@@ -312,7 +335,7 @@ class VllmTap:
             return
         try:
             n = len(self.layers)
-            for plan in (work.gather, work.mean):
+            for plan in (work.gather, work.mean, work.windows):
                 if plan is not None:
                     take(plan, n, slot, hidden, residual)
         except Exception as exc:
@@ -349,7 +372,17 @@ class VllmTap:
                 part = work.mean.buf[:, k]
                 r.mean = part if r.mean is None else r.mean + part
                 r.mean_upto = work.mean_ends[k]
-        done = {id(r): r for r, _ in work.owners} | {id(r): r for r in work.mean_owners}
+        if work.windows is not None and work.windows.buf is not None:
+            for j, (r, k) in enumerate(work.window_owners):
+                if r.windows is None:
+                    assert r.bounds is not None
+                    r.windows = torch.zeros((work.windows.buf.shape[0], len(r.bounds), work.windows.buf.shape[2]),
+                                            dtype=torch.float32, device=work.windows.buf.device)
+                r.windows[:, k] += work.windows.buf[:, j]
+        for r, end in work.window_ends:
+            r.windows_upto = end
+        done = {id(r): r for r, _ in work.owners} | {id(r): r for r in work.mean_owners} \
+            | {id(r): r for r, _ in work.window_ends}
         for r in done.values():
             if self._complete(r):
                 self.active.pop(r.req_id, None)
@@ -360,6 +393,8 @@ class VllmTap:
         if self.mode == "generated":
             return len(r.vecs) >= self.settings.max_positions
         if self.mode in ("mean", "last+mean") and r.mean_upto < r.prompt_len:
+            return False
+        if r.bounds is not None and len(r.bounds) and r.windows_upto < int(r.bounds[-1, 1]):
             return False
         if self.mode in ("last", "last+mean", "all"):
             return last in r.vecs
@@ -380,8 +415,13 @@ class VllmTap:
         devs: dict[torch.device, Any] = {}
         events: list[Any] = []
         host = to_host(hidden, devs)
-        record_events(devs, events)
         st = CapturedStep(hidden=host, per_slot=int(hidden.shape[1]), fixed_positions=positions)
+        if r.bounds is not None:  # [L, W, d] (W may be 0: a one-token prompt); the exporter names the bounds
+            wins = r.windows if r.windows is not None else hidden.new_zeros((hidden.shape[0], 0, hidden.shape[2]))
+            st.windows = to_host(wins.to(self.core.wire_dtype), devs)
+            st.window_lengths = torch.tensor([r.prompt_len])
+            st.max_windows, st.window_min_tokens = self.settings.windows, self.settings.window_min_tokens
+        record_events(devs, events)
         self.core.finish([r.sample_id], [r.request_id], [r.metadata], [st], events=events,
                          nbytes=int(host.numel()) * host.element_size(), started=r.started)
 
@@ -406,6 +446,18 @@ class VllmTap:
         if self.in_graph:
             set_sink(self._owner, None)
         return self.core.close(timeout) if self.core is not None else True
+
+
+def _mean_plan(rows: list[list[int]], weight: list[float], dev: torch.device) -> StepPlan:
+    """A flat mean plan: output row k is ``weight[k]`` times the sum of flat rows ``rows[k]``."""
+    flat = [j for rs in rows for j in rs]
+    w = torch.zeros((len(rows), len(flat)), dtype=torch.float32)
+    col = 0
+    for k, rs in enumerate(rows):
+        w[k, col:col + len(rs)] = weight[k]
+        col += len(rs)
+    return StepPlan(mode="mean", device=dev, per_slot=1, n_out=len(rows),
+                    index=to_device(torch.tensor(flat, dtype=torch.long), dev), weights=to_device(w, dev))
 
 
 GRAPH_VERSION = "tap-op-1"
