@@ -38,6 +38,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 NATS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SCORE_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0)
+# where a flagged prompt segment starts, as a fraction of the prompt (0: its first token)
+POSITION_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 # Drop reasons of the tap (bounded set; documented in the README's metrics reference).
 TAP_DROP_REASONS = (
@@ -155,6 +157,13 @@ class SidecarMetrics:
         self.flags = _counter(
             "layerwatch_flags_total",
             "Flags raised on samples, by kind.", ["model", "flag"], registry=r)
+        self.local_segment_position = _histogram(
+            "layerwatch_local_segment_position",
+            "Where in the prompt each local_segment flag's segment starts, as a fraction of the prompt's "
+            "tokens (offsets only: never text).", ["model"], buckets=POSITION_BUCKETS, registry=r)
+        self.local_segment_layers = _counter(
+            "layerwatch_local_segment_layer_total",
+            "local_segment flags by each layer named as carrying the segment.", ["model", "layer"], registry=r)
         self.watched_concepts = _counter(
             "layerwatch_watched_concept_total",
             "Samples a watched concept flagged (its own p-value below its share of alpha), by concept "

@@ -31,6 +31,13 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Path:
         hostile["sample_id"] = "hostile"
         hostile["narrative"]["layers"][0]["top"][0][0] = "<script>alert(1)</script>"
         w.append("sample", hostile)
+        local = example_sample(3, n_layers=6)
+        local["sample_id"] = "local"
+        local["flags"] = [{"kind": "local_segment", "layers": [2, 4], "reading": "windows",
+                           "detail": "tokens 30-46 of the prompt read unlike normal text, most at layers 2, 4",
+                           "segment": [30, 46], "prompt_tokens": 120,
+                           "layer_strength": {"1": 1.1, "2": 6.5, "4": 5.0}}]
+        w.append("sample", local)
     return w.trail_dir
 
 
@@ -107,11 +114,20 @@ def _png_pixels(png: bytes) -> tuple[int, int, bytes]:
     return width, height, zlib.decompress(idat)
 
 
+def test_report_shows_where_a_local_segment_sits_without_text(trail: Path) -> None:
+    """Issue 19: a local_segment flag is drawn as its token offsets on a bar of the prompt
+    (25% in, 13% wide for tokens 30-46 of 120) with its strength per layer; no prompt text."""
+    html = page_for(trail, "local")
+    assert "Where in the prompt" in html and "tokens 30&ndash;46 of 120" in html
+    assert 'style="left:25.0%;width:13.3%"' in html
+    assert 'title="layer 2: 6.5"' in html and 'title="layer 4: 5"' in html
+
+
 def test_report_renders_in_chromium_without_console_errors(trail: Path, tmp_path: Path, browser: Any) -> None:
     """The report of several samples loads in headless Chromium with no console or page errors,
     no blocked or failed resource, and a non-blank full-page screenshot."""
     target = tmp_path / "report.html"
-    target.write_text(page_for(trail, "s-00000", "s-00001", "bare", "hostile"), encoding="utf-8")
+    target.write_text(page_for(trail, "s-00000", "s-00001", "bare", "hostile", "local"), encoding="utf-8")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems: list[str] = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
@@ -125,6 +141,6 @@ def test_report_renders_in_chromium_without_console_errors(trail: Path, tmp_path
     page.close()
     (tmp_path / "report.png").write_bytes(png)
     assert problems == []
-    assert (sections, trajectory_rows, scripts) == (4, 32, 0)  # header + output + 30 layers
+    assert (sections, trajectory_rows, scripts) == (5, 32, 0)  # header + output + 30 layers
     width, height, raw = _png_pixels(png)
     assert width == 1280 and height > 900 and len(set(raw[: 4_000_000])) > 50

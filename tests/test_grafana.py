@@ -201,6 +201,16 @@ def test_layer_view_has_the_per_layer_heatmaps_depth_and_probe_panels() -> None:
     assert "model_layer_probe_label:layerwatch_probe_label:share_rate5m" in everything
 
 
+def test_layer_view_shows_local_segment_flags_their_layers_and_positions() -> None:
+    """Issue 19: the layer view has a panel row for local anomalies: the rate of local_segment
+    flags, the layers that carry them and where in the prompt they start."""
+    dash = load_dashboards()["layerwatch-layers.json"]
+    everything = " ".join(q.expr for q in dashboards_module().queries(dash))
+    for series in ('flag="local_segment"', "layerwatch_local_segment_layer_total",
+                   "layerwatch_local_segment_position_bucket"):
+        assert series in everything, series
+
+
 def test_overview_covers_sampling_drops_throughput_lag_anomalies_and_alerts() -> None:
     """The overview reads sampling, drops, throughput, lag, anomaly rate and firing alerts."""
     dash = load_dashboards()["layerwatch-overview.json"]

@@ -86,3 +86,26 @@ def test_no_private_prometheus_client_attributes_are_used() -> None:
     offenders = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in (ROOT / "monitor").rglob("*.py")
                  for m in pattern.finditer(p.read_text())]
     assert offenders == []
+
+
+def test_local_segment_flags_record_where_the_segment_starts_and_which_layers_carry_it() -> None:
+    """Issue 19: a local_segment flag adds its start (as a fraction of the prompt) to the position
+    histogram and one count per layer it names; other flags add to neither."""
+    from monitor.drift.detector import DetectorUpdate
+    from monitor.drift.score import LOCAL_FLAG, Flag, SampleScore
+
+    reg = CollectorRegistry()
+    rec = SidecarRecorder(SidecarMetrics(reg), "m")
+    local = Flag(LOCAL_FLAG, (12, 20), "windows", {"start": 30, "end": 46, "span": 2, "p": 0.001, "statistic": 9.0,
+                                                   "strength": {12: 5.0, 20: 4.0}, "prompt_tokens": 120})
+    other = Flag("unusual_pattern", (3,), "pattern", {"share": 0.5})
+    scores = [SampleScore(4.0, 16.0, 0.001, True, {12: 1.0}, (local,)),
+              SampleScore(3.0, 9.0, 0.002, True, {3: 1.0}, (other,))]
+    rec.detector(DetectorUpdate(scores, [], []))
+    text = generate_latest(reg).decode()
+    assert 'layerwatch_local_segment_position_bucket{le="0.2",model="m"} 0.0' in text
+    assert 'layerwatch_local_segment_position_bucket{le="0.3",model="m"} 1.0' in text
+    assert 'layerwatch_local_segment_layer_total{layer="12",model="m"} 1.0' in text
+    assert 'layerwatch_local_segment_layer_total{layer="20",model="m"} 1.0' in text
+    assert 'layerwatch_local_segment_layer_total{layer="3"' not in text
+    assert 'layerwatch_flags_total{flag="local_segment",model="m"} 1.0' in text

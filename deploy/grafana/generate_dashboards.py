@@ -337,6 +337,25 @@ def layers() -> dict[str, Any]:
                         targets((f'model_layer_probe_label:layerwatch_probe_label:share_rate5m{{{S}, probe="$probe", layer="$layer"}}', "{{label}}"),),
                         "percentunit", w=10, h=10, stack="normal"))
 
+    p.append(lay.row("Local anomalies: a foreign segment inside a prompt"))
+    p.append(timeseries(lay, "Samples flagged for a local segment", "Samples whose flag is local_segment (a run of prompt windows unlike normal text, e.g. injected instructions) beside all flagged samples (per second).",
+                        targets((f'sum(rate(layerwatch_flags_total{{{S}, flag="local_segment"}}[$__rate_interval]))', "local segment"),
+                                (f"sum(rate(layerwatch_anomalies_total{{{S}}}[$__rate_interval]))", "all anomalies")),
+                        "reqps", w=10, h=9))
+    p.append(lay.panel("bargauge", "Layers carrying local segments (time range)", "How often each layer was named as carrying a flagged segment (its window statistic among the strongest), over the selected time range.",
+                       [target(PAD_LAYER.format(expr=f"sum by (model, layer) (increase(layerwatch_local_segment_layer_total{{{S}}}[$__range]))"),
+                               "{{layer}}", instant=True)],
+                       7, 9, unit="short",
+                       options={"orientation": "horizontal", "displayMode": "basic",
+                                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                                "showUnfilled": True}))
+    p.append(lay.panel("bargauge", "Where in the prompt segments start (time range)", "Start of each flagged segment as a fraction of its prompt (0.1 = in the first tenth), over the selected time range: injected prefixes pile up at the start, pasted payloads at the end. Offsets only, never text.",
+                       [target(f"sum by (le) (increase(layerwatch_local_segment_position_bucket{{{S}}}[$__range]))", "{{le}}", instant=True, fmt="heatmap")],
+                       7, 9, unit="short",
+                       options={"orientation": "vertical", "displayMode": "basic",
+                                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                                "showUnfilled": True}))
+
     p.append(lay.row("Readings per layer (now)"))
     p.append(lay.panel("table", "Per-layer readings", "Mean KL to final, mean entropy and top-1 agreement per layer over the last 5m.",
                        [target(PAD_LAYER.format(expr=f"model_layer:layerwatch_layer_kl_to_final_nats:mean_rate5m{{{S}}}"), "", ref="A", instant=True, fmt="table"),
@@ -353,7 +372,7 @@ def layers() -> dict[str, Any]:
         {"name": "layer", "label": "Layer", "query": f"label_values(layerwatch_layer_samples_total{{{S}}}, layer)", "multi_": False},
     ]
     return dashboard("layerwatch-layers", "layerwatch / Layers",
-                     "What each layer of the served model 'thinks': convergence to the final output, prediction depth, concept probes.",
+                     "What each layer of the served model 'thinks': convergence to the final output, prediction depth, concept probes, local anomalies.",
                      p, templating("layerwatch_layer_samples_total", multi=False, extra=extra))
 
 

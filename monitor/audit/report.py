@@ -49,6 +49,8 @@ dl.meta dt { color: var(--muted); } dl.meta dd { margin: 0; font-family: ui-mono
 .cols .col span.neg { background: #f79009; }
 .cols .col small { position: absolute; bottom: -16px; left: 0; font-size: 10px; color: var(--muted); }
 ul.flags { margin: 0; padding-left: 18px; } ul.flags li { margin: 2px 0; }
+.prompt-bar { position: relative; height: 12px; background: #eaecf0; border-radius: 3px; margin: 4px 0 8px; }
+.prompt-bar span { position: absolute; top: 0; bottom: 0; background: var(--bad); border-radius: 3px; }
 table.traj { font: 12px/1.2 ui-monospace, SFMono-Regular, Menlo, monospace; }
 table.traj th { font-weight: 600; color: var(--muted); padding: 3px 6px; text-align: center; }
 table.traj td { padding: 0; border: 1px solid #fff; }
@@ -277,6 +279,28 @@ def _contributions(contrib: dict[str, float]) -> str:
             f'<p class="muted" style="margin:4px 0 0">largest: {words}</p>')
 
 
+def _segment(start: int, end: int, n: Any, strength: dict[str, Any]) -> str:
+    """Where in the prompt a local anomaly sits: a bar of the prompt with the segment marked
+    (token offsets only, never text) and its strength per layer (~1 for normal text)."""
+    known = isinstance(n, int) and not isinstance(n, bool) and n >= max(end, 1)
+    bar = ""
+    if known:
+        left, width = 100 * start / n, max(0.8, 100 * (end - start) / n)
+        bar = (f'<div class="prompt-bar" title="tokens {start}-{end} of {n}">'
+               f'<span style="left:{left:.1f}%;width:{width:.1f}%"></span></div>')
+    where = f"tokens {start}&ndash;{end}" + (f" of {n}" if known else "")
+    vals = {k: float(v) for k, v in strength.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    cols = ""
+    if vals:
+        top = max(vals.values()) or 1.0
+        order = sorted(vals, key=lambda k: int(k) if k.lstrip("-").isdigit() else 10**9)
+        cols = ('<div class="cols">' + "".join(
+            f'<div class="col" title="layer {_e(k)}: {vals[k]:.3g}"><span style="height:{100 * max(vals[k], 0) / top:.1f}%">'
+            f'</span><small>{_e(k)}</small></div>' for k in order) + "</div>"
+            '<p class="muted" style="margin:4px 0 0">segment strength by layer (about 1 for normal text)</p>')
+    return f'<h3>Where in the prompt</h3><p style="margin:0 0 4px">{where}</p>{bar}{cols}'
+
+
 def _score(rec: dict[str, Any]) -> str:
     score = _dict(rec.get("score"))
     flagged = is_flagged(rec)
@@ -295,6 +319,10 @@ def _score(rec: dict[str, Any]) -> str:
                          + (f" &middot; {_e(f.get('reading'))}" if f.get("reading") else "")
                          + (f" &mdash; {_e(f.get('detail'))}" if f.get("detail") else "") + "</li>")
         right.append(f'<h3 style="margin-top:0">Why it was flagged</h3><ul class="flags">{"".join(items)}</ul>')
+    for f in flags:
+        seg = _list(f.get("segment"))
+        if len(seg) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in seg):
+            right.append(_segment(seg[0], seg[1], f.get("prompt_tokens"), _dict(f.get("layer_strength"))))
     contrib = {k: v for k, v in _dict(score.get("contributions")).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if contrib:

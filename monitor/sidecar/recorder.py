@@ -14,7 +14,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from monitor.drift.concepts import parse_concept
 from monitor.drift.detector import DetectorUpdate
+from monitor.drift.score import LOCAL_FLAG
 from monitor.lenses.readings import Readings
 from monitor.metrics import TAP_DROP_REASONS, SidecarMetrics
 from monitor.transport import StreamStats
@@ -211,12 +212,23 @@ class SidecarRecorder:
                 m.flags.labels(model=lab, flag=f.kind).inc()
                 if f.kind == "watched_concept":
                     m.watched_concepts.labels(model=lab, concept=f.reading.split(":", 1)[1]).inc()
+                elif f.kind == LOCAL_FLAG:
+                    self._local_segment(f.facts, f.layers)
         for ev in update.events:
             if ev.kind == "raised":
                 m.drift_alerts.labels(model=lab).inc()
                 m.drift_alert_active.labels(model=lab).set(1)
             else:
                 m.drift_alert_active.labels(model=lab).set(0)
+
+    def _local_segment(self, facts: Mapping[str, Any], layers: Iterable[int]) -> None:
+        """Where a flagged segment sits (fraction of the prompt) and which layers carry it."""
+        m, lab = self.metrics, self.model
+        n = facts.get("prompt_tokens")
+        if isinstance(n, int) and n > 0:
+            m.local_segment_position.labels(model=lab).observe(min(1.0, max(0.0, float(facts["start"]) / n)))
+        for layer in layers:
+            m.local_segment_layers.labels(lab, str(layer)).inc()
 
     def learning(self, collected: int) -> None:
         """Learning mode, with the samples collected so far."""
