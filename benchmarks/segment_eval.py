@@ -166,7 +166,7 @@ def evaluate(args: argparse.Namespace, cache: Cache, bank: Any, fp: str,
                               source="english_prose heldout: short texts + 64-1024-token hosts",
                               windows=WindowStates.concat([wins(n) for n in base_names]))
     build_s = time.time() - t0
-    scorer = AnomalyScorer(baseline, alpha=args.alpha)
+    scorer = AnomalyScorer(baseline, alpha=args.alpha, local=True)
     scored: dict[str, dict[str, np.ndarray]] = {}
     score_s, n_scored = 0.0, 0
     for name in captured:

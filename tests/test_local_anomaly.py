@@ -27,7 +27,7 @@ def baseline() -> Baseline:
 
 def test_combined_p_value_threshold_is_a_false_positive_rate(baseline: Baseline) -> None:
     """On fresh normal samples with windows, p < 0.05 flags about 5% of them (one alpha for both)."""
-    _, p, _ = AnomalyScorer(baseline).score_arrays(synth(4000, seed=11), synth_windows(4000, seed=11))
+    _, p, _ = AnomalyScorer(baseline, local=True).score_arrays(synth(4000, seed=11), synth_windows(4000, seed=11))
     assert 0.03 < np.mean(p < 0.05) < 0.075
 
 
@@ -37,7 +37,7 @@ def test_a_shifted_segment_is_flagged_with_its_token_offsets(baseline: Baseline,
     as local_segment, and the flag's offsets overlap the segment (long prompts: within it)."""
     n = 200
     wins = synth_windows(n, seed=7, segment=(where, 0.1), shift=4.0)
-    scores = AnomalyScorer(baseline, alpha=0.01).score(synth(n, seed=7), wins)
+    scores = AnomalyScorer(baseline, alpha=0.01, local=True).score(synth(n, seed=7), wins)
     assert np.mean([s.anomalous for s in scores]) > 0.7
     hits = 0
     for i, s in enumerate(scores):
@@ -55,7 +55,7 @@ def test_a_shifted_segment_is_flagged_with_its_token_offsets(baseline: Baseline,
 
 def test_normal_samples_name_no_segment_flag(baseline: Baseline) -> None:
     """Unflagged samples carry no flags; the local statistic of normal windows is ~1 per layer."""
-    scores = AnomalyScorer(baseline, alpha=0.01).score(synth(300, seed=13), synth_windows(300, seed=13))
+    scores = AnomalyScorer(baseline, alpha=0.01, local=True).score(synth(300, seed=13), synth_windows(300, seed=13))
     assert all(not s.flags for s in scores if not s.anomalous)
     strengths = [v for s in scores for v in (s.segment_layers or {}).values()]
     assert 0.3 < float(np.median(strengths)) < 3.0
@@ -65,7 +65,7 @@ def test_whole_text_shift_keeps_its_share_of_alpha(baseline: Baseline) -> None:
     """Worst case, a whole-text shift whose windows look normal: with the local score folded in,
     at least as many are flagged as the whole-text score alone flags at 75% of alpha."""
     a = synth(1000, seed=12, shift=1.5)
-    scorer = AnomalyScorer(baseline, alpha=0.02)
+    scorer = AnomalyScorer(baseline, alpha=0.02, local=True)
     _, p_whole, _ = scorer.score_arrays(a)
     both = np.mean([s.anomalous for s in scorer.score(a, synth_windows(1000, seed=12))])
     assert np.mean(p_whole < 0.02) > 0.3 and both >= np.mean(p_whole < 0.75 * 0.02) - 0.03
@@ -77,7 +77,7 @@ def test_samples_without_windows_get_the_whole_text_p_value(baseline: Baseline) 
     w = synth_windows(50, seed=3)
     absent = WindowStates(w.layers, w.means[:0], w.bounds[:0], np.zeros(51, dtype=np.int64),
                           np.full(50, ABSENT, dtype=np.int64))
-    scorer = AnomalyScorer(baseline)
+    scorer = AnomalyScorer(baseline, local=True)
     _, p_none, _ = scorer.score_arrays(a)
     _, p_absent, _ = scorer.score_arrays(a, absent)
     assert np.array_equal(p_none, p_absent)
@@ -108,7 +108,7 @@ def test_baseline_with_a_local_model_round_trips(baseline: Baseline) -> None:
     again = Baseline.loads(baseline.dumps())
     assert again.id == baseline.id and again.local is not None
     a, w = synth(100, seed=4), synth_windows(100, seed=4)
-    assert np.array_equal(AnomalyScorer(baseline).score_arrays(a, w)[1], AnomalyScorer(again).score_arrays(a, w)[1])
+    assert np.array_equal(AnomalyScorer(baseline, local=True).score_arrays(a, w)[1], AnomalyScorer(again, local=True).score_arrays(a, w)[1])
 
 
 def test_old_baseline_without_a_local_model_loads_and_scores_without_it() -> None:
@@ -121,7 +121,7 @@ def test_old_baseline_without_a_local_model_loads_and_scores_without_it() -> Non
     doc["id"] = content_id(content)
     old = Baseline.from_json(doc)
     assert old.local is None and old.schema_version == 3
-    scorer = AnomalyScorer(old)
+    scorer = AnomalyScorer(old, local=True)
     assert scorer.local_layers is None
     a = synth(50, seed=2)
     assert np.array_equal(scorer.score_arrays(a)[1], scorer.score_arrays(a, synth_windows(50, seed=2))[1])
@@ -148,8 +148,8 @@ def test_window_states_of_other_layers_are_refused(baseline: Baseline) -> None:
 def test_learning_mode_builds_a_baseline_with_a_local_model() -> None:
     """A sidecar learning its baseline from samples with windows learns the local model too."""
     layers = tuple(range(12))
-    stage = ScoringStage(ScoringConfig(learn_samples=600), model="tiny", fingerprint="sha256:abc", bundle_id="b-1",
-                         probe_labels={})
+    stage = ScoringStage(ScoringConfig(learn_samples=600, local_score=True), model="tiny", fingerprint="sha256:abc",
+                         bundle_id="b-1", probe_labels={})
     want = stage.window_layers(layers)
     assert want == local_layers(layers)
     a = synth(700)
@@ -164,3 +164,15 @@ def test_too_few_windows_build_a_baseline_without_a_local_model() -> None:
     why, instead of failing."""
     bl = build_baseline(synth(40), windows=synth_windows(40, lengths=(6,)), min_samples=40, **META)
     assert bl.local is None and "not fitted" in bl.extra["local_score"]
+
+
+def test_local_score_is_off_unless_asked(baseline: Baseline) -> None:
+    """By default (baseline.local_score false) windows change no p-value and the scoring stage
+    asks the tap's samples for no windows; asked for, the same windows do change them."""
+    a, w = synth(200, seed=21), synth_windows(200, seed=21)
+    off = AnomalyScorer(baseline)
+    assert off.local_layers is None
+    assert np.array_equal(off.score_arrays(a, w)[1], off.score_arrays(a)[1])
+    assert not np.array_equal(AnomalyScorer(baseline, local=True).score_arrays(a, w)[1], off.score_arrays(a)[1])
+    stage = ScoringStage(ScoringConfig(), model="tiny", fingerprint="sha256:abc", bundle_id="b-1", probe_labels={})
+    assert stage.window_layers((0, 1, 2, 3)) is None

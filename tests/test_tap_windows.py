@@ -69,8 +69,8 @@ def test_windows_leave_last_and_mean_bit_identical(memory_transport: Any) -> Non
     """Capturing windows changes nothing in the last+mean payload, bit for bit."""
     model = make_tiny("llama")
     ids = torch.randint(3, 120, (2, 30))
-    with_w = _run(model, memory_transport, ids)
-    without = _run(model, memory_transport, ids, windows=0)
+    with_w = _run(model, memory_transport, ids, windows=64)
+    without = _run(model, memory_transport, ids)  # windows=0, the default
     for rid, s in with_w.items():
         assert s.windows is not None and s.windows.shape[1] == 7  # (30 - 1) // 4
         assert without[rid].windows is None
@@ -82,7 +82,7 @@ def test_single_token_and_empty_prompts_ship_zero_windows(memory_transport: Any)
     model = make_tiny("llama")
     ids = torch.randint(3, 120, (2, 1))
     mask = torch.tensor([[1], [0]])
-    got = _run(model, memory_transport, ids, mask)
+    got = _run(model, memory_transport, ids, mask, windows=64)
     assert set(got) == {"r0", "r1"}
     for n, s in zip((1, 0), (got["r0"], got["r1"]), strict=True):
         assert s.windows is not None and s.windows.shape == (3, 0, 32) and s.prompt_tokens == n
@@ -99,12 +99,12 @@ def test_a_long_prompt_gets_longer_windows_never_more(memory_transport: Any) -> 
 
 
 def test_windows_ride_beside_every_positions_mode(memory_transport: Any) -> None:
-    """positions='last' and 'all' carry the same prompt windows as the default."""
+    """positions='last' and 'all' carry the same prompt windows as the default last+mean."""
     model = make_tiny("gpt2")
     ids = torch.randint(3, 120, (1, 17))
-    ref = _run(model, memory_transport, ids)["r0"]
+    ref = _run(model, memory_transport, ids, windows=64)["r0"]
     for mode in ("last", "all"):
-        s = _run(model, memory_transport, ids, positions=mode)["r0"]
+        s = _run(model, memory_transport, ids, positions=mode, windows=64)["r0"]
         assert s.windows is not None and ref.windows is not None and np.array_equal(s.windows, ref.windows)
 
 
@@ -121,9 +121,10 @@ def test_window_settings_are_validated_at_attach() -> None:
 
 
 def test_sample_of_a_2048_token_prompt_fits_the_4_mb_budget() -> None:
-    """At the default settings, the encoded sample of a 2,048-token prompt on SmolLM2-135M's
-    shape (31 states x 576, float16) is at most 4 MB: measured through the exporter and encoder."""
-    settings = TapSettings()
+    """At the default settings with windows on (64, the setting the budget is sized for; off is
+    the default), the encoded sample of a 2,048-token prompt on SmolLM2-135M's shape (31 states x
+    576, float16) is at most 4 MB: measured through the exporter and encoder."""
+    settings = TapSettings(windows=64)
     n_states, d, n = 31, 576, 2048
     w = settings.windows
     rng = np.random.default_rng(0)

@@ -57,10 +57,10 @@ class DriftDetector:
     def __init__(self, baseline: Baseline, *, alpha: float = 0.01, window: int = 200, step: int = 50,
                  fdr: float = 0.001, raise_after: int = 2, clear_after: int = 3,
                  bundle_id: str | None = None, model_fingerprint: str | None = None,
-                 watch: Sequence[str] = ()) -> None:
+                 watch: Sequence[str] = (), local: bool = False) -> None:
         baseline.check_compatible(bundle_id=bundle_id, model_fingerprint=model_fingerprint)
         self.baseline = baseline
-        self.scorer = AnomalyScorer(baseline, alpha=alpha, watch=watch)
+        self.scorer = AnomalyScorer(baseline, alpha=alpha, watch=watch, local=local)
         self.windows = SlidingWindowMonitor(baseline, window=window, step=step, fdr=fdr, alpha=alpha,
                                             raise_after=raise_after, clear_after=clear_after)
         self.stats = DriftStats()

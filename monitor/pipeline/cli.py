@@ -84,6 +84,8 @@ def register(subparsers: Any) -> None:
     sc.add_argument("--alpha", type=float, default=0.01, help="p-value threshold (false-positive rate)")
     sc.add_argument("--watch", action="append", default=[], metavar="PROBE=LABEL",
                     help="watch a concept (repeatable; e.g. topic@mean=legal), as the sidecar's baseline.watch")
+    sc.add_argument("--local-score", action="store_true",
+                    help="fold in the local (prompt-window) score, as the sidecar's baseline.local_score")
     sc.set_defaults(handler=_score)
 
 
@@ -205,13 +207,14 @@ def _score(args: argparse.Namespace) -> int:
     AnomalyScorer(bl, alpha=args.alpha, watch=args.watch)  # refuse a bad watch list before the model loads
     if args.positions is None:  # score texts the way the baseline's were read
         args.positions = str(bl.extra.get("positions") or baseline_positions(bl))
-    a, bank, fp, texts, windows = _readings(args, bl.local.layers if bl.local is not None else None)
+    local = bl.local if args.local_score else None
+    a, bank, fp, texts, windows = _readings(args, local.layers if local is not None else None)
     bl.check_compatible(bundle_id=bank.bundle_id, model_fingerprint=fp)
-    scorer = AnomalyScorer(bl, alpha=args.alpha, watch=args.watch)
-    if bl.local is None:
+    scorer = AnomalyScorer(bl, alpha=args.alpha, watch=args.watch, local=args.local_score)
+    if args.local_score and bl.local is None:
         print(f"layerwatch: baseline {bl.id} holds no local anomaly model (built without prompt windows): "
               "segments inside prompts are not scored", file=sys.stderr)
-    scores = scorer.score(a, windows if bl.local is not None else None)
+    scores = scorer.score(a, windows if local is not None else None)
     results = [{"index": i, "text": text, **s.to_dict()} for i, (text, s) in enumerate(zip(texts, scores, strict=True))]
     with open(args.json_out, "w", encoding="utf-8") as fh:
         json.dump({"baseline": bl.id, "bundle_id": bank.bundle_id, "model_fingerprint": fp, "alpha": args.alpha,

@@ -49,6 +49,7 @@ class ScoringConfig:
     window: int = 200
     learn_samples: int = 500
     watch: tuple[str, ...] = ()
+    local_score: bool = False  # fold the local (prompt-window) score in; off by default (README)
 
 
 @dataclass
@@ -99,6 +100,8 @@ class ScoringStage:
     def window_layers(self, sample_layers: tuple[int, ...]) -> tuple[int, ...] | None:
         """The states whose prompt windows :meth:`score` wants: the baseline's local model's, or
         while learning the default choice over the samples' states; None: none are read."""
+        if not self.config.local_score:
+            return None
         if self.detector is not None:
             return self.detector.scorer.local_layers
         return local_layers(sample_layers)
@@ -207,13 +210,14 @@ class ScoringStage:
         return baseline, refused
 
     def _detector(self, baseline: Baseline, watch: Sequence[str]) -> DriftDetector:
-        if baseline.local is None:
+        if self.config.local_score and baseline.local is None:
             log.warning("baseline %s holds no local anomaly model (built before prompt windows existed, or from "
                         "samples without them): segments inside prompts are not scored; rebuild it from samples "
                         "with windows to score them", baseline.id)
         c = self.config
         return DriftDetector(baseline, alpha=c.alpha, window=c.window, step=max(1, c.window // 4),
-                             watch=watch, bundle_id=self._bundle_id, model_fingerprint=self._fingerprint)
+                             watch=watch, bundle_id=self._bundle_id, model_fingerprint=self._fingerprint,
+                             local=c.local_score)
 
     def _check_watch(self, probe_labels: dict[str, tuple[str, ...]], learning: bool) -> None:
         """Watched concepts must be labels of the bundle's probes, and a learned baseline must

@@ -103,7 +103,7 @@ def build_parts(
         baseline = find_baseline(settings, baselines)
     b = settings.baseline
     scoring = ScoringStage(ScoringConfig(alpha=b.alpha, window=b.window, learn_samples=b.learn_samples,
-                                         watch=tuple(b.watch)),
+                                         watch=tuple(b.watch), local_score=b.local_score),
                            model=model_label, fingerprint=bank.fingerprint, bundle_id=bank.bundle_id,
                            probe_labels=watchable_labels(bank), baseline=baseline)
     return SidecarParts(

@@ -50,6 +50,8 @@ class BaselineSettings(BaseModel):
     window: int = Field(200, ge=10, description="Samples per drift-test window.")
     watch: list[str] = Field([], description="Watched concepts, '<probe>=<label>' (e.g. 'topic@mean=legal'): each gets its own conformal p-value, combined with the anomaly score's (Bonferroni) so alpha stays the false-positive rate; needs (len(watch)+1)/alpha calibration samples in the baseline.")
 
+    local_score: bool = Field(False, description="Fold the local anomaly score (a short foreign segment inside a prompt, read from the tap's prompt windows: set the tap's windows > 0) into the anomaly score, sharing alpha (75% whole-text, 25% local). Off by default: on held-out SmolLM2 data it does not yet find inserted segments (README, known limitations), and it takes a quarter of alpha from the whole-text score.")
+
     # --- following promote/rollback while running (issue 17) ---
     follow_active: bool = Field(True, description="Follow the shared store's active pointer while running: `layerwatch baseline promote` and `rollback` reach this replica within poll_interval_s, without a restart, with a baseline_changed audit record. Not when id or file pins a baseline.")
     poll_interval_s: float = Field(2.0, gt=0, le=10, description="How often the active baseline pointer is read (follow_active).")

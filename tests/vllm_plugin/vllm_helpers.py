@@ -66,7 +66,7 @@ def run_engine(tmp_path: Path, engine: dict[str, Any], batches: list[list[dict[s
 
 def tap_env(**over: str) -> dict[str, str]:
     """The plugin's environment for an in-process engine: memory transport, float32 on the wire."""
-    env = {"LAYERWATCH_TAP_TRANSPORT": "memory://vllm-test", "LAYERWATCH_TAP_WIRE_DTYPE": "float32",
+    env = {"LAYERWATCH_TAP_TRANSPORT": "memory://vllm-test", "LAYERWATCH_TAP_WIRE_DTYPE": "float32", "LAYERWATCH_TAP_WINDOWS": "64",
            "LAYERWATCH_TAP_SAMPLE_RATE": "0", "LAYERWATCH_TAP_ALLOW_REQUEST_CONTROL": "true"}
     env.update({f"LAYERWATCH_TAP_{k.upper()}": v for k, v in over.items()})
     return env
