@@ -43,6 +43,12 @@ def flag_sentence(kind: str, layers: Sequence[int], reading: str, facts: Mapping
         return (f"watched concept {f['concept']}: the {f['probe']} probe reads {f['label']!r} at "
                 f"{f['mean']:.2f} on average over the layers (normal median {f['normal']:.2f}; "
                 f"p={f['p']:.3g}, most at layers {', '.join(map(str, layers))})")
+    if kind == "local_segment":  # offsets only: never the text (audited whatever include_tokens says)
+        of = f" of {f['prompt_tokens']}" if f.get("prompt_tokens") else ""
+        strength = f.get("strength") or {}
+        most = ", ".join(f"{k} ({float(strength[k]):.1f}x normal)" if k in strength else str(k) for k in layers)
+        return (f"tokens {f['start']}-{f['end']}{of} of the prompt read unlike normal text, most at layers "
+                f"{most} (local score p={f['p']:.3g})")
     if kind == "top1_surprisal_high":  # names no token: flags are audited whatever include_tokens says
         return (f"the lens top-1 at {layer_span(layers)} is a token normal traffic rarely has there "
                 f"(surprisal {f['value']:.2f} nats)")

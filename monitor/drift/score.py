@@ -61,10 +61,6 @@ class Flag:
     @property
     def detail(self) -> str:
         """The flag as one English sentence."""
-        if self.kind == LOCAL_FLAG:
-            f = self.facts
-            return (f"tokens {f['start']}-{f['end']} of the prompt read unlike normal text, most at layers "
-                    f"{', '.join(map(str, self.layers))} (local score p={f['p']:.3g})")
         return flag_sentence(self.kind, self.layers, self.reading, self.facts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,6 +68,7 @@ class Flag:
                                "detail": self.detail}
         if self.kind == LOCAL_FLAG:  # where the segment sits, for reports: offsets and layers, never text
             out.update(segment=[self.facts["start"], self.facts["end"]],
+                       prompt_tokens=self.facts.get("prompt_tokens"),
                        layer_strength={str(k): v for k, v in self.facts["strength"].items()})
         return out
 
@@ -285,7 +282,8 @@ class AnomalyScorer:
                 score_fired = below(float(p_score[b]))
                 flags = tuple(self._watched_flags(a, b, fired)
                               + (self._flags(a, b, shares) if score_fired and not local_led else [])
-                              + ([local_flag(finding, float(p_score[b]))] if score_fired and local_led
+                              + ([local_flag(finding, float(p_score[b]), _prompt_tokens(windows, b))]
+                                 if score_fired and local_led
                                  and finding is not None else []))
             out.append(
                 SampleScore(
@@ -378,9 +376,16 @@ class AnomalyScorer:
         return flags
 
 
-def local_flag(finding: LocalFinding, p: float, top: int = 3) -> Flag:
-    """The ``local_segment`` flag: the run's token offsets and the layers that carry it most."""
+def local_flag(finding: LocalFinding, p: float, prompt_tokens: int | None = None, top: int = 3) -> Flag:
+    """The ``local_segment`` flag: the run's token offsets (and the prompt's length, so reports
+    and metrics can place it) and the layers that carry it most."""
     strongest = sorted(finding.layer_strength, key=lambda k: -finding.layer_strength[k])[:top]
     return Flag(LOCAL_FLAG, tuple(sorted(strongest)), "windows",
                 {"start": finding.start, "end": finding.end, "span": finding.span, "p": p,
-                 "statistic": finding.statistic, "strength": dict(finding.layer_strength)})
+                 "statistic": finding.statistic, "strength": dict(finding.layer_strength),
+                 "prompt_tokens": prompt_tokens})
+
+
+def _prompt_tokens(windows: WindowStates | None, b: int) -> int | None:
+    n = None if windows is None else int(windows.prompt_tokens[b])
+    return n if n is not None and n > 0 else None
