@@ -96,11 +96,15 @@ def _man_documents(lang: str) -> tuple[tuple[str, ...], ...]:
 
 @functools.cache
 def _fortunes() -> tuple[str, ...]:
+    return _fortune_entries("fortunes-en", _FORTUNE_FILES)
+
+
+@functools.cache
+def _fortune_entries(source: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The entries of fortune files ``names`` (attribution lines dropped)."""
     out: list[str] = []
-    for name in _FORTUNE_FILES:
-        raw = _need_file("fortunes-en", f"{_FORTUNES_ROOT}/{name}").read_text(
-            encoding="utf-8", errors="replace"
-        )
+    for name in names:
+        raw = _need_file(source, f"{_FORTUNES_ROOT}/{name}").read_text(encoding="utf-8", errors="replace")
         for entry in raw.split("\n%\n"):
             body = [ln for ln in entry.splitlines() if not re.match(r"^\s*(--|\u2014)\s*\S", ln)]
             out.append(normalise(" ".join(body)))
