@@ -79,13 +79,14 @@ def prompt_states(
 class PromptStateCache:
     """Float16 last-token and prompt-mean states of prompts, on disk under ``root``."""
 
-    def __init__(self, root: str | os.PathLike[str], fingerprint: str, max_tokens: int) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None, fingerprint: str, max_tokens: int) -> None:
+        """``root`` None keeps the states in memory only."""
         tag = hashlib.sha256(f"{fingerprint}\x00{max_tokens}".encode()).hexdigest()[:16]
-        self.root = Path(root) / tag
+        self.root = None if root is None else Path(root) / tag
         self.max_tokens = max_tokens
         self._index: dict[str, tuple[Path, int]] = {}
         self._shards: dict[Path, dict[str, np.ndarray]] = {}
-        if self.root.is_dir():
+        if self.root is not None and self.root.is_dir():
             for f in sorted(self.root.glob("shard-*.npz")):
                 with np.load(f) as z:
                     for row, key in enumerate(z["keys"].tolist()):
@@ -122,11 +123,16 @@ class PromptStateCache:
         return sum(t in self for t in dict.fromkeys(texts))
 
     def _write(self, keys: list[str], last: np.ndarray, mean: np.ndarray) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"shard-{len(list(self.root.glob('shard-*.npz'))):05d}-{os.getpid()}-{keys[0][:8]}.npz"
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.array(keys), last=last.astype(np.float16), mean=mean.astype(np.float16))
-        os.replace(tmp, path)
+        arrays = {"last": last.astype(np.float16), "mean": mean.astype(np.float16)}
+        if self.root is None:
+            path = Path(f"memory-{len(self._shards)}")
+            self._shards[path] = arrays
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            path = self.root / f"shard-{len(list(self.root.glob('shard-*.npz'))):05d}-{os.getpid()}-{keys[0][:8]}.npz"
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, keys=np.array(keys), **arrays)
+            os.replace(tmp, path)
         for row, key in enumerate(keys):
             self._index[key] = (path, row)
 
