@@ -282,7 +282,7 @@ def train_probe_set(
     labels = tuple(sorted(set(train.labels)))
     index = {lab: i for i, lab in enumerate(labels)}
     ys = tuple(np.array([index[x] for x in t.labels], np.int64) for t in (train, calibration, heldout))
-    cache = cache or PromptStateCache(None, "in-memory", max_tokens)
+    cache = PromptStateCache(None, "in-memory", max_tokens) if cache is None else cache
     texts = [train.texts, calibration.texts, heldout.texts]
     cache.fill(model, parts, tokenizer, [t for part in texts for t in part], batch_size=batch_size, progress=progress)
     got = [cache.states(tokenizer, part) for part in texts]
