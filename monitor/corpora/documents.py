@@ -20,6 +20,7 @@ from monitor.corpora.sources import (
     _FORTUNES_ROOT,
     _HANDBOOK_LANG,
     _HANDBOOK_ROOT,
+    _OTHER_HANDBOOK_LANG,
     _LICENSES_ROOT,
     _MAN_PACKAGE,
     _PYDOC_ROOT,
@@ -45,7 +46,7 @@ def _read_text(path: Path, gz: bool = False) -> str:
 
 @functools.cache
 def _handbook_documents(lang: str) -> tuple[tuple[str, ...], ...]:
-    root = _need_dir("debian-handbook", f"{_HANDBOOK_ROOT}/{_HANDBOOK_LANG[lang]}")
+    root = _need_dir("debian-handbook", f"{_HANDBOOK_ROOT}/{_HANDBOOK_LANG.get(lang) or _OTHER_HANDBOOK_LANG[lang]}")
     return tuple(tuple(html_paragraphs(_read_text(f))) for f in sorted(root.glob("*.html")))
 
 

@@ -11,7 +11,8 @@ in docs/corpora.md before any probe was measured on it. It comes from *other sou
 training data, not only other texts of the same sources (:data:`EVAL_SOURCES`):
 
 - ``language``: messages of the gettext catalogs of installed programs (coreutils, dpkg, the C
-  library, apt, ...) in each language; ``en`` is their English originals (``msgid``);
+  library, apt, ...) in each language; ``en`` is their English originals (``msgid``); ``other``
+  (none of these) their translations into 13 languages outside the closed set;
 - ``topic``: ``code`` = Perl modules (POD and comments dropped), ``legal`` = the licence text in
   the Debian copyright files of every *other* installed package, ``manual`` = English man pages of
   every other package (coreutils, git, dpkg, ...), ``docs`` = GNU Texinfo manuals (coreutils,
@@ -31,7 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from monitor.corpora.cache import _DiskCached
-from monitor.corpora.documents import _code_snippets, _copyright_paragraphs, _fortune_entries, _read_text
+from monitor.corpora.documents import (
+    _code_snippets,
+    _copyright_paragraphs,
+    _fortune_entries,
+    _handbook_documents,
+    _read_text,
+)
 from monitor.corpora.labelled import _LABELLED, labelled
 from monitor.corpora.markup import normalise, roff_paragraphs
 from monitor.corpora.sources import (
@@ -39,12 +46,14 @@ from monitor.corpora.sources import (
     _DOC_ROOT,
     _DPKG_INFO,
     _MAN_PACKAGE,
+    _OTHER_HANDBOOK_LANG,
     DEFAULT_SEED,
     LANGUAGES,
+    OTHER_LANGUAGE,
     CorpusUnavailable,
     _need_dir,
 )
-from monitor.corpora.text import _hash, guess_language, looks_like_prose, seeded_order, short_texts
+from monitor.corpora.text import _hash, guess_language, looks_like_prose, seeded_order, short_texts, split_of
 
 MIN_PROMPT_CHARS = 48  # ~12 tokens of English
 MAX_PROMPT_CHARS = 384  # ~96 tokens of English
@@ -60,8 +69,9 @@ _INFO_ROOT = "/usr/share/info"
 _PERL_ROOT = "/usr/share/perl"
 
 EVAL_SOURCES: dict[str, dict[str, str]] = {
-    "language": {lang: f"gettext catalogs {', '.join(GETTEXT_DOMAINS)} ({'msgid' if lang == 'en' else 'msgstr'})"
-                 for lang in LANGUAGES},
+    "language": {**{lang: f"gettext catalogs {', '.join(GETTEXT_DOMAINS)} ({'msgid' if lang == 'en' else 'msgstr'})"
+                    for lang in LANGUAGES},
+                 OTHER_LANGUAGE: f"the same catalogs' translations into {', '.join(_OTHER_HANDBOOK_LANG)}"},
     "topic": {
         "code": f"Perl modules under {_PERL_ROOT}/5.* (perl-modules; POD and comments dropped)",
         "legal": f"{_DOC_ROOT}/<package>/copyright of every installed package except {', '.join(_COPYRIGHT_PACKAGES)}",
@@ -83,14 +93,44 @@ def cut_prompt(text: str, salt: str = "prompt-length") -> str:
     return cut if len(cut) >= MIN_PROMPT_CHARS // 2 else text[:want]
 
 
+def probe_labels(name: str) -> tuple[str, ...]:
+    """The labels of a shipped probe: the corpus labels, and for ``language`` also
+    :data:`OTHER_LANGUAGE` ("none of these": a language outside the closed set)."""
+    return (*_LABELLED[name][0], OTHER_LANGUAGE) if name == "language" else _LABELLED[name][0]
+
+
+def _interleaved(groups: list[list[str]]) -> list[str]:
+    """Round-robin over ``groups`` (so any prefix mixes them evenly)."""
+    out: list[str] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
+
+
+def _other_language(texts_of: Callable[[str], list[str]], seed: int) -> list[str]:
+    """Texts of the languages outside the closed set, each language in a seeded order, interleaved;
+    a text the function-word check assigns to one of the closed set's languages is dropped."""
+    return _interleaved([seeded_order([t for t in texts_of(lang) if guess_language(t) is None], seed)
+                         for lang in _OTHER_HANDBOOK_LANG])
+
+
+@_DiskCached
+def _other_language_pool() -> tuple[str, ...]:
+    return tuple(_other_language(lambda lang: [t for doc in _handbook_documents(lang) for p in doc
+                                               for t in short_texts(p) if looks_like_prose(t)], DEFAULT_SEED))
+
+
 def probe_prompts(name: str, split: str, per_label: int, seed: int = DEFAULT_SEED) -> list[tuple[str, str]]:
     """``per_label`` prompts per label of the probe set ``name`` from ``split``, cut to served
-    lengths (:func:`cut_prompt`); fewer where a label's pool is smaller."""
+    lengths (:func:`cut_prompt`); fewer where a label's pool is smaller. The ``language`` set's
+    ``other`` prompts are handbook translations into 13 languages outside the closed set."""
     pairs = labelled(name, split, balanced=False, seed=seed)
     by_label: dict[str, list[str]] = {}
     for text, label in pairs:
         by_label.setdefault(label, []).append(text)
-    out = [(cut_prompt(t), label) for label in _LABELLED[name][0] for t in by_label.get(label, [])[:per_label]]
+    if name == "language":
+        by_label[OTHER_LANGUAGE] = [t for t in _other_language_pool() if split_of(t) == split]
+    out = [(cut_prompt(t), label) for label in probe_labels(name) for t in by_label.get(label, [])[:per_label]]
     return sorted(out, key=lambda p: _hash(f"{p[1]}\x00{p[0]}", f"prompts-{seed}"))
 
 
@@ -117,20 +157,33 @@ def mo_messages(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _prose(paragraphs: list[str] | tuple[str, ...], lang: str = "en") -> list[str]:
+def _prose(paragraphs: list[str] | tuple[str, ...], lang: str | None = "en") -> list[str]:
     return [t for p in paragraphs for t in short_texts(normalise(p)) if looks_like_prose(t) and guess_language(t) == lang]
 
 
-@_DiskCached
-def _gettext_pool(lang: str) -> tuple[str, ...]:
-    dirs = [d for ds in _LOCALE_DIRS.values() for d in ds] if lang == "en" else list(_LOCALE_DIRS[lang])
+def _catalog_texts(dirs: list[str], lang: str | None) -> list[str]:
+    """Prose messages of the catalogs of :data:`GETTEXT_DOMAINS` in locale directories ``dirs``:
+    the English originals for ``lang`` "en", else the translations the language check assigns to
+    ``lang`` (None: to none of the closed set's languages)."""
     texts: list[str] = []
     for d in dirs:
         for domain in GETTEXT_DOMAINS:
             f = Path(_LOCALE_ROOT, d, "LC_MESSAGES", f"{domain}.mo")
             if f.is_file():
                 # a message is one text: cut long help texts at sentences like the training texts
-                texts.extend(_prose([(k if lang == "en" else v).replace("\n", " ") for k, v in mo_messages(f)], lang))
+                msgs = [(k if lang == "en" else v).replace("\n", " ") for k, v in mo_messages(f)]
+                texts.extend(t for m in msgs for t in short_texts(normalise(m))
+                             if looks_like_prose(t) and guess_language(t) == lang)
+    return texts
+
+
+@_DiskCached
+def _gettext_pool(lang: str) -> tuple[str, ...]:
+    if lang == OTHER_LANGUAGE:
+        texts = _other_language(lambda other: _catalog_texts([other], None), DEFAULT_SEED)
+    else:
+        dirs = [d for ds in _LOCALE_DIRS.values() for d in ds] if lang == "en" else list(_LOCALE_DIRS[lang])
+        texts = _catalog_texts(dirs, lang)
     if not texts:
         raise CorpusUnavailable(f"no gettext catalog of {', '.join(GETTEXT_DOMAINS)} for {lang!r} under {_LOCALE_ROOT}")
     return tuple(dict.fromkeys(texts))
@@ -194,16 +247,21 @@ def narrative_eval(name: str, per_label: int = EVAL_PER_LABEL, seed: int = DEFAU
     lengths; a label with fewer texts raises :class:`CorpusUnavailable` naming it."""
     if name not in _LABELLED:
         raise ValueError(f"unknown labelled set {name!r}; choose one of {', '.join(_LABELLED)}")
-    labels, pool = _LABELLED[name]
+    pool = _LABELLED[name][1]
     out: list[tuple[str, str]] = []
-    for label in labels:
-        seen = set(pool(label)) if not (name == "topic" and label == "docs") else None
-        texts = _gettext_pool(label) if name == "language" else _topic_eval_pool(label)
-        if seen is None:  # the docs pool is English prose, read per split
+    for label in probe_labels(name):
+        if label == OTHER_LANGUAGE:
+            seen = set(_other_language_pool())
+        elif name == "topic" and label == "docs":  # the docs pool is English prose, read per split
             from monitor.corpora.english import english_prose
 
             seen = {t for s in ("train", "heldout", "test") for t in english_prose(s, unit="short")}
-        prompts = [cut_prompt(t) for t in seeded_order(texts, seed) if t not in seen][:per_label]
+        else:
+            seen = set(pool(label))
+        texts = _gettext_pool(label) if name == "language" else _topic_eval_pool(label)
+        # 'other' mixes its languages evenly: keep its interleaved order
+        ordered = list(texts) if label == OTHER_LANGUAGE else seeded_order(texts, seed)
+        prompts = [cut_prompt(t) for t in ordered if t not in seen][:per_label]
         if len(prompts) < per_label:
             raise CorpusUnavailable(f"narrative benchmark: label {label!r} of {name!r} has {len(prompts)} texts from "
                                     f"{EVAL_SOURCES[name][label]}, fewer than {per_label}")

@@ -273,6 +273,11 @@ _HANDBOOK_LANG = {
     "pl": "pl-PL",
     "ru": "ru-RU",
 }
+# Handbook translations into languages outside LANGUAGES: the language probe's "none of these" (OTHER)
+OTHER_LANGUAGE = "other"
+_OTHER_HANDBOOK_LANG = {"ar": "ar-MA", "ca": "ca-ES", "cs": "cs-CZ", "da": "da-DK", "el": "el-GR", "fa": "fa-IR",
+                        "hr": "hr-HR", "id": "id-ID", "nb": "nb-NO", "ro": "ro-RO", "sv": "sv-SE", "tr": "tr-TR",
+                        "vi": "vi-VN"}  # fmt: skip
 _MAN_PACKAGE = {
     "en": "manpages",
     "de": "manpages-de",
