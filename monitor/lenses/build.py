@@ -7,10 +7,15 @@ interrupted run resumes where it stopped.
 
 Budgets (``--budget``):
 
-- ``demo``: 4 minutes of tuned-lens training on 16k token positions, small probe sets (~6 minutes
-  in all on a quiet 2-core machine, ~11 with the machine busy); made for
-  the first demo run (the whole demo must finish within ~15 minutes on 2 cores);
-- ``full``: the default, ~25 minutes of tuned-lens training on up to 65k token positions.
+- ``demo``: 4 minutes of tuned-lens training on 16k token positions; probes on 60 training, 15
+  calibration and 15 held-out prompts per label (1,350 prompts: the forward passes take ~4-7
+  minutes on two cores, busy or quiet); made for the first demo run (the whole demo must finish
+  within ~15 minutes on 2 cores);
+- ``full``: the default, ~25 minutes of tuned-lens training on up to 65k token positions; probes
+  on 300/60/60 prompts per label (6,300 prompts).
+
+The probes' states (last token and prompt mean of every prompt, float16) are cached in the work
+directory (``probe-states``), so a resumed build runs no prompt twice.
 """
 
 from __future__ import annotations
@@ -50,8 +55,7 @@ class ProbePlan:
     max_tokens: int
 
 
-# Forward passes are the cost (~3.6 prompts/s on two busy cores): the demo plan's 1,260 prompts
-# take ~3-6 minutes; the full plan's 5,880 prompts ~25 minutes.
+# Forward passes are the cost (0.8-3.6 prompts/s on two shared cores): see the module docstring.
 PROBE_PLANS = {"demo": ProbePlan(60, 15, 15, 96), "full": ProbePlan(300, 60, 60, 96)}
 HELDOUT_TOKENS = {"demo": 1024, "full": 4096}
 CALIBRATION_SOURCE = "monitor.corpora.english_prose('train') packed into 128-token chunks"
@@ -151,12 +155,12 @@ def fit_bundle(
     # 3. concept probes, each position on its own states (cached: a resumed build reruns no prompt)
     probes: list[ProbeSet] = []
     t0 = time.monotonic()
-    states = PromptStateCache(work / "probe-states", fingerprint, probe_plan.max_tokens)
+    prompt_cache = PromptStateCache(work / "probe-states", fingerprint, probe_plan.max_tokens)
     for name, (tr_texts, cal_texts, he_texts) in sets.items():
         bar = _progress(bars, total=len(tr_texts.texts) + len(cal_texts.texts if cal_texts else []) + len(he_texts.texts),
                         desc=f"probe {name}", unit="text")
         probes.append(train_probe_set(name, tr_texts, he_texts, model, parts, tokenizer, calibration=cal_texts,
-                                      cache=states, max_tokens=probe_plan.max_tokens,
+                                      cache=prompt_cache, max_tokens=probe_plan.max_tokens,
                                       progress=bar.update if bar is not None else None))
         if bar is not None:
             bar.close()

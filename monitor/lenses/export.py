@@ -259,9 +259,9 @@ def build_bank_graph(
     for p in probes:
         if tuple(p.layers) != tuple(translators.layers):
             raise ValueError(f"probe {p.name!r} covers layers {p.layers}, the bank {translators.layers}")
-        weight, bias = p.calibrated()  # the temperature folded in: the graph's softmax is calibrated
-        pw = g.init(f"probe_{p.name}_weight", _arr(weight).astype(np.float32))  # [S, d, C]
-        pb = g.init(f"probe_{p.name}_bias", _arr(bias).astype(np.float32))  # [S, C]
+        weight_t, bias_t = p.calibrated()  # the temperature folded in: the graph's softmax is calibrated
+        pw = g.init(f"probe_{p.name}_weight", _arr(weight_t).astype(np.float32))  # [S, d, C]
+        pb = g.init(f"probe_{p.name}_bias", _arr(bias_t).astype(np.float32))  # [S, C]
         if p.mean is not None:  # read in numpy on prompt-mean states (runtime.read_context), not by a node
             mw, mb = p.mean.calibrated()
             g.init(f"probe_{p.name}{MEAN_PROBE_SUFFIX}_weight", _arr(mw).astype(np.float32))

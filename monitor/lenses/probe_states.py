@@ -131,7 +131,7 @@ class PromptStateCache:
             self.root.mkdir(parents=True, exist_ok=True)
             path = self.root / f"shard-{len(list(self.root.glob('shard-*.npz'))):05d}-{os.getpid()}-{keys[0][:8]}.npz"
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, keys=np.array(keys), **arrays)
+            np.savez(tmp, keys=np.array(keys), last=arrays["last"], mean=arrays["mean"])
             os.replace(tmp, path)
         for row, key in enumerate(keys):
             self._index[key] = (path, row)

@@ -16,7 +16,7 @@ Held-out accuracy, expected calibration error (ECE) and the confident-wrong rate
   i.e. what the words alone give;
 - a **control task** (Hewitt & Liang 2019): every token type gets a random label (drawn from the
   label distribution), a text gets the control label of its last token, and a probe with the same
-  capacity is fitted on the same states. High control accuracy means the probe can memorise token
+  capacity (the same L2 per layer) is fitted on the same states of the same position. High control accuracy means the probe can memorise token
   identity; *selectivity* = accuracy - control accuracy is what the layer encodes about the concept
   beyond that;
 - the majority-class rate.
@@ -108,27 +108,30 @@ def _accuracy(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor
 
 
 def fit_probe_layers(
-    train_x: np.ndarray, train_y: np.ndarray, n_classes: int, *, seed: int = 0, max_iter: int = 100
+    train_x: np.ndarray, train_y: np.ndarray, n_classes: int, *, seed: int = 0, max_iter: int = 100,
+    l2: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Fit one probe per layer on states [n, S, d]; returns weights on *raw* states
-    (standardisation folded in) [S, d, C], biases [S, C] and the chosen L2 per layer."""
+    (standardisation folded in) [S, d, C], biases [S, C] and the chosen L2 per layer. A given
+    ``l2`` per layer is used as is (the control task gets its probe's)."""
     x = torch.from_numpy(np.ascontiguousarray(train_x.transpose(1, 0, 2))).float()  # [S, n, d]
     y = torch.from_numpy(train_y).long()
     xs, mu, sd = _standardise(x)
-    n = x.shape[1]
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    n_val = max(1, n // 5)
-    val, fit = torch.from_numpy(perm[:n_val]), torch.from_numpy(perm[n_val:])
-    best = np.full(x.shape[0], -1.0)
-    chosen = np.full(x.shape[0], L2_GRID[-1])
     prev = None
-    for lam in reversed(L2_GRID):  # strongest regularisation first, each fit warm-starts the next
-        w, b = fit_logistic(xs[:, fit], y[fit], n_classes, lam, max_iter=max_iter, init=prev)
-        prev = (w, b)
-        acc = _accuracy(xs[:, val], w, b, y[val])
-        better = acc > best + 1e-9
-        best[better], chosen[better] = acc[better], lam
+    if l2 is None:
+        n = x.shape[1]
+        perm = np.random.default_rng(seed).permutation(n)
+        n_val = max(1, n // 5)
+        val, fit = torch.from_numpy(perm[:n_val]), torch.from_numpy(perm[n_val:])
+        best = np.full(x.shape[0], -1.0)
+        l2 = np.full(x.shape[0], L2_GRID[-1])
+        for lam in reversed(L2_GRID):  # strongest regularisation first, each fit warm-starts the next
+            w, b = fit_logistic(xs[:, fit], y[fit], n_classes, lam, max_iter=max_iter, init=prev)
+            prev = (w, b)
+            acc = _accuracy(xs[:, val], w, b, y[val])
+            better = acc > best + 1e-9
+            best[better], l2[better] = acc[better], lam
+    chosen = np.asarray(l2, dtype=np.float64)
     w, b = fit_logistic(xs, y, n_classes, torch.from_numpy(chosen).float(), max_iter=max_iter, init=prev)
     # fold the standardisation: ((h - mu) / sd) @ w + b = h @ (w / sd) + (b - (mu / sd) @ w)
     w_raw = w / sd.transpose(1, 2)
@@ -228,7 +231,7 @@ def fit_position(
     probs = torch.softmax(z, -1).numpy()
     acc = (probs.argmax(-1) == yte[None]).mean(1)
     ece, cw = calibration_errors(probs, yte)
-    cw_, cb_, _ = fit_probe_layers(xtr, control[0], n_classes, seed=seed, max_iter=max_iter)
+    cw_, cb_, _ = fit_probe_layers(xtr, control[0], n_classes, max_iter=max_iter, l2=l2)  # the same capacity
     ctrl = probe_accuracy(xte, control[1], cw_, cb_)
     metrics = {
         "heldout_accuracy": _r(acc), "control_accuracy": _r(ctrl), "selectivity": _r(acc - ctrl),
@@ -266,7 +269,7 @@ def train_probe_set(
     cache: PromptStateCache | None = None,
     max_tokens: int = 96,
     batch_size: int = 16,
-    max_iter: int = 100,
+    max_iter: int = 60,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> ProbeSet:
