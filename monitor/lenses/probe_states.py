@@ -57,6 +57,8 @@ def prompt_states(
     """Last-token and prompt-mean states [n, S, d] (float32) of token sequences ``ids``, batched
     by length with right padding (causal models do not look at the padding)."""
     n = len(ids)
+    # the blocks' states need no LM head: the backbone alone saves its logits (~20% of the cost)
+    backbone = getattr(model, "base_model", model)
     last = np.zeros((n, parts.n_states, parts.hidden_size), np.float32)
     mean = np.zeros_like(last)
     order = np.argsort([len(x) for x in ids], kind="stable")
@@ -68,7 +70,7 @@ def prompt_states(
         for r, i in enumerate(idx):
             batch[r, : len(ids[i])] = torch.tensor(list(ids[i]))
             mask[r, : len(ids[i])] = 1
-        states = collect_states(model, parts, batch, mask).float()  # [S, b, T, d]
+        states = collect_states(backbone, parts, batch, mask).float()  # [S, b, T, d]
         lengths = mask.sum(1)
         last[idx] = states[:, torch.arange(len(idx)), lengths - 1].permute(1, 0, 2).numpy()
         m = (states * mask[None, :, :, None]).sum(2) / lengths[None, :, None]  # [S, b, d]
