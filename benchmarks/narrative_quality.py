@@ -198,7 +198,7 @@ def format_report(report: dict[str, Any]) -> str:
     """The benchmark's table: per reading, pooled numbers then the per-layer ones."""
     out = [f"narrative quality of bundle {report['bundle_id']} on held-out prompts from other sources "
            f"(layers {report['window'][0]}-{report['window'][1]} pooled over printed layers)"]
-    for name, probe in report["probes"].items():
+    for probe in report["probes"].values():
         for reading, rep in probe.items():
             if not isinstance(rep, dict) or "pooled" not in rep:
                 continue
