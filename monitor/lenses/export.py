@@ -9,8 +9,11 @@ Outputs (B dynamic, L dynamic, k fixed at export)
     ``topk_ids`` int64 [B, L, k], ``topk_probs`` float32 [B, L, k], ``entropy`` float32 [B, L],
     ``kl_to_final`` float32 [B, L], ``final_top1_rank`` int64 [B, L],
     ``final_topk_ids`` int64 [B, k], ``final_topk_probs`` float32 [B, k], ``final_entropy`` [B],
-    ``probe_<name>`` float32 [B, L, C] per probe; with ``debug=True`` also ``log_probs`` [B, L, V]
+    ``probe_<name>`` float32 [B, L, C] per probe (temperature folded into the weights); with ``debug=True`` also ``log_probs`` [B, L, V]
     (for the parity test only; the production graph keeps full-vocabulary tensors inside).
+
+Initialisers ``probe_<name>@mean_weight`` / ``@mean_bias`` (no node reads them) carry the probes
+trained on prompt-mean states; the runtime takes them out before it opens the session.
 
 Full-vocabulary work is what makes a lens bank slow on CPU: the matrix product that produces the
 logits is unavoidable (the roofline), every further pass over [B, L, V] is overhead. The graph
@@ -40,6 +43,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from monitor.lenses.bundle import MEAN_PROBE_SUFFIX
 from monitor.lenses.model import ProbeSet, Translators
 from monitor.lenses.readout import ReadoutSpec
 
@@ -255,8 +259,13 @@ def build_bank_graph(
     for p in probes:
         if tuple(p.layers) != tuple(translators.layers):
             raise ValueError(f"probe {p.name!r} covers layers {p.layers}, the bank {translators.layers}")
-        pw = g.init(f"probe_{p.name}_weight", _arr(p.weight).astype(np.float32))  # [S, d, C]
-        pb = g.init(f"probe_{p.name}_bias", _arr(p.bias).astype(np.float32))  # [S, C]
+        weight_t, bias_t = p.calibrated()  # the temperature folded in: the graph's softmax is calibrated
+        pw = g.init(f"probe_{p.name}_weight", _arr(weight_t).astype(np.float32))  # [S, d, C]
+        pb = g.init(f"probe_{p.name}_bias", _arr(bias_t).astype(np.float32))  # [S, C]
+        if p.mean is not None:  # read in numpy on prompt-mean states (runtime.read_context), not by a node
+            mw, mb = p.mean.calibrated()
+            g.init(f"probe_{p.name}{MEAN_PROBE_SUFFIX}_weight", _arr(mw).astype(np.float32))
+            g.init(f"probe_{p.name}{MEAN_PROBE_SUFFIX}_bias", _arr(mb).astype(np.float32))
         w_sel = g.one("Gather", [pw, INPUT_LAYER_INDEX], axis=0)
         b_sel = g.one("Gather", [pb, INPUT_LAYER_INDEX], axis=0)
         ht = g.one("Transpose", [INPUT_HIDDEN], perm=[1, 0, 2])  # [L, B, d]

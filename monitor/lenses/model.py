@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.lenses.readings import BankOutput, SampleReadings, split_batch
+from monitor.lenses.readings import CONTEXT_SUFFIX, BankOutput, SampleReadings, split_batch
 from monitor.lenses.readout import ReadoutSpec
 from monitor.lenses.trust import bar_of, probe_bars
 
@@ -51,7 +51,11 @@ class Translators:
 
 @dataclass
 class ProbeSet:
-    """A linear concept probe per watched state: ``softmax(h @ weight[i] + bias[i])``."""
+    """A linear concept probe per watched state: ``softmax((h @ weight[i] + bias[i]) / temperature[i])``.
+
+    ``temperature`` (one per state, fitted on calibration texts; 1 when absent) makes a reading's
+    probability mean what it says. ``mean`` is the same concept's probe trained on prompt-mean
+    states (the tap's second position); ``None`` for a probe trained on last-token states only."""
 
     name: str
     labels: tuple[str, ...]
@@ -59,15 +63,28 @@ class ProbeSet:
     weight: torch.Tensor  # float32 [S, d, C]
     bias: torch.Tensor  # float32 [S, C]
     metrics: dict[str, Any] = field(default_factory=dict)
+    temperature: torch.Tensor | None = None  # float32 [S]
+    mean: ProbeSet | None = None
+
+    def calibrated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights and biases with the temperature folded in (what the exported graph holds):
+        ``(h @ W + b) / T == h @ (W / T) + b / T``."""
+        if self.temperature is None:
+            return self.weight.float(), self.bias.float()
+        t = self.temperature.float()
+        return self.weight.float() / t[:, None, None], self.bias.float() / t[:, None]
 
     def probabilities(self, h: torch.Tensor) -> torch.Tensor:
         """Class probabilities [B, S, C] of states ``h`` [B, S, d]."""
-        return torch.softmax(torch.einsum("bsd,sdc->bsc", h.float(), self.weight) + self.bias, dim=-1)
+        w, b = self.calibrated()
+        return torch.softmax(torch.einsum("bsd,sdc->bsc", h.float(), w) + b, dim=-1)
 
     def select(self, layers: tuple[int, ...]) -> ProbeSet:
         """The probes of a subset of the watched layers."""
         idx = [self.layers.index(layer) for layer in layers]
-        return ProbeSet(self.name, self.labels, tuple(layers), self.weight[idx], self.bias[idx], self.metrics)
+        return ProbeSet(self.name, self.labels, tuple(layers), self.weight[idx], self.bias[idx], self.metrics,
+                        None if self.temperature is None else self.temperature[idx],
+                        None if self.mean is None else self.mean.select(layers))
 
 
 class TorchLensBank:
@@ -125,6 +142,18 @@ class TorchLensBank:
             final_entropy=entropy[:, -1].numpy(),
             probes=probes,
         )
+
+    @property
+    def context_probe_labels(self) -> dict[str, tuple[str, ...]]:
+        """Labels of the prompt-mean readings (:meth:`read_context`)."""
+        return {p.name + CONTEXT_SUFFIX: p.labels for p in self.probes}
+
+    @torch.no_grad()
+    def read_context(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        """The probes on prompt-mean states [B, L, d]: each probe's ``mean`` probe (its last-token
+        probe when it has none, as bundles built before the prompt-mean probes)."""
+        h = torch.as_tensor(np.asarray(hidden, dtype=np.float32))
+        return {p.name + CONTEXT_SUFFIX: (p.mean or p).probabilities(h).numpy() for p in self.probes}
 
     def read(self, hidden: np.ndarray) -> list[SampleReadings]:
         """Per-sample readings of ``hidden`` [B, L, d]."""

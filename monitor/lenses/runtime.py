@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import BundleError, ConfigError
-from monitor.lenses.bundle import Bundle, verify_bundle
+from monitor.lenses.bundle import MEAN_PROBE_SUFFIX, Bundle, verify_bundle
 from monitor.lenses.readings import CONTEXT_SUFFIX, BankOutput, SampleReadings, split_batch
 from monitor.lenses.trust import ProbeBar, probe_bars
 
@@ -364,13 +364,19 @@ class LensBank:
 
 
 def _probe_weights(model: Any, manifest: dict[str, Any], index: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each probe's weights [L, d, C] and biases [L, C] at the chosen layers, from the graph."""
+    """Each prompt-mean probe's weights [L, d, C] and biases [L, C] at the chosen layers, from the
+    graph (temperature folded in), taken out of ``model``."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     out = {}
     for p in manifest.get("probes", []):
-        w, b = inits.get(f"probe_{p['name']}_weight"), inits.get(f"probe_{p['name']}_bias")
+        # the probe trained on prompt-mean states; a bundle built before them has only the last-token one
+        mean = [inits.pop(f"probe_{p['name']}{MEAN_PROBE_SUFFIX}_{part}", None) for part in ("weight", "bias")]
+        w, b = mean if None not in mean else (inits.get(f"probe_{p['name']}_weight"), inits.get(f"probe_{p['name']}_bias"))
+        for t in mean:
+            if t is not None:
+                model.graph.initializer.remove(t)  # no node reads them: keep them out of the session
         if w is None or b is None:
             continue
         out[str(p["name"])] = (np.ascontiguousarray(numpy_helper.to_array(w)[index], dtype=np.float32),

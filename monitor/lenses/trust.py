@@ -10,12 +10,15 @@ A probe layer is **reliable** when, on the held-out texts of its bundle build,
 The bar is fixed when the bundle is built and recorded in the manifest, per probe, as
 ``quality_bar`` (:func:`quality_bar`). Bundles built before the bar get it computed at load from
 the numbers they recorded (``source`` says so); a probe without those numbers has no reliable
-layer. The probes read two positions: the last token (what they are trained on) and the prompt
-mean (``<probe>@mean``); no bundle has held-out numbers for the prompt mean yet, so that position
-has no reliable layer until probes are trained for it.
+layer. The probes read two positions: the last token and the prompt mean (``<probe>@mean``), each
+with its own probes, trained, calibrated and measured on states of that position (the held-out
+numbers of the mean are under ``positions.mean`` of the probe's manifest entry). A bundle built
+before the prompt-mean probes applied the last-token probes to the mean and has no numbers for
+it: there that position has no reliable layer.
 
-A probe with no reliable layer at any position is shipped as a **drift feature** only
-(``role``): the drift detector may read it, a narrative never prints it as an explanation.
+A probe reading with no reliable layer is shipped as a **drift feature** only (``role``; the
+probe's own ``role`` is a drift feature when neither position has one): the drift detector may
+read it, a narrative never prints it as an explanation.
 
 A reliable layer still abstains ("none of these") when the probe's top probability is below
 ``min_confidence`` (:data:`MIN_CONFIDENCE` at build): a closed label set has no "other" label, and
@@ -44,7 +47,10 @@ RULE = ("held-out accuracy >= bag-of-tokens accuracy and held-out accuracy >= co
         "a reliable layer abstains below min_confidence")
 EXPLANATION, DRIFT_FEATURE = "explanation", "drift feature"
 LAST, MEAN = "last", "mean"
-_MEAN_REASON = "the probe was trained and measured on last-token states only; no held-out numbers for the prompt mean"
+_NO_NUMBERS = {
+    LAST: "no held-out numbers recorded for the last token",
+    MEAN: "the probe was trained and measured on last-token states only; no held-out numbers for the prompt mean",
+}
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,14 @@ def reliable_layers(layers: Sequence[int], accuracy: Sequence[float], control: S
             if a >= baseline and a - c >= margin - 1e-9]
 
 
-def _numbers(metrics: Mapping[str, Any], n_layers: int) -> tuple[list[float], list[float], float] | None:
-    acc, ctrl, bot = metrics.get("heldout_accuracy"), metrics.get("control_accuracy"), metrics.get("bag_of_tokens_accuracy")
+def _numbers(metrics: Mapping[str, Any], n_layers: int, position: str = LAST,
+             ) -> tuple[list[float], list[float], float] | None:
+    """(accuracy, control accuracy) per layer and the bag-of-tokens accuracy of one position;
+    the prompt mean's are under ``metrics["positions"]["mean"]``."""
+    own = metrics if position == LAST else metrics.get("positions", {}).get(position)
+    if not isinstance(own, Mapping):
+        return None
+    acc, ctrl, bot = own.get("heldout_accuracy"), own.get("control_accuracy"), metrics.get("bag_of_tokens_accuracy")
     if not isinstance(acc, list) or not isinstance(ctrl, list) or not isinstance(bot, (int, float)):
         return None
     if len(acc) != n_layers or len(ctrl) != n_layers:
@@ -85,16 +97,15 @@ def _numbers(metrics: Mapping[str, Any], n_layers: int) -> tuple[list[float], li
 def quality_bar(metrics: Mapping[str, Any], layers: Sequence[int], *, margin: float = CONTROL_MARGIN,
                 min_confidence: float = MIN_CONFIDENCE) -> dict[str, Any]:
     """The ``quality_bar`` record of a probe's manifest entry, from its held-out ``metrics``."""
-    nums = _numbers(metrics, len(layers))
-    last = reliable_layers(layers, *nums, margin=margin) if nums is not None else []
-    return {
-        "rule": RULE, "margin": margin, "min_confidence": min_confidence,
-        "positions": {
-            LAST: {"reliable_layers": last},
-            MEAN: {"reliable_layers": [], "reason": _MEAN_REASON},
-        },
-        "role": EXPLANATION if last else DRIFT_FEATURE,
-    }
+    positions: dict[str, Any] = {}
+    for pos in (LAST, MEAN):
+        nums = _numbers(metrics, len(layers), pos)
+        positions[pos] = {"reliable_layers": reliable_layers(layers, *nums, margin=margin) if nums is not None else []}
+        if nums is None:
+            positions[pos]["reason"] = _NO_NUMBERS[pos]
+    explained = positions[LAST]["reliable_layers"] or positions[MEAN]["reliable_layers"]
+    return {"rule": RULE, "margin": margin, "min_confidence": min_confidence, "positions": positions,
+            "role": EXPLANATION if explained else DRIFT_FEATURE}
 
 
 def bar_of(metrics: Mapping[str, Any], layers: Sequence[int]) -> dict[str, Any]:
@@ -112,28 +123,26 @@ def probe_bars(manifest: Mapping[str, Any]) -> dict[str, ProbeBar]:
     out: dict[str, ProbeBar] = {}
     for p in manifest.get("probes", []):
         name = str(p["name"])
-        nums = _numbers(p, len(layers))
         record = p.get("quality_bar")
-        source = "bundle"
-        if not isinstance(record, dict):
+        computed = not isinstance(record, dict)
+        if computed:
             record = quality_bar(p, layers)
-            source = ("computed at load from the recorded held-out numbers (the bundle predates the bar)"
-                      if nums is not None else "no held-out numbers recorded: no reliable layer")
         positions = record.get("positions", {})
-        last = ProbeBar(
-            frozenset(int(x) for x in positions.get(LAST, {}).get("reliable_layers", [])),
-            min_confidence=float(record.get("min_confidence", MIN_CONFIDENCE)),
-            margin=float(record.get("margin", CONTROL_MARGIN)), role=str(record.get("role", EXPLANATION)),
-            source=source,
-            accuracy=dict(zip(layers, nums[0], strict=True)) if nums else None,
-            control=dict(zip(layers, nums[1], strict=True)) if nums else None,
-            baseline=nums[2] if nums else None,
-        )
-        out[name] = last
-        # the prompt mean has no recorded numbers: a stricter margin leaves it as it is
-        mean = frozenset(int(x) for x in positions.get(MEAN, {}).get("reliable_layers", []))
-        out[name + CONTEXT_SUFFIX] = replace(last, reliable_layers=mean, role=EXPLANATION if mean else DRIFT_FEATURE,
-                                             accuracy=None, control=None, baseline=None)
+        for pos, reading in ((LAST, name), (MEAN, name + CONTEXT_SUFFIX)):
+            nums = _numbers(p, len(layers), pos)
+            source = "bundle"
+            if computed:
+                source = ("computed at load from the recorded held-out numbers (the bundle predates the bar)"
+                          if nums is not None else "no held-out numbers recorded: no reliable layer")
+            reliable = frozenset(int(x) for x in positions.get(pos, {}).get("reliable_layers", []))
+            out[reading] = ProbeBar(
+                reliable, min_confidence=float(record.get("min_confidence", MIN_CONFIDENCE)),
+                margin=float(record.get("margin", CONTROL_MARGIN)), role=EXPLANATION if reliable else DRIFT_FEATURE,
+                source=source,
+                accuracy=dict(zip(layers, nums[0], strict=True)) if nums else None,
+                control=dict(zip(layers, nums[1], strict=True)) if nums else None,
+                baseline=nums[2] if nums else None,
+            )
     return out
 
 

@@ -63,8 +63,13 @@ def save_weights(path: Path, translators: Translators, probes: tuple[ProbeSet, .
         "translator.bias": translators.bias.detach().float().contiguous(),
     }
     for p in probes:
-        tensors[f"probe.{p.name}.weight"] = p.weight.detach().float().contiguous()
-        tensors[f"probe.{p.name}.bias"] = p.bias.detach().float().contiguous()
+        for key, probe in ((f"probe.{p.name}", p), (f"probe.{p.name}.mean", p.mean)):
+            if probe is None:
+                continue
+            tensors[f"{key}.weight"] = probe.weight.detach().float().contiguous()
+            tensors[f"{key}.bias"] = probe.bias.detach().float().contiguous()
+            if probe.temperature is not None:
+                tensors[f"{key}.temperature"] = probe.temperature.detach().float().contiguous()
     # One metadata key: safetensors writes its metadata map in hash-map order, so several keys
     # would make identical weights give different bytes (and a different sha256 in the manifest).
     meta = json.dumps({"kind": translators.kind, "layers": list(translators.layers)}, sort_keys=True)
@@ -78,12 +83,17 @@ def load_weights(bundle_root: Path, manifest: dict[str, Any]) -> tuple[Translato
     t = load_file(str(bundle_root / WEIGHTS_FILE))
     layers = tuple(int(x) for x in manifest["lens"]["layers"])
     tr = Translators(manifest["lens"]["kind"], layers, t["translator.matrix"], t["translator.bias"])
-    probes = tuple(
-        ProbeSet(p["name"], tuple(p["labels"]), layers, t[f"probe.{p['name']}.weight"],
-                 t[f"probe.{p['name']}.bias"], {k: v for k, v in p.items() if k not in ("name", "labels")})
-        for p in manifest.get("probes", [])
-    )
-    return tr, probes
+    probes = []
+    for p in manifest.get("probes", []):
+        key, labels = f"probe.{p['name']}", tuple(p["labels"])
+        metrics = {k: v for k, v in p.items() if k not in ("name", "labels")}
+        mean = None
+        if f"{key}.mean.weight" in t:
+            mean = ProbeSet(p["name"], labels, layers, t[f"{key}.mean.weight"], t[f"{key}.mean.bias"],
+                            metrics.get("positions", {}).get("mean", {}), t.get(f"{key}.mean.temperature"))
+        probes.append(ProbeSet(p["name"], labels, layers, t[f"{key}.weight"], t[f"{key}.bias"], metrics,
+                               t.get(f"{key}.temperature"), mean))
+    return tr, tuple(probes)
 
 
 def write_bundle(
