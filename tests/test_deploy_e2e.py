@@ -101,6 +101,7 @@ WINDOW = 100
 ALPHA = 0.01
 STREAM_MAXLEN = 20_000  # not the default 10000: the lag alert's bound must come from the configuration
 PROBE = "vocab_half"
+OPT_IN_SERIES = ("layerwatch_local_segment_", 'flag="local_segment"')  # issue 19, off by default
 PROBE_LABELS = ("lower", "upper")
 
 
@@ -460,6 +461,11 @@ def test_every_dashboard_query_returns_data(prometheus: PrometheusServer, metric
     values = {**metrics_source.variables, "__rate_interval": "15s", "__range": "5m"}
     pending = [(q, gd.substitute(q.expr, values)) for dash in load_dashboards().values() for q in gd.queries(dash)]
     assert len(pending) > 40
+    # the local-anomaly row reads series only an opt-in feature writes (tap windows > 0 and
+    # baseline.local_score, both off by default and here): exactly its three queries are left out
+    opt_in = [(q, e) for q, e in pending if any(m in e for m in OPT_IN_SERIES)]
+    assert len(opt_in) == 3, [q.where for q, _ in opt_in]
+    pending = [(q, e) for q, e in pending if (q, e) not in opt_in]
 
     def still_empty() -> list[str]:
         nonlocal pending

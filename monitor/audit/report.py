@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from monitor.audit.charts import contributions_chart, segment_chart
 from monitor.audit.reader import Entry, is_flagged
 from monitor.audit.records import KeyRing, RecordFormatError, digest, record_hash, split_sealed
 from monitor.audit.verify import TrailReport
@@ -260,47 +261,6 @@ def _probe_cell(reading: Any, name: str, colors: _ProbeColors) -> str:
             f"{_e(label)} <small>{_num(p)}</small></td>")
 
 
-def _contributions(contrib: dict[str, float]) -> str:
-    """Per-layer contributions to the score as a compact column chart, largest named in words."""
-
-    def order(k: str) -> tuple[int, str]:
-        return (int(k), "") if k.lstrip("-").isdigit() else (10**9, k)
-
-    items = sorted(contrib.items(), key=lambda kv: order(kv[0]))
-    top = max(abs(v) for _, v in items) or 1.0
-    cols = "".join(
-        f'<div class="col" title="layer {_e(k)}: {v:.4f}"><span class="{"neg" if v < 0 else ""}" '
-        f'style="height:{100 * abs(v) / top:.1f}%"></span><small>{_e(k) if i % 5 == 0 or i == len(items) - 1 else ""}'
-        "</small></div>"
-        for i, (k, v) in enumerate(items))
-    largest = sorted(items, key=lambda kv: -abs(kv[1]))[:3]
-    words = ", ".join(f"L{_e(k)} ({v:.3g})" for k, v in largest)
-    return (f'<h3>Score contributions by layer</h3><div class="cols">{cols}</div>'
-            f'<p class="muted" style="margin:4px 0 0">largest: {words}</p>')
-
-
-def _segment(start: int, end: int, n: Any, strength: dict[str, Any]) -> str:
-    """Where in the prompt a local anomaly sits: a bar of the prompt with the segment marked
-    (token offsets only, never text) and its strength per layer (~1 for normal text)."""
-    known = isinstance(n, int) and not isinstance(n, bool) and n >= max(end, 1)
-    bar = ""
-    if known:
-        left, width = 100 * start / n, max(0.8, 100 * (end - start) / n)
-        bar = (f'<div class="prompt-bar" title="tokens {start}-{end} of {n}">'
-               f'<span style="left:{left:.1f}%;width:{width:.1f}%"></span></div>')
-    where = f"tokens {start}&ndash;{end}" + (f" of {n}" if known else "")
-    vals = {k: float(v) for k, v in strength.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    cols = ""
-    if vals:
-        top = max(vals.values()) or 1.0
-        order = sorted(vals, key=lambda k: int(k) if k.lstrip("-").isdigit() else 10**9)
-        cols = ('<div class="cols">' + "".join(
-            f'<div class="col" title="layer {_e(k)}: {vals[k]:.3g}"><span style="height:{100 * max(vals[k], 0) / top:.1f}%">'
-            f'</span><small>{_e(k)}</small></div>' for k in order) + "</div>"
-            '<p class="muted" style="margin:4px 0 0">segment strength by layer (about 1 for normal text)</p>')
-    return f'<h3>Where in the prompt</h3><p style="margin:0 0 4px">{where}</p>{bar}{cols}'
-
-
 def _score(rec: dict[str, Any]) -> str:
     score = _dict(rec.get("score"))
     flagged = is_flagged(rec)
@@ -322,11 +282,11 @@ def _score(rec: dict[str, Any]) -> str:
     for f in flags:
         seg = _list(f.get("segment"))
         if len(seg) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in seg):
-            right.append(_segment(seg[0], seg[1], f.get("prompt_tokens"), _dict(f.get("layer_strength"))))
+            right.append(segment_chart(seg[0], seg[1], f.get("prompt_tokens"), _dict(f.get("layer_strength"))))
     contrib = {k: v for k, v in _dict(score.get("contributions")).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if contrib:
-        right.append(_contributions(contrib))
+        right.append(contributions_chart(contrib))
     if not right:
         right.append('<p class="muted">No flags on this sample.</p>')
     return f'<div class="why">{parts[0]}<div>{"".join(right)}</div></div>'
