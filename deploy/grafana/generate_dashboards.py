@@ -128,6 +128,12 @@ def timeseries(lay: Layout, title: str, description: str, tgts: list[dict[str, A
                               "tooltip": {"mode": "multi", "sort": "desc"}})
 
 
+def bargauge_options(orientation: str) -> dict[str, Any]:
+    """A bar gauge of the last value of each series (totals over the time range)."""
+    return {"orientation": orientation, "displayMode": "basic",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "showUnfilled": True}
+
+
 def layer_heatmap(lay: Layout, title: str, description: str, expr: str, unit: str,
                   scheme: str, *, reverse: bool = False) -> Panel:
     """Layers (rows, bottom = embeddings) over time, coloured by a per-layer reading."""
@@ -316,9 +322,7 @@ def layers() -> dict[str, Any]:
     p.append(lay.panel("bargauge", "Prediction depth distribution (time range)", "How many samples settled on their final answer by each layer, over the selected time range.",
                        [target(f"sum by (le) (increase(layerwatch_prediction_depth_bucket{{{S}}}[$__range]))", "{{le}}", instant=True, fmt="heatmap")],
                        6, 9, unit="short",
-                       options={"orientation": "vertical", "displayMode": "basic",
-                                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                                "showUnfilled": True}))
+                       options=bargauge_options("vertical")))
     p.append(timeseries(lay, "Mean prediction depth", "Mean prediction depth (5m): deeper means the model settles later.",
                         targets((f"model:layerwatch_prediction_depth:mean_rate5m{{{S}}}", "mean depth"),), "short", w=6, h=9))
 
@@ -346,15 +350,11 @@ def layers() -> dict[str, Any]:
                        [target(PAD_LAYER.format(expr=f"sum by (model, layer) (increase(layerwatch_local_segment_layer_total{{{S}}}[$__range]))"),
                                "{{layer}}", instant=True)],
                        7, 9, unit="short",
-                       options={"orientation": "horizontal", "displayMode": "basic",
-                                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                                "showUnfilled": True}))
+                       options=bargauge_options("horizontal")))
     p.append(lay.panel("bargauge", "Where in the prompt segments start (time range)", "Start of each flagged segment as a fraction of its prompt (0.1 = in the first tenth), over the selected time range: injected prefixes pile up at the start, pasted payloads at the end. Offsets only, never text.",
                        [target(f"sum by (le) (increase(layerwatch_local_segment_position_bucket{{{S}}}[$__range]))", "{{le}}", instant=True, fmt="heatmap")],
                        7, 9, unit="short",
-                       options={"orientation": "vertical", "displayMode": "basic",
-                                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                                "showUnfilled": True}))
+                       options=bargauge_options("vertical")))
 
     p.append(lay.row("Readings per layer (now)"))
     p.append(lay.panel("table", "Per-layer readings", "Mean KL to final, mean entropy and top-1 agreement per layer over the last 5m.",
